@@ -1,0 +1,110 @@
+"""Atomic writes, hashes and safe tensor files.
+
+Every file mosc writes goes through a temp file in the same folder and `os.replace`, so a
+crash leaves either the old file or the new one, never half of one. Tensors are stored
+with safetensors (no pickle, so loading an untrusted file cannot run code).
+
+Knows nothing of models or archs: bytes, JSON and flat dicts of tensors only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from mosc.errors import MoscError
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | Path, obj) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | Path, what: str = "file") -> dict:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except OSError as e:
+        raise MoscError(f"cannot read {what} {path} ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MoscError(f"{what} {path} is not valid JSON ({e})") from None
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> str:
+    """Write a flat {name: tensor} dict as safetensors, atomically. Returns its sha256."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_tensors(path: str | Path, expect_sha256: str | None = None) -> dict:
+    """Read a safetensors file; a missing, truncated or tampered file raises MoscError."""
+    from safetensors.torch import load
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise MoscError(f"cannot read weights {path} ({e.strerror})") from None
+    if expect_sha256 is not None and hashlib.sha256(data).hexdigest() != expect_sha256:
+        raise MoscError(f"weights {path} do not match the sha256 recorded next to them (corrupt or replaced)")
+    try:
+        return load(data)
+    except Exception as e:  # safetensors raises its own error types for bad headers/truncation
+        raise MoscError(f"weights {path} are corrupt or not a safetensors file ({str(e).splitlines()[0]})") from None
+
+
+# A model folder: DIR/model.safetensors + DIR/config.json. The config is written last and
+# records the weights' sha256, so a folder with a config is complete and verifiable.
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+def save_model_dir(out_dir: str | Path, kind: str, tensors: dict, meta: dict) -> Path:
+    out_dir = Path(out_dir)
+    sha = save_tensors(tensors, out_dir / WEIGHTS)
+    atomic_write_json(out_dir / CONFIG, {"kind": kind, **meta, "weights_sha256": sha})
+    return out_dir
+
+
+def load_model_dir(path: str | Path, kind: str) -> tuple[dict, dict]:
+    """(meta, tensors) of a model folder written by save_model_dir, checked for kind and sha256."""
+    path = Path(path)
+    if not path.is_dir():
+        raise MoscError(f"{path} is not a model folder (expected {path}/{CONFIG} and {path}/{WEIGHTS})")
+    meta = read_json(path / CONFIG, "model config")
+    if not isinstance(meta, dict) or meta.get("kind") != kind:
+        got = meta.get("kind") if isinstance(meta, dict) else None
+        raise MoscError(f"{path} holds a {got!r}, expected a {kind!r}")
+    return meta, load_tensors(path / WEIGHTS, meta.get("weights_sha256"))
