@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mosc.errors import MoscError
+from mosc.fileio import load_model_dir, save_model_dir
 from mosc.space import Arch, SearchSpace
 
 
@@ -335,15 +336,11 @@ SUPERNET_KIND = "mosc-supernet"
 
 
 def save_supernet(model: Supernet, out_dir, extra: dict | None = None):
-    from mosc.fileio import save_model_dir
-
     return save_model_dir(out_dir, SUPERNET_KIND, model.state_dict(), {"config": model.cfg.to_dict(), **(extra or {})})
 
 
 def load_supernet(path) -> tuple[Supernet, dict]:
     """(model in eval mode, the config.json dict). Corrupt, tampered or mismatched files raise MoscError."""
-    from mosc.fileio import load_model_dir
-
     meta, state = load_model_dir(path, SUPERNET_KIND)
     try:
         model = Supernet(SupernetConfig(**meta["config"]))

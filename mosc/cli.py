@@ -1,0 +1,257 @@
+"""The `mosc` command line: a thin Typer layer over the library.
+
+Each command resolves its options, calls one library function and prints the result
+with rich. Heavy imports (torch, tvm) happen inside the commands so `mosc --help`
+answers at once. A `MoscError` from anywhere becomes one red line on stderr and exit
+code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mosc.errors import MoscError
+
+console = Console()
+err_console = Console(stderr=True)
+
+app = typer.Typer(
+    help="mosc: train, search, collapse, export and compile Mixture-of-Supernets Transformers for edge devices.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+space_app = typer.Typer(help="Inspect search spaces.", no_args_is_help=True)
+arch_app = typer.Typer(help="Sample and validate architectures (arch JSON files).", no_args_is_help=True)
+app.add_typer(space_app, name="space")
+app.add_typer(arch_app, name="arch")
+
+
+def command(typer_app: typer.Typer, *args, **kwargs):
+    """Register a command whose MoscErrors print one line and exit 2."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*a, **kw):
+            try:
+                return fn(*a, **kw)
+            except MoscError as e:
+                err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+                raise typer.Exit(2)
+
+        return typer_app.command(*args, **kwargs)(wrapper)
+
+    return decorate
+
+
+# ---- shared option helpers ---------------------------------------------------------
+
+SPACE_HELP = "Search space: a built-in name (tiny, wmt) or a path to a .toml file."
+
+
+def _load_arch(path: Path, space) -> "Arch":
+    from mosc.space import Arch
+
+    return space.validate(Arch.load(path))
+
+
+def _arch_table(arch) -> Table:
+    t = Table(title=f"arch {arch.hash}", show_header=True)
+    t.add_column("part")
+    t.add_column("embed")
+    t.add_column("layers")
+    t.add_column("ffn")
+    t.add_column("heads")
+    t.add_column("cross heads")
+    t.add_column("attends last k enc")
+    t.add_row("encoder", str(arch.enc_embed), str(arch.enc_layers), str(list(arch.enc_ffn)), str(list(arch.enc_heads)), "", "")
+    t.add_row("decoder", str(arch.dec_embed), str(arch.dec_layers), str(list(arch.dec_ffn)), str(list(arch.dec_heads)),
+              str(list(arch.dec_cross_heads)), str(list(arch.dec_arbitrary)))
+    return t
+
+
+# ---- mosc space ---------------------------------------------------------------------
+
+
+@command(space_app, "list")
+def space_list():
+    """List the built-in search spaces."""
+    from mosc.space import SearchSpace, builtin_spaces
+
+    t = Table("name", "archs", "description")
+    for name in builtin_spaces():
+        s = SearchSpace.load(name)
+        t.add_row(name, f"{s.size():.3e}", s.description)
+    console.print(t)
+
+
+@command(space_app, "show")
+def space_show(name: str = typer.Argument(..., help=SPACE_HELP)):
+    """Show a space's choices per dimension and its size (number of distinct archs)."""
+    from mosc.space import SearchSpace
+
+    s = SearchSpace.load(name)
+    t = Table("dimension", "choices", title=f"search space {s.name!r}: {s.description}")
+    for part in ("enc", "dec"):
+        for f in ("embed", "layers", "ffn", "heads", "cross_heads", "arbitrary"):
+            if hasattr(s, f"{part}_{f}"):
+                t.add_row(f"{part}_{f}", ", ".join(map(str, getattr(s, f"{part}_{f}"))))
+    t.add_row("qkv_dim", str(s.qkv_dim))
+    console.print(t)
+    console.print(f"size: [bold]{s.size():,}[/] distinct archs (10^{s.summary()['log10_size']:.2f})")
+
+
+# ---- mosc arch ----------------------------------------------------------------------
+
+
+@command(arch_app, "sample")
+def arch_sample(
+    space: str = typer.Option("tiny", "--space", "-s", help=SPACE_HELP),
+    seed: int = typer.Option(0, help="Random seed; the same seed gives the same archs."),
+    count: int = typer.Option(1, "--count", "-n", min=1, help="How many archs to sample."),
+    which: str = typer.Option("random", help="random, largest or smallest."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the arch JSON here (count=1) or one JSON per line (count>1)."),
+):
+    """Sample architectures from a space and print (or write) them as JSON."""
+    from mosc.fileio import atomic_write_text
+    from mosc.space import SearchSpace
+
+    s = SearchSpace.load(space)
+    if which not in ("random", "largest", "smallest"):
+        raise MoscError(f"--which must be random, largest or smallest, got {which!r}")
+    rng = random.Random(seed)
+    archs = [s.sample(rng) if which == "random" else getattr(s, which)() for _ in range(count)]
+    if out is not None:
+        text = archs[0].to_json(indent=2) + "\n" if count == 1 else "".join(a.to_json() + "\n" for a in archs)
+        atomic_write_text(out, text)
+        console.print(f"wrote {count} arch(s) to {out}")
+    for a in archs:
+        console.print(_arch_table(a)) if count == 1 else print(a.to_json())
+    if count == 1 and out is None:
+        print(archs[0].to_json(indent=2))
+
+
+@command(arch_app, "validate")
+def arch_validate(
+    path: Path = typer.Argument(..., help="Arch JSON file."),
+    space: str = typer.Option("tiny", "--space", "-s", help=SPACE_HELP),
+):
+    """Check that an arch JSON file is well formed and inside the space."""
+    from mosc.space import SearchSpace
+
+    arch = _load_arch(path, SearchSpace.load(space))
+    console.print(_arch_table(arch))
+    console.print(f"[green]ok[/]: {path} is inside space {space!r}")
+
+
+# ---- mosc collapse ------------------------------------------------------------------
+
+
+@command(app, "collapse")
+def collapse_cmd(
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Supernet checkpoint folder; omitted: a freshly initialised supernet (for a quick look)."),
+    arch_file: Optional[Path] = typer.Option(None, "--arch", "-a", help="Arch JSON file; omitted: one sampled with --seed."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for the collapsed subnet (model.safetensors + config.json)."),
+    space: str = typer.Option("tiny", "--space", "-s", help=SPACE_HELP + " Used without --checkpoint."),
+    mode: str = typer.Option("neuron", help="FFN mode without --checkpoint: shared, layer or neuron."),
+    seed: int = typer.Option(0, help="Seed for the fresh supernet and the sampled arch."),
+):
+    """Collapse a supernet at one arch into a plain static Transformer; print parameter counts
+    (actual vs analytic) and the max |supernet(x, arch) - collapsed(x)|."""
+    result = run_collapse(checkpoint, arch_file, out, space, mode, seed)
+    _print_collapse(result)
+
+
+def run_collapse(checkpoint, arch_file, out, space, mode, seed) -> dict:
+    import torch
+
+    from mosc.model import FFNMode, Supernet, SupernetConfig, count_parameters, load_supernet
+    from mosc.space import SearchSpace
+    from mosc.subnet import analytic_param_count, collapse, save_subnet
+
+    if checkpoint is not None:
+        supernet, _ = load_supernet(checkpoint)
+        s = supernet.space
+        source = str(checkpoint)
+    else:
+        if mode not in FFNMode.__members__:
+            raise MoscError(f"--mode must be one of {', '.join(FFNMode.__members__)}, got {mode!r}")
+        s = SearchSpace.load(space)
+        torch.manual_seed(seed)
+        supernet = Supernet(SupernetConfig(space=s.to_dict(), ffn_mode=mode)).eval()
+        source = f"untrained {mode} supernet (seed {seed})"
+    arch = _load_arch(arch_file, s) if arch_file else s.sample(random.Random(seed))
+    t0 = time.perf_counter()
+    sub = collapse(supernet, arch)
+    collapse_s = time.perf_counter() - t0
+    # Exactness check on a random batch with padding (dropout off: both in eval mode).
+    g = torch.Generator().manual_seed(seed)
+    V = supernet.cfg.vocab_size
+    src = torch.randint(4, V, (4, 20), generator=g)
+    src[1, 12:] = supernet.cfg.pad_id
+    tgt = torch.randint(4, V, (4, 15), generator=g)
+    with torch.no_grad():
+        diff = (supernet(src, tgt, arch) - sub(src, tgt)).abs().max().item()
+    result = {
+        "source": source, "arch": arch, "space": s.name, "ffn_mode": supernet.cfg.ffn_mode.value,
+        "supernet_params": count_parameters(supernet), "subnet_params": count_parameters(sub),
+        "analytic_params": analytic_param_count(arch, V, s.qkv_dim), "max_abs_diff": diff,
+        "collapse_s": collapse_s, "out": None,
+    }
+    if out is not None:
+        save_subnet(sub, out, {"source": source, "max_abs_diff": diff})
+        result["out"] = str(out)
+    return result
+
+
+def _print_collapse(r: dict):
+    console.print(_arch_table(r["arch"]))
+    t = Table("", "value", title=f"collapse of {r['source']} ({r['ffn_mode']}, space {r['space']})")
+    t.add_row("supernet parameters", f"{r['supernet_params']:,}")
+    t.add_row("collapsed parameters", f"{r['subnet_params']:,}")
+    ok = r["subnet_params"] == r["analytic_params"]
+    t.add_row("analytic parameters", f"{r['analytic_params']:,} " + ("[green](equal)[/]" if ok else "[red](DIFFERENT)[/]"))
+    t.add_row("max |supernet - collapsed|", f"{r['max_abs_diff']:.3e}")
+    t.add_row("collapse time", f"{r['collapse_s'] * 1000:.1f} ms")
+    if r["out"]:
+        t.add_row("written to", r["out"])
+    console.print(t)
+    if not ok or r["max_abs_diff"] > 1e-5:
+        raise MoscError("collapse check failed: parameter count or outputs differ from the supernet")
+
+
+# ---- mosc demo (the README's first command) -----------------------------------------
+
+
+@command(app, "demo")
+def demo(
+    space: str = typer.Option("tiny", "--space", "-s", help=SPACE_HELP),
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Folder for the demo's files."),
+    seed: int = typer.Option(0, help="Random seed."),
+):
+    """The main job on a built-in default: sample an arch, collapse it in every FFN mode and check it."""
+    from mosc.fileio import atomic_write_text
+    from mosc.space import SearchSpace
+
+    s = SearchSpace.load(space)
+    arch = s.sample(random.Random(seed))
+    arch_path = out / "arch.json"
+    atomic_write_text(arch_path, arch.to_json(indent=2) + "\n")
+    console.print(f"search space {s.name!r}: {s.size():,} archs; sampled arch {arch.hash} -> {arch_path}")
+    for mode in ("shared", "layer", "neuron"):
+        r = run_collapse(None, arch_path, out / f"subnet-{mode}", space, mode, seed)
+        _print_collapse(r)
+    console.print(f"[green]done[/]: collapsed subnets in {out}/subnet-*/ (model.safetensors + config.json)")
+
+
+def main():  # console-script entry point
+    app()

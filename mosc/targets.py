@@ -1,0 +1,175 @@
+"""Deployment targets: one TOML file per device in the repo's `targets/` folder.
+
+A target says what to compile for (a TVM target), how to build the shared library
+(cross compiler), where to find the device (RPC tracker and key), how to measure it
+(protocol) and how much slowdown a benchmark tolerates (regression). The schema is
+documented at the top of every `targets/*.toml` file and mirrored by the dataclasses
+below; every setting has its default here, once.
+
+Pure Python (tomllib). TVM is imported only by `Target.tvm_target()`, which builds the
+`tvm.target.Target`. This module does not know how to compile, tune, or measure.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from mosc.errors import MoscError
+
+# The folder of target files: the repo's `targets/`, or $MOSC_TARGETS_DIR.
+DEFAULT_TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
+AUTO = "auto"  # value of "mcpu" / "num-cores" in an inline tvm_target: detect on this machine
+
+
+def targets_dir() -> Path:
+    return Path(os.environ.get("MOSC_TARGETS_DIR") or DEFAULT_TARGETS_DIR)
+
+
+@dataclass(frozen=True)
+class Rpc:
+    tracker_host: str = "127.0.0.1"
+    tracker_port: int = 9190
+    key: str = ""  # device key registered with the tracker; "" = the target's name
+
+
+@dataclass(frozen=True)
+class Protocol:
+    source_len: int = 30  # encoder input length (tokens), static
+    decoder_steps: int = 30  # decoder steps timed per translation (= KV cache length)
+    batch: int = 1
+    warmup: int = 5  # untimed runs before measuring
+    repeats: int = 50  # timed runs
+    trim: float = 0.1  # fraction dropped from each tail before p50/p90
+
+
+@dataclass(frozen=True)
+class Regression:
+    p50_tol: float = 0.05  # allowed relative slowdown of the median
+    p90_tol: float = 0.10  # allowed relative slowdown of the 90th percentile
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    tvm_target_spec: str | dict  # TVM tag or target dict, as written ("auto" unresolved)
+    host: str | dict = ""  # TVM host target; "" = the tvm target's own host / itself
+    cross_compiler: str = ""  # e.g. "aarch64-linux-gnu-gcc"; "" = build machine default
+    rpc: Rpc = field(default_factory=Rpc)
+    protocol: Protocol = field(default_factory=Protocol)
+    regression: Regression = field(default_factory=Regression)
+    path: Path | None = None  # file it was read from
+
+    @property
+    def is_cross(self) -> bool:
+        """True when the code cannot run on the build machine (needs a device or emulator)."""
+        return bool(self.cross_compiler)
+
+    def resolved_spec(self) -> str | dict:
+        """The TVM target spec with "auto" values detected on this machine (imports tvm for mcpu)."""
+        spec = self.tvm_target_spec
+        if not isinstance(spec, dict):
+            return spec
+        spec = dict(spec)
+        if spec.get("mcpu") == AUTO:
+            from tvm.target import codegen  # lazy: tvm takes ~2 s to import
+
+            spec["mcpu"] = codegen.llvm_get_system_cpu()
+        if spec.get("num-cores") == AUTO:
+            # cores this process may use (respects taskset/cgroups), not the machine's total
+            spec["num-cores"] = len(os.sched_getaffinity(0))
+        return spec
+
+    def tvm_target(self):
+        """The `tvm.target.Target` (with its host attached) for this device."""
+        import tvm  # lazy
+
+        target = tvm.target.Target(self.resolved_spec())
+        if self.host:
+            host = tvm.target.Target(self.host)
+            if host.host is not None:  # a tag such as the Pi's carries its own host: drop it
+                host = tvm.target.Target({k: v for k, v in host.export().items() if k != "host"})
+            target = tvm.target.Target(target, host=host)
+        elif target.kind.name != "llvm":
+            # a GPU target needs a host for the VM's driver code
+            target = tvm.target.Target(target, host=tvm.target.Target({"kind": "llvm"}))
+        return target
+
+    def device_type(self) -> str:
+        """TVM device name the artifact runs on: "cpu" or "cuda" (imports tvm for tags)."""
+        kind = self.tvm_target().kind.name
+        return "cpu" if kind == "llvm" else kind
+
+
+def list_targets() -> list[str]:
+    """Names of the target files found, sorted."""
+    return sorted(p.stem for p in targets_dir().glob("*.toml"))
+
+
+def _section(cls, raw: Any, where: str):
+    """Build a section dataclass from a TOML table, rejecting unknown keys and bad types."""
+    if not isinstance(raw, dict):
+        raise MoscError(f"{where}: expected a table")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise MoscError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    values = {}
+    for name, value in raw.items():
+        default = getattr(cls(), name)
+        # ints are acceptable where floats are expected (p50_tol = 0 is fine)
+        ok = isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int))
+        if not ok or isinstance(value, bool) != isinstance(default, bool):
+            raise MoscError(f"{where}: {name} must be a {type(default).__name__}, got {value!r}")
+        values[name] = type(default)(value)
+    return cls(**values)
+
+
+def load_target(name: str) -> Target:
+    """Read `targets/<name>.toml`. Unknown name or malformed file -> MoscError."""
+    path = targets_dir() / f"{name}.toml"
+    valid = list_targets()
+    if not path.is_file():
+        raise MoscError(
+            f"unknown target {name!r}; valid targets: {', '.join(valid) or '(none)'} (in {targets_dir()})"
+        )
+    where = str(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise MoscError(f"{where}: malformed TOML ({e}); valid targets: {', '.join(valid)}") from None
+
+    sections = {"rpc": Rpc, "protocol": Protocol, "regression": Regression}
+    top = {"description", "tvm_target", "host", "cross_compiler", *sections}
+    unknown = sorted(set(raw) - top)
+    if unknown:
+        raise MoscError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(top))}")
+    for key in ("description", "tvm_target"):
+        if key not in raw:
+            raise MoscError(f"{where}: missing required key {key!r}")
+    spec = raw["tvm_target"]
+    if not (isinstance(spec, str) and spec) and not (isinstance(spec, dict) and "kind" in spec):
+        raise MoscError(f"{where}: tvm_target must be a TVM tag or a table with a 'kind'")
+    host = raw.get("host", "")
+    if not isinstance(host, str | dict):
+        raise MoscError(f"{where}: host must be a TVM tag or a table")
+    for key in ("description", "cross_compiler"):
+        if not isinstance(raw.get(key, ""), str):
+            raise MoscError(f"{where}: {key} must be a string")
+
+    parsed = {k: _section(cls, raw.get(k, {}), f"{where} [{k}]") for k, cls in sections.items()}
+    if not parsed["rpc"].key:
+        parsed["rpc"] = Rpc(parsed["rpc"].tracker_host, parsed["rpc"].tracker_port, name)
+    return Target(
+        name=name,
+        description=raw["description"],
+        tvm_target_spec=spec,
+        host=host,
+        cross_compiler=raw.get("cross_compiler", ""),
+        path=path,
+        **parsed,
+    )

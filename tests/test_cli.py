@@ -1,0 +1,114 @@
+"""CLI: every command and option has help; commands work; bad input is one line + exit 2."""
+
+import json
+
+import click
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from mosc.cli import app
+
+runner = CliRunner(env={"COLUMNS": "200"})  # no line wrapping in assertions
+
+
+def walk(cmd: click.Command, path=()):
+    yield path, cmd
+    if isinstance(cmd, click.Group):
+        for name, sub in cmd.commands.items():
+            yield from walk(sub, path + (name,))
+
+
+def test_every_command_and_option_has_help():
+    root = typer.main.get_command(app)
+    missing = []
+    for path, cmd in walk(root):
+        if path and not (cmd.help or cmd.short_help):
+            missing.append(" ".join(path))
+        for p in cmd.params:
+            if isinstance(p, click.Option) and not p.help and p.name not in ("help", "install_completion", "show_completion"):
+                missing.append(f"{' '.join(path)} --{p.name}")
+            if isinstance(p, click.Argument) and not getattr(p, "help", None):
+                missing.append(f"{' '.join(path)} {p.name}")
+    assert not missing, missing
+    for path, _ in walk(root):
+        result = runner.invoke(app, [*path, "--help"])
+        assert result.exit_code == 0, (path, result.output)
+
+
+def test_space_show_prints_size():
+    r = runner.invoke(app, ["space", "show", "tiny"])
+    assert r.exit_code == 0, r.output
+    assert "2,122,272 distinct archs" in r.output
+
+
+def test_arch_sample_and_validate(tmp_path):
+    out = tmp_path / "a.json"
+    r = runner.invoke(app, ["arch", "sample", "--space", "wmt", "--seed", "4", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    arch = json.loads(out.read_text())
+    assert len(arch["enc_ffn"]) == 6
+    r = runner.invoke(app, ["arch", "validate", str(out), "--space", "wmt"])
+    assert r.exit_code == 0 and "inside space" in r.output
+    r = runner.invoke(app, ["arch", "validate", str(out), "--space", "tiny"])
+    assert r.exit_code == 2 and "outside space 'tiny'" in r.output
+
+
+def test_collapse_prints_counts_and_diff(tmp_path):
+    r = runner.invoke(app, ["collapse", "--space", "tiny", "--mode", "layer", "--seed", "2", "--out", str(tmp_path / "sub")])
+    assert r.exit_code == 0, r.output
+    assert "collapsed parameters" in r.output and "analytic parameters" in r.output and "(equal)" in r.output
+    assert "max |supernet - collapsed|" in r.output
+    assert (tmp_path / "sub" / "model.safetensors").exists() and (tmp_path / "sub" / "config.json").exists()
+
+
+def test_collapse_from_checkpoint(tmp_path):
+    import torch
+
+    from mosc.model import Supernet, SupernetConfig, save_supernet
+    from mosc.space import SearchSpace
+
+    torch.manual_seed(0)
+    save_supernet(Supernet(SupernetConfig(space=SearchSpace.load("tiny").to_dict(), ffn_mode="shared")), tmp_path / "ck")
+    arch = tmp_path / "a.json"
+    arch.write_text(SearchSpace.load("tiny").smallest().to_json())
+    r = runner.invoke(app, ["collapse", "--checkpoint", str(tmp_path / "ck"), "--arch", str(arch)])
+    assert r.exit_code == 0, r.output
+    assert "(equal)" in r.output
+
+
+def one_line_error(result, needle: str):
+    assert result.exit_code == 2, result.output
+    lines = [l for l in result.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["space", "show", "nope"], "unknown search space 'nope'"),
+    (["arch", "sample", "--space", "nope"], "built-ins: tiny, wmt"),
+    (["collapse", "--mode", "moe"], "--mode must be one of shared, layer, neuron"),
+    (["collapse", "--checkpoint", "/nonexistent/ck"], "is not a model folder"),
+    (["collapse", "--arch", "/nonexistent/a.json"], "cannot read"),
+])
+def test_bad_input_is_one_line(args, needle):
+    one_line_error(runner.invoke(app, args), needle)
+
+
+def test_malformed_arch_and_corrupt_checkpoint(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{ nope")
+    one_line_error(runner.invoke(app, ["collapse", "--arch", str(bad)]), "malformed JSON")
+    outside = tmp_path / "outside.json"
+    from mosc.space import SearchSpace
+
+    d = SearchSpace.load("tiny").largest().to_dict()
+    d["dec_heads"] = [4, 3, 4]
+    outside.write_text(json.dumps(d))
+    one_line_error(runner.invoke(app, ["collapse", "--arch", str(outside)]), "dec_heads[1] = 3, allowed: [2, 4]")
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "config.json").write_text('{"kind": "mosc-supernet", "config": {}}')
+    (ck / "model.safetensors").write_bytes(b"garbage")
+    one_line_error(runner.invoke(app, ["collapse", "--checkpoint", str(ck)]), "corrupt or not a safetensors")
