@@ -229,6 +229,98 @@ def _print_collapse(r: dict):
         raise MoscError("collapse check failed: parameter count or outputs differ from the supernet")
 
 
+# ---- mosc train / evaluate ------------------------------------------------------------
+
+
+@command(app, "train")
+def train_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder: checkpoints (step_*/), 'latest' pointer, log.jsonl."),
+    corpus: str = typer.Option("synthetic", help="'synthetic' (built in), a corpus folder, a name under ../shared/data (multi30k) or a path prefix."),
+    src_lang: str = typer.Option("en", help="Source language suffix of the corpus files."),
+    tgt_lang: str = typer.Option("de", help="Target language suffix of the corpus files."),
+    vocab_size: Optional[int] = typer.Option(None, help="Joint BPE vocabulary size (default 8000 real, 1000 synthetic)."),
+    max_train_pairs: Optional[int] = typer.Option(None, help="Use only the first N training pairs (quick runs)."),
+    space: str = typer.Option("tiny", "--space", "-s", help=SPACE_HELP),
+    mode: str = typer.Option("neuron", help="FFN mode: shared (HAT), layer or neuron (MoS)."),
+    experts: int = typer.Option(2, help="m: experts per FFN matrix (MoS modes)."),
+    router_hidden: int = typer.Option(128, help="H: router hidden size (MoS modes)."),
+    arch_file: Optional[Path] = typer.Option(None, "--arch", "-a", help="Train this one arch from scratch (standalone baseline) instead of a supernet."),
+    steps: int = typer.Option(2000, help="Optimizer updates in total."),
+    max_tokens: int = typer.Option(2048, help="Padded tokens per batch (per process)."),
+    lr: float = typer.Option(1e-3, help="Peak learning rate."),
+    warmup: int = typer.Option(200, help="Linear warm-up updates."),
+    sandwich_random: int = typer.Option(1, help="k random archs per update besides the largest and smallest."),
+    distill: float = typer.Option(0.0, help="Weight of in-place distillation from the largest arch (0 = off)."),
+    dropout: float = typer.Option(0.3, help="Residual dropout at the largest embed dim (scaled by D / D_max)."),
+    save_every: int = typer.Option(500, help="Checkpoint every N updates (and at the end)."),
+    log_every: int = typer.Option(20, help="Updates between log lines (log.jsonl, progress bar)."),
+    seed: int = typer.Option(0, help="Seed for init, arch sampling, dropout and batch order."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
+):
+    """Train a MoS supernet (sandwich rule) or, with --arch, one standalone arch. Works under
+    `torchrun --nproc_per_node N` for data-parallel training (gloo)."""
+    from mosc.space import Arch
+    from mosc.train import TrainConfig, train
+
+    cfg = TrainConfig(steps=steps, max_tokens=max_tokens, lr=lr, warmup=warmup, sandwich_random=sandwich_random,
+                      distill=distill, save_every=save_every, log_every=log_every, seed=seed)
+    corpus_args = {"src_lang": src_lang, "tgt_lang": tgt_lang}
+    if vocab_size is not None:
+        corpus_args["vocab_size"] = vocab_size
+    if max_train_pairs is not None:
+        corpus_args["max_train_pairs"] = max_train_pairs
+    arch = Arch.load(arch_file) if arch_file else None
+    overrides = {"n_experts": experts, "router_hidden": router_hidden, "dropout": dropout}
+    r = train(out, corpus=corpus, space=space, mode=mode, cfg=cfg, model_overrides=overrides, corpus_args=corpus_args,
+              arch=arch, resume=resume)
+    if r.checkpoint != r.run:
+        console.print(f"[green]trained[/] {r.steps} updates in {r.seconds:.0f} s, {r.tokens_per_s:,.0f} target tokens/s, "
+                      f"last loss {r.final_loss:.3f}; checkpoint: {r.checkpoint}")
+
+
+@command(app, "evaluate")
+def evaluate_cmd(
+    checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Run folder or checkpoint folder from `mosc train`."),
+    arch_file: Optional[Path] = typer.Option(None, "--arch", "-a", help="Arch JSON; default: the run's fixed arch, else the largest."),
+    subnet: Optional[Path] = typer.Option(None, help="Evaluate this collapsed subnet folder instead of the supernet."),
+    split: str = typer.Option("val", help="train, val or test."),
+    beam: int = typer.Option(1, help="Beam size (1 = greedy)."),
+    max_sentences: Optional[int] = typer.Option(None, help="Evaluate only the first N sentences."),
+    bleu: bool = typer.Option(True, "--bleu/--no-bleu", help="Decode and score BLEU (slower) or loss only."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the numbers (and hypotheses) as JSON here."),
+):
+    """Validation loss and corpus BLEU (sacrebleu) of the supernet at an arch (inherited weights)
+    and, with --subnet, of a collapsed subnet."""
+    from mosc.data import load_corpus
+    from mosc.evaluate import evaluate
+    from mosc.fileio import atomic_write_json
+    from mosc.space import Arch
+    from mosc.subnet import load_subnet
+    from mosc.train import load_trained
+
+    model, tok, meta = load_trained(checkpoint)
+    args = {k: v for k, v in meta.get("corpus_args", {}).items() if k != "vocab_size"}
+    data = load_corpus(meta["corpus"], tokenizer=tok, **args)
+    fixed = meta.get("train", {}).get("fixed_arch")
+    if subnet is not None:
+        target, arch, what = load_subnet(subnet), None, f"subnet {subnet}"
+        arch_shown = target.arch
+    else:
+        arch = model.space.validate(Arch.load(arch_file)) if arch_file else (Arch.from_dict(fixed) if fixed else model.space.largest())
+        target, what, arch_shown = model, "supernet (inherited weights)", arch
+    e = evaluate(target, data, arch, split=split, beam=beam, max_sentences=max_sentences, bleu=bleu)
+    t = Table("", "value", title=f"{what}, arch {arch_shown.hash}, {split} ({e.n_sentences} sentences)")
+    t.add_row("loss (nats/token)", f"{e.loss:.4f}")
+    t.add_row("perplexity", f"{e.ppl:.2f}")
+    if e.bleu is not None:
+        t.add_row(f"BLEU ({'greedy' if beam == 1 else f'beam {beam}'})", f"{e.bleu:.2f}")
+    t.add_row("time", f"{e.seconds:.1f} s")
+    console.print(t)
+    if out is not None:
+        atomic_write_json(out, {"arch": arch_shown.to_dict(), "what": what, "split": split, "beam": beam, "loss": e.loss,
+                                "bleu": e.bleu, "n_sentences": e.n_sentences, "hypotheses": e.hypotheses})
+
+
 # ---- mosc demo (the README's first command) -----------------------------------------
 
 

@@ -43,7 +43,11 @@ from mosc.targets import Target, load_target
 DEFAULT_TRIALS = 256  # global trial budget of one compile; ~300 took a d=512 model to torch speed
 TRIALS_PER_TASK = 64  # cap per task: matmuls keep improving, small ops exhaust their space at 1
 TRIALS_PER_ITER = 32  # candidates built+measured per round (TVM's 64 is coarse for small budgets)
+# Candidates evolved (and scored by the cost model) per round. TVM's 512 suits rounds of 64
+# measured candidates; ours are smaller, and on 2 busy cores a 512 round costs ~10 s.
+SEARCH_POPULATION = int(os.environ.get("MOSC_SEARCH_POPULATION", 128))
 MODULE_EQUALITY = "structural"  # how the database matches workloads across models
+BUILDER = os.environ.get("MOSC_TUNE_BUILDER", "inprocess")  # or "local": LocalBuilder workers
 BUILD_TIMEOUT_S = 60.0  # per candidate build in a tuning worker
 RUN_TIMEOUT_S = 30.0  # per candidate measurement
 TUNE_CACHE = Path(os.environ.get("MOSC_TUNE_DIR") or Path.home() / ".cache" / "mosc" / "tune")
@@ -232,24 +236,64 @@ def _import_tensor_intrinsics(tvm_target) -> None:
         importlib.import_module(f"{name}.{sub}")
 
 
-def _fast_builder(max_workers: int):
-    """A LocalBuilder whose workers skip `import tvm.s_tir.tensor_intrin`.
+def _build_candidate(mod, target, _params=None):
+    """Build one tuning candidate, without the stock builder's tensor_intrin import."""
+    from tvm.tirx import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    return tvm_build(mod, target=target)
+
+
+def _fast_builder(max_workers: int, f_export=None):
+    """A LocalBuilder whose workers skip `import tvm.s_tir.tensor_intrin` (TVM_NOTES.md).
 
     The stock default_build imports it in every fresh worker (~16 s, mostly CUDA
     intrinsics); CPU schedules from the default rules do not need it. Per-task overhead
-    drops from ~20 s to ~3 s. The function is defined locally so cloudpickle ships it by
+    drops from ~20 s to ~3 s. `build` is defined locally so that cloudpickle ships it by
     value: the worker need not be able to import mosc.
     """
     from tvm.s_tir import meta_schedule as ms
 
-    def build(mod, target, _params):
-        from tvm.driver import build as tvm_build
+    def build(mod, target, params):
+        from tvm.tirx import build as tvm_build
         from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
         mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
         return tvm_build(mod, target=target)
 
-    return ms.builder.LocalBuilder(max_workers=max_workers, timeout_sec=BUILD_TIMEOUT_S, f_build=build)
+    return ms.builder.LocalBuilder(
+        max_workers=max_workers, timeout_sec=BUILD_TIMEOUT_S, f_build=build, f_export=f_export
+    )
+
+
+def _inprocess_builder(f_export=None):
+    """A builder that compiles candidates in this process: no worker start-up per round.
+
+    LocalBuilder starts a fresh process pool for every round (a known leak in long-lived
+    workers), and each worker imports tvm (~2-3 s on a busy 2-core machine). Building in
+    process saves that; the cost is no build timeout and no isolation from a crashing
+    build (LLVM codegen of MetaSchedule candidates has not crashed here).
+    """
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_export
+
+    export_fn = f_export or default_export
+
+    @derived_object
+    class _InProcessBuilder(ms.builder.PyBuilder):
+        def build(self, build_inputs):
+            results = []
+            for inp in build_inputs:
+                try:
+                    path = export_fn(_build_candidate(inp.mod, inp.target))
+                    results.append(ms.builder.BuilderResult(path, None))
+                except Exception as e:  # a bad candidate is a result, not a failure of tuning
+                    results.append(ms.builder.BuilderResult(None, f"in-process build: {e}"))
+            return results
+
+    return _InProcessBuilder()
 
 
 def _cross_export(cross_compiler: str):
@@ -297,7 +341,7 @@ def _progress_callback(total: int, enabled: bool):
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
 
-    state = {"measured": 0}
+    state = {"measured": 0, "task_ids": set()}
     bar = None
     if enabled:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -310,11 +354,26 @@ def _progress_callback(total: int, enabled: bool):
     class _Progress(ms.measure_callback.PyMeasureCallback):
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
             state["measured"] += len(measure_candidates)
+            state["task_ids"].add(int(task_id))
             if bar is not None:
                 name = task_scheduler.tasks_[task_id].ctx.task_name
                 bar.update(bar_task, completed=min(state["measured"], total), description=name)
 
     return _Progress(), bar, state
+
+
+UNTUNABLE = "untunable.json"  # in a database folder: tasks tried without any valid candidate
+
+
+def _task_key(task) -> str:
+    import tvm_ffi
+
+    return f"{task.task_name}:{tvm_ffi.structural_hash(task.dispatched[0]) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+def _read_untunable(db_dir: Path) -> dict[str, str]:
+    path = db_dir / UNTUNABLE
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _extract_tasks(mods: list, target: Target) -> list[tuple[Any, float]]:
@@ -363,9 +422,11 @@ def tune(
     prepared = [run_passes(m, target, PREPARE) for m in mods]
     database = open_database(db_dir)
     all_tasks = _extract_tasks(prepared, target)
+    untunable = _read_untunable(db_dir)
     todo = [
         (task, w) for task, w in all_tasks
-        if database.query_tuning_record(task.dispatched[0], tvm_target, task.task_name) is None
+        if _task_key(task) not in untunable
+        and database.query_tuning_record(task.dispatched[0], tvm_target, task.task_name) is None
     ]
     report.tasks, report.cached = len(all_tasks), len(all_tasks) - len(todo)
     report.task_names = [t.task_name for t, _ in todo]
@@ -383,12 +444,11 @@ def tune(
     # Spread the budget so that every task gets at least one round (a task without a record
     # stays unscheduled, and slow): at most TRIALS_PER_ITER per round, at least 2.
     per_iter = max(2, min(TRIALS_PER_ITER, trials // len(todo)))
-    builder = _fast_builder(max_workers=len(os.sched_getaffinity(0)))
-    if target.is_cross:
-        builder = ms.builder.LocalBuilder(
-            max_workers=len(os.sched_getaffinity(0)), timeout_sec=BUILD_TIMEOUT_S,
-            f_build=builder.f_build, f_export=_cross_export(target.cross_compiler),
-        )
+    f_export = _cross_export(target.cross_compiler) if target.is_cross else None
+    if BUILDER == "inprocess":
+        builder = _inprocess_builder(f_export)
+    else:
+        builder = _fast_builder(len(os.sched_getaffinity(0)), f_export)
 
     work_dir = db_dir  # MetaSchedule's per-task logs go to db_dir/logs/, next to the database
     # MetaSchedule prints a task table per round to stdout at INFO. Its console handler takes
@@ -398,7 +458,8 @@ def tune(
     contexts = [
         ms.TuneContext(
             mod=task.dispatched[0], target=task.target, space_generator="post-order-apply",
-            search_strategy="evolutionary", task_name=task.task_name, logger=logger,
+            search_strategy=ms.search_strategy.EvolutionarySearch(population_size=SEARCH_POPULATION),
+            task_name=task.task_name, logger=logger,
             rand_state=rand, num_threads=num_cores,
         ).clone()
         for (task, _), logger, rand in zip(todo, loggers, ms.utils.fork_seed(seed, n=len(todo)))
@@ -426,8 +487,17 @@ def tune(
     finally:
         if bar is not None:
             bar.stop()
-    report.tuned = len(contexts)
+    report.tuned = len(state["task_ids"])
     report.trials = state["measured"]
+    # Tasks that were measured and still have no record would be retried by every compile:
+    # remember them. Here that is the embedding `take` (mode="fast": no bounds check), most
+    # likely because MetaSchedule's runner feeds it random, out-of-range indices.
+    failed = {
+        _task_key(todo[i][0]): todo[i][0].task_name for i in state["task_ids"]
+        if database.query_tuning_record(todo[i][0].dispatched[0], tvm_target, todo[i][0].task_name) is None
+    }
+    if failed:
+        _write_json_atomic(db_dir / UNTUNABLE, {**untunable, **failed})
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -459,13 +529,22 @@ def build(mod, target: Target | str, db_dir: Path | str | None = None, *, use_da
         raise MoscError(f"tvm.compile for {target.name} failed: {str(e).splitlines()[0]}") from e
 
 
-def cuda_compile_mode() -> str:
-    """How CUDA kernels are shipped: "cubin" (compiled now by nvcc) or "source" (at load time).
+def cuda_kernels(ex) -> str | None:
+    """How an executable ships its CUDA kernels: "source", "binary", or None (no CUDA).
 
-    TVM's CUDA codegen calls the `tvm_callback_cuda_compile` hook; its default backend
-    (NVRTC via cuda-bindings) is rarely installed on a build machine, nvcc often is.
+    TVM 0.27's tvm.compile keeps CUDA *source* in the library, even where nvcc exists and
+    TVM_CUDA_COMPILE_MODE=nvcc is set (checked here: the build never calls the
+    `tvm_callback_cuda_compile` hook). The TVM runtime on the GPU host compiles it when
+    the library is loaded (NVRTC), so the first load there is slower.
     """
-    return "cubin" if shutil.which("nvcc") else "source"
+    stack = [ex.mod]
+    while stack:
+        m = stack.pop()
+        if m.kind == "cuda":
+            src = m.inspect_source("")
+            return "source" if "__global__" in src else "binary"
+        stack.extend(m.imports)
+    return None
 
 
 def export(ex, path: Path | str, target: Target | str) -> Path:
@@ -516,6 +595,7 @@ def compile_artifact(
     """Compile every graph of a model into `out_dir`: <graph>.so each + manifest.json.
 
     onnx_files: graph name -> ONNX path, e.g. {"encoder": ..., "decoder_step": ...}.
+    tune=False runs no trials but still applies whatever the database already holds.
     One .so per graph: each graph is its own Relax `main` with its own weights, the
     device world times graphs separately, and a graph can be rebuilt or loaded alone.
     (A combined module would only save one dlopen; weights would not be shared anyway.)
@@ -539,25 +619,24 @@ def compile_artifact(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)  # invalidate an older artifact first
     graphs, files = {}, {}
-    cuda = None
+    cuda = set()
     for graph, mod in mods.items():
         sig = signature(mod, onnx_files[graph])
         ex = build(mod, target, db_dir, use_database=tune or (db_dir / "database_tuning_record.json").is_file())
+        cuda.add(cuda_kernels(ex))
         lib = f"{graph}.so"
         tmp = out_dir / f".{lib}.tmp.so"  # export_library needs the suffix to pick the linker mode
         export(ex, tmp, target)
         os.replace(tmp, out_dir / lib)
         files[lib] = _sha256(out_dir / lib)
         graphs[graph] = {"file": lib, **sig}
-    if target.device_type() == "cuda":
-        cuda = cuda_compile_mode()
 
     manifest = {
         "format": ARTIFACT_FORMAT,
         "target": target.name,
         "tvm_target": str(target.tvm_target()),
         "device": target.device_type(),
-        "cuda_kernels": cuda,
+        "cuda_kernels": next(iter(cuda)) if len(cuda) == 1 else sorted(map(str, cuda)),
         "tvm_version": tvm.__version__,
         "tvm_ffi_version": tvm_ffi.__version__,
         "tuning": {"tuned": tune, "database": database_id(db_dir), "report": tune_report},

@@ -1,0 +1,185 @@
+"""Quality of one architecture: validation loss, greedy/beam decoding, corpus BLEU.
+
+A model here is either a supernet at an arch (inherited weights, evaluated through the
+supernet's own full-sequence forward, no cache) or a collapsed `Subnet` (evaluated
+through its deployment path: encoder once, then cached decoder steps). Both go through
+the same beam search, so equal numbers mean the collapsed model really is the same
+function, not the same code.
+
+BLEU is sacrebleu's corpus BLEU on detokenized text (the tokenizer's decode) against the
+raw reference sentences. Knows nothing of training, devices or search.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mosc.data import BOS_ID, EOS_ID, PAD_ID, ParallelData, Split, eval_batches
+from mosc.model import Supernet
+from mosc.space import Arch
+from mosc.subnet import Subnet
+
+
+def logits_fn(model: Supernet | Subnet, arch: Arch | None = None):
+    """(src [B, S], tgt_in [B, T]) -> logits [B, T, V] for a subnet, or a supernet at arch."""
+    if isinstance(model, Supernet):
+        if arch is None:
+            raise ValueError("a supernet needs an arch")
+        return lambda src, tgt: model(src, tgt, arch)
+    return model
+
+
+@torch.no_grad()
+def validation_loss(fn, batches) -> float:
+    """Mean per-token cross-entropy (nats, no label smoothing) over all non-pad targets."""
+    total, n = 0.0, 0
+    for b in batches:
+        logits = fn(b.src, b.tgt_in)
+        total += F.cross_entropy(logits.flatten(0, 1), b.tgt_out.flatten(), ignore_index=PAD_ID, reduction="sum").item()
+        n += b.n_tokens
+    return total / max(n, 1)
+
+
+# ---- decoding -------------------------------------------------------------------------
+
+
+class CachedDecoder:
+    """Subnet deployment path: encoder once, decode_step with a fixed-size KV cache.
+    State: (self_k, self_v, cross_k, cross_v, cross_bias), batch dim = beam rows."""
+
+    def __init__(self, sub: Subnet, max_len: int):
+        self.sub, self.max_len = sub, max_len
+
+    def start(self, src):
+        cross = self.sub.encode(src)
+        return (*self.sub.init_cache(src.shape[0], self.max_len), *cross)
+
+    def step(self, state, tokens, t: int):
+        sk, sv, ck, cv, cb = state
+        logits, sk, sv = self.sub.decode_step(tokens, torch.tensor([t]), sk, sv, ck, cv, cb)
+        return logits, (sk, sv, ck, cv, cb)
+
+    @staticmethod
+    def reorder(state, rows):
+        sk, sv, ck, cv, cb = state  # caches [L, N, ...]: batch is dim 1
+        return sk[:, rows], sv[:, rows], ck[:, rows], cv[:, rows], cb[:, rows]
+
+
+class FullDecoder:
+    """Reference path: re-run the full-sequence forward on the whole prefix each step.
+    State: (src [N, S], prefix [N, t+1])."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def start(self, src):
+        return src, torch.full((src.shape[0], 1), BOS_ID, dtype=torch.long)
+
+    def step(self, state, tokens, t: int):
+        src, prefix = state
+        if t > 0:
+            prefix = torch.cat([prefix, tokens[:, None]], dim=1)
+        return self.fn(src, prefix)[:, -1], (src, prefix)
+
+    @staticmethod
+    def reorder(state, rows):
+        return state[0][rows], state[1][rows]
+
+
+@torch.no_grad()
+def beam_search(decoder, src: torch.Tensor, beam: int = 1, max_len: int = 64, len_penalty: float = 1.0) -> list[list[int]]:
+    """src [B, S] -> best hypothesis per row (ids, no bos/eos). beam=1 is greedy decoding.
+    Scores are summed log-probs; the final pick divides by length**len_penalty."""
+    B = src.shape[0]
+    N = B * beam
+    state = decoder.start(src.repeat_interleave(beam, dim=0))  # rows b*beam + j
+    scores = torch.full((B, beam), float("-inf"))
+    scores[:, 0] = 0.0  # all beams start identical: keep one alive
+    tokens = torch.full((N,), BOS_ID, dtype=torch.long)
+    hyps = torch.zeros(N, 0, dtype=torch.long)
+    finished = torch.zeros(N, dtype=torch.bool)
+    lengths = torch.zeros(N)
+    for t in range(max_len):
+        logits, state = decoder.step(state, tokens, t)
+        logp = torch.log_softmax(logits.float(), dim=-1)  # [N, V]
+        V = logp.shape[-1]
+        # A finished row may only extend itself with eos, at no cost.
+        logp[finished] = float("-inf")
+        logp[finished, EOS_ID] = 0.0
+        cand = (scores.view(N, 1) + logp).view(B, beam * V)
+        scores, flat = cand.topk(beam, dim=1)  # [B, beam]
+        origin = (flat // V) + torch.arange(B)[:, None] * beam  # global row each winner came from
+        origin, tokens = origin.view(N), (flat % V).view(N)
+        state = decoder.reorder(state, origin)
+        hyps = torch.cat([hyps[origin], tokens[:, None]], dim=1)
+        lengths = lengths[origin] + (~finished[origin]).float()
+        finished = finished[origin] | (tokens == EOS_ID)
+        if finished.all():
+            break
+    final = scores.view(N) / lengths.clamp(min=1) ** len_penalty
+    best = final.view(B, beam).argmax(dim=1) + torch.arange(B) * beam
+    out = []
+    for row in hyps[best].tolist():
+        out.append(row[: row.index(EOS_ID)] if EOS_ID in row else row)
+    return out
+
+
+def decoder_for(model: Supernet | Subnet, arch: Arch | None, max_len: int):
+    if isinstance(model, Subnet):
+        return CachedDecoder(model, max_len)
+    return FullDecoder(logits_fn(model, arch))
+
+
+@torch.no_grad()
+def translate_split(model, arch: Arch | None, split: Split, beam: int = 1, max_len: int = 64,
+                    max_tokens: int = 2048, progress=None) -> list[list[int]]:
+    """Hypothesis ids for every pair of the split, in corpus order."""
+    out: list[list[int] | None] = [None] * len(split)
+    dec = decoder_for(model, arch, max_len)
+    for b in eval_batches(split, max_tokens=max_tokens):
+        for i, ids in zip(b.idx.tolist(), beam_search(dec, b.src, beam, max_len)):
+            out[i] = ids
+        if progress is not None:
+            progress(len(b))
+    return out
+
+
+@dataclass
+class Evaluation:
+    loss: float  # mean per-token cross-entropy on the split (nats)
+    bleu: float | None  # sacrebleu corpus BLEU, None when decoding was skipped
+    n_sentences: int
+    seconds: float
+    hypotheses: list[str] | None = None
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(min(self.loss, 50.0))
+
+
+def evaluate(model: Supernet | Subnet, data: ParallelData, arch: Arch | None = None, split: str = "val",
+             beam: int = 1, max_len: int | None = None, max_sentences: int | None = None,
+             bleu: bool = True, progress=None) -> Evaluation:
+    """Validation loss (and BLEU of greedy/beam output) of a subnet or a supernet at arch."""
+    import sacrebleu
+
+    model.eval()
+    t0 = time.perf_counter()
+    sp = data.split(split)
+    if max_sentences is not None and max_sentences < len(sp):
+        sp = Split(sp.src_text[:max_sentences], sp.tgt_text[:max_sentences], sp.src[:max_sentences], sp.tgt[:max_sentences])
+    fn = logits_fn(model, arch)
+    loss = validation_loss(fn, eval_batches(sp))
+    score, hyps = None, None
+    if bleu:
+        # Room for targets a bit longer than the longest source, capped by the position table.
+        limit = max_len or min(max(map(len, sp.src)) + 10, model.cfg.max_positions)
+        ids = translate_split(model, arch, sp, beam=beam, max_len=limit, progress=progress)
+        hyps = data.tokenizer.decode_batch(ids)
+        score = sacrebleu.corpus_bleu(hyps, [sp.tgt_text]).score
+    return Evaluation(loss, score, len(sp), time.perf_counter() - t0, hyps)

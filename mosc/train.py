@@ -1,0 +1,341 @@
+"""Supernet training: the sandwich rule with checkpoints that resume bit for bit.
+
+One update = gradients of the largest, the smallest and k random archs accumulated over
+the same batch, then one Adam step (HAT/MoS recipe, MOS.md section 3): linear warm-up,
+cosine decay, label-smoothed cross-entropy, gradient clipping, dropout scaled by the
+arch's embed dim (inside the model), and optional in-place distillation from the largest
+arch. With `arch=` the same loop trains one fixed architecture from scratch: the
+"standalone" baseline (a supernet whose every update uses one arch only computes, and
+updates, exactly that arch's slices).
+
+A run folder holds `step_NNNNNNN/` checkpoints and a `latest` pointer written after the
+checkpoint is complete, so a crash mid-write leaves the previous one valid. A checkpoint
+has the weights, the Adam moments, the torch RNG (dropout), the arch sampler's RNG and the
+batch iterator's position: resuming continues exactly where the run stopped.
+
+Data parallel: started under `torchrun` (WORLD_SIZE > 1) every process takes a disjoint
+shard of each epoch's batches, gradients are averaged with one all-reduce per update
+(gloo on CPU), and rank 0 alone writes. Archs are drawn from the same seeded RNG on every
+rank, so all ranks train the same archs on different data. Bit-for-bit resume is for a
+single process (other ranks' dropout RNG is reseeded from the step).
+
+Knows nothing of devices, latency or search.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mosc.data import PAD_ID, BatchIterator, ParallelData, SubwordTokenizer, load_corpus
+from mosc.errors import MoscError
+from mosc.fileio import atomic_write_text, load_tensors, read_json, save_tensors
+from mosc.model import FFNMode, Supernet, SupernetConfig, load_supernet, save_supernet
+from mosc.space import Arch, SearchSpace
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000  # optimizer updates in total
+    max_tokens: int = 2048  # padded tokens per batch (per process)
+    lr: float = 1e-3  # peak learning rate, reached after warm-up
+    warmup: int = 200  # linear warm-up updates
+    min_lr: float = 1e-7  # cosine decay ends here at `steps`
+    beta2: float = 0.98  # Adam betas = (0.9, beta2)
+    label_smoothing: float = 0.1
+    clip_norm: float = 1.0  # max global gradient norm (0 = no clipping)
+    sandwich_random: int = 1  # k: random archs per update besides the largest and smallest
+    distill: float = 0.0  # weight of KL(largest || arch) for the other archs (0 = off)
+    save_every: int = 500  # checkpoint every N updates (and always at the end)
+    keep: int = 2  # checkpoints kept in the run folder
+    log_every: int = 20  # updates between log lines (log.jsonl and the progress bar)
+    max_len: int = 128  # longest sentence in subword tokens (longer pairs are skipped)
+    seed: int = 0  # arch sampling, dropout, batch order
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for update number `step` (0-based)."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.steps - self.warmup))
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+# ---- one update -------------------------------------------------------------------------
+
+
+def archs_for_update(space: SearchSpace, rng: random.Random, k: int, fixed: Arch | None) -> list[Arch]:
+    """Sandwich rule: largest, smallest, k random (the largest first: it is the teacher)."""
+    if fixed is not None:
+        return [fixed]
+    return [space.largest(), space.smallest()] + [space.sample(rng) for _ in range(k)]
+
+
+def update_loss(model: Supernet, batch, archs: list[Arch], cfg: TrainConfig) -> float:
+    """Forward + backward every arch on the batch (gradients accumulate); returns mean loss."""
+    n_tok = batch.n_tokens
+    teacher = None
+    total = 0.0
+    for i, arch in enumerate(archs):
+        logits = model(batch.src, batch.tgt_in, arch)  # [B, T, V]
+        flat, gold = logits.flatten(0, 1), batch.tgt_out.flatten()
+        loss = F.cross_entropy(flat, gold, ignore_index=PAD_ID, label_smoothing=cfg.label_smoothing, reduction="sum") / n_tok
+        if cfg.distill > 0 and i == 0 and len(archs) > 1:
+            teacher = torch.log_softmax(flat.detach(), -1)
+        elif teacher is not None:
+            mask = (gold != PAD_ID).float()
+            kl = (F.kl_div(torch.log_softmax(flat, -1), teacher, log_target=True, reduction="none").sum(-1) * mask).sum() / n_tok
+            loss = (1 - cfg.distill) * loss + cfg.distill * kl
+        (loss / len(archs)).backward()
+        total += loss.item()
+    return total / len(archs)
+
+
+# ---- distributed ------------------------------------------------------------------------
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size) from torchrun's environment; (0, 1) when run plainly."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def all_reduce_grads(model: Supernet, world: int):
+    """Average gradients over ranks with one flat all-reduce (params without grad count as 0)."""
+    import torch.distributed as dist
+
+    params = list(model.parameters())
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad = flat[offset : offset + n].view_as(p).clone()
+        offset += n
+
+
+# ---- checkpoints ------------------------------------------------------------------------
+
+
+def _optim_tensors(opt: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, torch.Tensor]:
+    out = {}
+    for idx, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            out[f"{names[idx]}::{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return out
+
+
+def _load_optim(opt: torch.optim.Optimizer, names: dict[int, str], tensors: dict):
+    sd = opt.state_dict()
+    by_name = {v: k for k, v in names.items()}
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        name, k = key.split("::")
+        state.setdefault(by_name[name], {})[k] = v
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+def save_checkpoint(run: Path, step: int, model: Supernet, opt, names, data_meta: dict, cfg: TrainConfig,
+                    rng: random.Random, batches: BatchIterator, fixed: Arch | None) -> Path:
+    ckpt = run / f"step_{step:07d}"
+    if ckpt.exists():
+        shutil.rmtree(ckpt)
+    optim_sha = save_tensors({**_optim_tensors(opt, names), "__torch_rng__": torch.get_rng_state()}, ckpt / "optim.safetensors")
+    save_supernet(model, ckpt, {
+        **data_meta,
+        "train": {"config": asdict(cfg), "step": step, "fixed_arch": fixed.to_dict() if fixed else None,
+                  "arch_rng": json.loads(json.dumps(rng.getstate())), "batches": batches.state_dict(),
+                  "optim_sha256": optim_sha},
+    })
+    atomic_write_text(run / "latest", ckpt.name + "\n")  # the checkpoint is complete: point at it
+    for old in sorted(run.glob("step_*"))[: -cfg.keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return ckpt
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    pointer = run / "latest"
+    if not pointer.exists():
+        return None
+    ckpt = run / pointer.read_text().strip()
+    if not (ckpt / "config.json").exists():
+        raise MoscError(f"{run}/latest points at {ckpt.name}, which is missing or incomplete")
+    return ckpt
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder (its latest checkpoint)."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    ckpt = latest_checkpoint(path) if path.is_dir() else None
+    if ckpt is None:
+        raise MoscError(f"{path} is neither a checkpoint folder (config.json) nor a run folder with a 'latest' checkpoint")
+    return ckpt
+
+
+def load_trained(path: str | Path) -> tuple[Supernet, SubwordTokenizer, dict]:
+    """(supernet, tokenizer, config.json dict) from a checkpoint or run folder."""
+    ckpt = resolve_checkpoint(path)
+    model, meta = load_supernet(ckpt)
+    if "tokenizer" not in meta:
+        raise MoscError(f"{ckpt} has no tokenizer: not written by `mosc train`")
+    return model, SubwordTokenizer.from_json(meta["tokenizer"]), meta
+
+
+# ---- the loop ---------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    run: Path
+    checkpoint: Path
+    steps: int
+    final_loss: float
+    tokens_per_s: float  # target tokens of data per second (each token seen by every sandwich arch)
+    seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def train(
+    run: str | Path,
+    corpus: str = "synthetic",
+    space: str = "tiny",
+    mode: str = "neuron",
+    cfg: TrainConfig = TrainConfig(),
+    model_overrides: dict | None = None,
+    corpus_args: dict | None = None,
+    arch: Arch | None = None,
+    resume: bool = False,
+    data: ParallelData | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a supernet (or, with arch=, one fixed arch) into the run folder."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    run = Path(run)
+    rank, world = dist_info()
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+    ckpt = latest_checkpoint(run) if run.exists() else None
+    if ckpt is not None and not resume:
+        raise MoscError(f"{run} already holds a run (at {ckpt.name}); pass --resume to continue it or choose another --out")
+    if resume and ckpt is None:
+        raise MoscError(f"nothing to resume in {run} (no 'latest' checkpoint)")
+
+    if ckpt is not None:  # resume: everything comes from the checkpoint
+        model, meta = load_supernet(ckpt)
+        tr = meta["train"]
+        saved_cfg = TrainConfig(**tr["config"])
+        cfg = TrainConfig(**{**asdict(saved_cfg), "steps": cfg.steps})  # only the horizon may change
+        tokenizer = SubwordTokenizer.from_json(meta["tokenizer"])
+        corpus = meta["corpus"]
+        fixed = Arch.from_dict(tr["fixed_arch"]) if tr["fixed_arch"] else None
+        corpus_args = {k: v for k, v in meta.get("corpus_args", {}).items() if k != "vocab_size"}
+        if data is None:
+            data = load_corpus(corpus, tokenizer=tokenizer, **corpus_args)
+        start = tr["step"]
+    else:
+        s = SearchSpace.load(space)
+        if mode not in FFNMode.__members__:
+            raise MoscError(f"mode must be one of {', '.join(FFNMode.__members__)}, got {mode!r}")
+        fixed = s.validate(arch) if arch is not None else None
+        corpus_args = dict(corpus_args or {})
+        if data is None:
+            data = load_corpus(corpus, **corpus_args)
+        tokenizer = data.tokenizer
+        torch.manual_seed(cfg.seed)
+        model = Supernet(SupernetConfig(space=s.to_dict(), vocab_size=tokenizer.vocab_size, ffn_mode=mode,
+                                        max_positions=max(256, cfg.max_len + 2), **(model_overrides or {})))
+        start, tr = 0, None
+    names = {i: n for i, (n, _) in enumerate(model.named_parameters())}
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2))
+    batches = BatchIterator(data.train, cfg.max_tokens, max_len=cfg.max_len, seed=cfg.seed, rank=rank, world_size=world)
+    arch_rng = random.Random(cfg.seed)
+    if tr is not None:
+        tensors = load_tensors(ckpt / "optim.safetensors", tr.get("optim_sha256"))
+        torch.set_rng_state(tensors.pop("__torch_rng__"))
+        _load_optim(opt, names, tensors)
+        batches.load_state_dict(tr["batches"])
+        st = tr["arch_rng"]
+        arch_rng.setstate((st[0], tuple(st[1]), st[2]))
+        if rank > 0:
+            torch.manual_seed(cfg.seed * 1000 + rank * 7919 + start)
+    elif rank > 0:
+        torch.manual_seed(cfg.seed + rank)  # different dropout masks per rank
+    data_meta = {"tokenizer": tokenizer.to_json(), "corpus": corpus, "corpus_args": corpus_args, "corpus_info": data.info}
+    if rank == 0:
+        run.mkdir(parents=True, exist_ok=True)
+    if cfg.steps <= start:
+        raise MoscError(f"run is already at step {start}; ask for more --steps than that")
+
+    model.train()
+    stream = batches.batches()
+    history: list[dict] = []
+    t_start, tok_count, last = time.perf_counter(), 0, 0.0
+    window_loss, window_n = 0.0, 0
+    step = start
+    show = progress and rank == 0
+    prog = Progress(TextColumn("[bold]train[/] {task.fields[what]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), disable=not show, transient=False)
+    what = "standalone " + fixed.hash if fixed else f"{model.cfg.ffn_mode.value} supernet"
+    try:
+        with prog:
+            task = prog.add_task("train", total=cfg.steps, completed=start, what=what, loss="-", tps="-")
+            while step < cfg.steps:
+                batch = next(stream)
+                archs = archs_for_update(model.space, arch_rng, cfg.sandwich_random, fixed)
+                for g in opt.param_groups:
+                    g["lr"] = cfg.lr_at(step)
+                opt.zero_grad(set_to_none=True)
+                last = update_loss(model, batch, archs, cfg)
+                if world > 1:
+                    all_reduce_grads(model, world)
+                if cfg.clip_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
+                opt.step()
+                step += 1
+                tok_count += batch.n_tokens * world
+                window_loss, window_n = window_loss + last, window_n + 1
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    tps = tok_count / (time.perf_counter() - t_start)
+                    rec = {"step": step, "loss": window_loss / window_n, "lr": cfg.lr_at(step - 1), "tokens_per_s": tps}
+                    history.append(rec)
+                    window_loss, window_n = 0.0, 0
+                    if rank == 0:
+                        with open(run / "log.jsonl", "a") as f:
+                            f.write(json.dumps(rec) + "\n")
+                    prog.update(task, loss=f"{rec['loss']:.3f}", tps=f"{tps:,.0f}")
+                prog.update(task, completed=step)
+                if rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps):
+                    ckpt = save_checkpoint(run, step, model, opt, names, data_meta, cfg, arch_rng, batches, fixed)
+    except KeyboardInterrupt:
+        if rank == 0 and step > start:  # keep what was done: resume continues from here
+            save_checkpoint(run, step, model, opt, names, data_meta, cfg, arch_rng, batches, fixed)
+        raise
+    seconds = time.perf_counter() - t_start
+    if world > 1:  # every rank applied the same averaged gradients: weights must agree bit for bit
+        import torch.distributed as dist
+
+        check = torch.stack([p.detach().double().sum() for p in model.parameters()])
+        low, high = check.clone(), check.clone()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        if not torch.equal(low, high):
+            raise MoscError("data-parallel ranks diverged: their weights differ after training")
+        dist.barrier()
+    return TrainResult(run, latest_checkpoint(run) if rank == 0 else run, step, last,
+                       tok_count / max(seconds, 1e-9), seconds, history)

@@ -1,0 +1,266 @@
+"""mosc.compile with real TVM builds of tiny ONNX graphs (made here with torch.onnx.export).
+
+Two graphs shaped like the real ones: an encoder (embedding + one transformer-ish block)
+and a decoder step with several inputs and outputs (token, K/V caches, memory -> logits,
+new caches). Numerics are checked against onnxruntime on the same ONNX files.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mosc import compile as C
+from mosc.errors import MoscError
+
+V, D, S, L = 64, 32, 8, 8  # vocab, width, source length, KV cache length
+ATOL = 1e-4
+REPO = Path(__file__).resolve().parent.parent
+ARM64_ROOT = Path(os.environ.get("MOSC_ARM64_ROOT") or Path.home() / ".cache/mosc/arm64-root")
+CROSS_GCC = "aarch64-linux-gnu-gcc"
+
+
+# ----------------------------------------------------------------------------- tiny models
+def _export_models(out: Path) -> dict[str, Path]:
+    import torch
+    from torch import nn
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(V, D)
+            self.pos = nn.Parameter(torch.randn(S, D) * 0.1)
+            self.ln1, self.ln2 = nn.LayerNorm(D), nn.LayerNorm(D)
+            self.qkv, self.o = nn.Linear(D, 3 * D), nn.Linear(D, D)
+            self.fc1, self.fc2 = nn.Linear(D, 4 * D), nn.Linear(4 * D, D)
+
+        def forward(self, src):
+            x = self.emb(src) + self.pos
+            q, k, v = self.qkv(self.ln1(x)).chunk(3, -1)
+            x = x + self.o(torch.softmax(q @ k.transpose(-1, -2) / D**0.5, -1) @ v)
+            return x + self.fc2(nn.functional.gelu(self.fc1(self.ln2(x))))
+
+    class DecoderStep(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.qkv, self.out = nn.Embedding(V, D), nn.Linear(D, 3 * D), nn.Linear(D, V)
+
+        def forward(self, token, k_cache, v_cache, memory):
+            q, k, v = self.qkv(self.emb(token)).chunk(3, -1)
+            k_cache = torch.cat([k_cache[:, 1:], k], 1)  # fixed-size cache: shift in the new step
+            v_cache = torch.cat([v_cache[:, 1:], v], 1)
+            a = torch.softmax(q @ k_cache.transpose(-1, -2) / D**0.5, -1) @ v_cache
+            c = torch.softmax(a @ memory.transpose(-1, -2), -1) @ memory
+            return self.out(a + c)[:, 0], k_cache, v_cache
+
+    torch.manual_seed(0)
+    paths = {"encoder": out / "encoder.onnx", "decoder_step": out / "decoder_step.onnx"}
+    torch.onnx.export(Encoder().eval(), (torch.randint(0, V, (1, S)),), paths["encoder"],
+                      input_names=["src"], output_names=["memory"])
+    example = (torch.randint(0, V, (1, 1)), torch.randn(1, L, D), torch.randn(1, L, D), torch.randn(1, S, D))
+    torch.onnx.export(DecoderStep().eval(), example, paths["decoder_step"],
+                      input_names=["token", "k_cache", "v_cache", "memory"],
+                      output_names=["logits", "k_out", "v_out"])
+    return paths
+
+
+def _export_linear(path: Path) -> Path:
+    """A one-matmul graph: few tuning tasks, for the tuning test."""
+    import torch
+
+    torch.manual_seed(0)
+    torch.onnx.export(torch.nn.Linear(D, D).eval(), (torch.randn(4, D),), path,
+                      input_names=["x"], output_names=["y"])
+    return path
+
+
+@pytest.fixture(scope="module")
+def onnx_files(tmp_path_factory):
+    return _export_models(tmp_path_factory.mktemp("onnx"))
+
+
+@pytest.fixture(scope="module")
+def host_artifact(onnx_files, tmp_path_factory):
+    db = tmp_path_factory.mktemp("db")  # empty: a --no-tune build must not touch ~/.cache
+    out = tmp_path_factory.mktemp("art") / "host"
+    return C.compile_artifact(onnx_files, "host", out, tune=False, db_dir=db,
+                              extra_manifest={"arch": {"d_model": D}})
+
+
+def _inputs(signature: list[dict], seed=0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        s["name"]: (rng.integers(0, V, s["shape"]) if s["dtype"] == "int64" else rng.standard_normal(s["shape"])
+                    ).astype(s["dtype"])
+        for s in signature
+    }
+
+
+def _ort(path, feeds):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+# ----------------------------------------------------------------------------- tests
+def test_compile_does_not_import_torch_or_tvm():
+    code = "import sys, mosc.compile, mosc.targets; assert 'torch' not in sys.modules and 'tvm' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_pipeline_is_a_named_pass_list():
+    names = [n for n, _ in C.PREPARE + C.FINISH]
+    assert len(names) == len(set(names))
+    assert names[-1] == "fold_constant_after_tuning" and "apply_database" in names
+
+
+def test_import_onnx_static_shapes(onnx_files):
+    mod = C.import_onnx(onnx_files["decoder_step"])
+    sig = C.signature(mod, onnx_files["decoder_step"])
+    assert [s["name"] for s in sig["inputs"]] == ["token", "k_cache", "v_cache", "memory"]
+    assert sig["outputs"] == [
+        {"name": "logits", "shape": [1, V], "dtype": "float32"},
+        {"name": "k_out", "shape": [1, L, D], "dtype": "float32"},
+        {"name": "v_out", "shape": [1, L, D], "dtype": "float32"},
+    ]
+    with pytest.raises(MoscError, match="unknown input"):
+        C.import_onnx(onnx_files["encoder"], {"nope": [1, 2]})
+
+
+def test_host_artifact_matches_onnxruntime(host_artifact, onnx_files):
+    art = C.load_artifact(host_artifact)
+    assert sorted(art.graphs) == ["decoder_step", "encoder"]
+    for graph, path in onnx_files.items():
+        feeds = _inputs(art.manifest["graphs"][graph]["inputs"])
+        ref, got = _ort(path, feeds), art.run(graph, feeds)
+        assert len(ref) == len(got)
+        for r, g in zip(ref, got):
+            np.testing.assert_allclose(g, r, atol=ATOL, rtol=1e-4)
+    # positional inputs work too, and a wrong shape is a clear error
+    feeds = _inputs(art.manifest["graphs"]["encoder"]["inputs"])
+    np.testing.assert_array_equal(art.run("encoder", list(feeds.values()))[0], art.run("encoder", feeds)[0])
+    with pytest.raises(MoscError, match="must be int64"):
+        art.run("encoder", [np.zeros((1, S + 1), np.int64)])
+
+
+def test_manifest(host_artifact):
+    import tvm
+    import tvm_ffi
+
+    m = json.loads((host_artifact / "manifest.json").read_text())
+    assert m["target"] == "host" and m["device"] == "cpu"
+    assert m["tvm_version"] == tvm.__version__ and m["tvm_ffi_version"] == tvm_ffi.__version__
+    assert m["arch"] == {"d_model": D}  # extra_manifest
+    assert set(m["files"]) == {"encoder.so", "decoder_step.so"}
+    assert m["graphs"]["encoder"]["inputs"] == [{"name": "src", "shape": [1, S], "dtype": "int64"}]
+    assert m["tuning"]["tuned"] is False and "database" in m["tuning"]
+    assert not list(host_artifact.glob(".*"))  # no temp files left behind
+
+
+def test_tampered_artifact_is_refused(host_artifact, tmp_path):
+    bad = shutil.copytree(host_artifact, tmp_path / "bad")
+    with open(bad / "decoder_step.so", "r+b") as f:  # flip one byte in the middle
+        f.seek(os.path.getsize(bad / "decoder_step.so") // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with pytest.raises(MoscError, match="decoder_step.so does not match its sha256"):
+        C.load_artifact(bad)
+    (bad / "decoder_step.so").unlink()
+    with pytest.raises(MoscError, match="missing"):
+        C.load_artifact(bad)
+    with pytest.raises(MoscError, match="not a mosc artifact"):
+        C.load_artifact(tmp_path)
+
+
+def test_extra_manifest_cannot_override(onnx_files, tmp_path):
+    with pytest.raises(MoscError, match="may not override"):
+        C.compile_artifact({"encoder": onnx_files["encoder"]}, "host", tmp_path / "a", tune=False,
+                           db_dir=tmp_path / "db", extra_manifest={"files": {}})
+
+
+def test_unknown_target(onnx_files, tmp_path):
+    with pytest.raises(MoscError, match=r"unknown target 'pi5'; valid targets: .*rpi4"):
+        C.compile_artifact(onnx_files, "pi5", tmp_path / "a", tune=False)
+
+
+@pytest.fixture(scope="module")
+def rpi4_artifact(onnx_files, tmp_path_factory):
+    if not shutil.which(CROSS_GCC):
+        pytest.skip(f"{CROSS_GCC} not installed (apt-get install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)")
+    out = tmp_path_factory.mktemp("art") / "rpi4"
+    return C.compile_artifact(onnx_files, "rpi4", out, tune=False, db_dir=tmp_path_factory.mktemp("db"))
+
+
+def test_rpi4_cross_build(rpi4_artifact):
+    m = C.verify_artifact(rpi4_artifact)
+    assert m["target"] == "rpi4" and "aarch64" in m["tvm_target"]
+    for lib in m["files"]:
+        head = (rpi4_artifact / lib).read_bytes()[:20]
+        assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183  # EM_AARCH64
+
+
+_QEMU_RUN = """
+import sys, numpy as np
+sys.path.insert(0, sys.argv[1])
+from mosc.compile import load_artifact
+art = load_artifact(sys.argv[2])
+feeds = dict(np.load(sys.argv[3]))
+np.savez(sys.argv[4], *art.run(sys.argv[5], feeds))
+"""
+
+
+@pytest.mark.skipif(not (ARM64_ROOT / "opt/mosc-site/.mosc-wheels-done").exists() or not shutil.which("qemu-aarch64"),
+                    reason=f"no arm64 root at {ARM64_ROOT} (run scripts/setup_arm64_root.sh)")
+def test_rpi4_artifact_runs_under_qemu(rpi4_artifact, onnx_files, tmp_path):
+    out = rpi4_artifact
+    (tmp_path / "run.py").write_text(_QEMU_RUN)
+    env = {**os.environ, "PYTHONPATH": str(ARM64_ROOT / "opt/mosc-site"), "TVM_USE_RUNTIME_LIB": "1"}
+    manifest = C.verify_artifact(out)
+    for graph in ["encoder", "decoder_step"]:
+        feeds = _inputs(manifest["graphs"][graph]["inputs"], seed=1)
+        np.savez(tmp_path / "in.npz", **feeds)
+        subprocess.run(
+            ["qemu-aarch64", "-L", str(ARM64_ROOT), str(ARM64_ROOT / "usr/bin/python3"), str(tmp_path / "run.py"),
+             str(REPO), str(out), str(tmp_path / "in.npz"), str(tmp_path / "out.npz"), graph],
+            check=True, env=env, timeout=300, capture_output=True,
+        )
+        got = np.load(tmp_path / "out.npz")
+        ref = _ort(onnx_files[graph], feeds)
+        for i, r in enumerate(ref):
+            np.testing.assert_allclose(got[f"arr_{i}"], r, atol=ATOL, rtol=1e-4)
+
+
+def test_nvidia_build_without_gpu(onnx_files, tmp_path):
+    """CUDA code is generated (dlight schedules) and exported; it runs only where a GPU is."""
+    out = C.compile_artifact({"encoder": onnx_files["encoder"]}, "nvidia", tmp_path / "nv", tune=False,
+                             db_dir=tmp_path / "db")
+    m = C.verify_artifact(out)
+    assert m["device"] == "cuda" and m["cuda_kernels"] == "source"
+
+
+def test_tuning_database_is_reused(tmp_path):
+    """A tiny tuning run fills the database; a second compile of the same shapes tunes nothing.
+
+    ~20-25 s on 2 busy cores (one task, 8 trials), so not marked slow."""
+    onnx_path = _export_linear(tmp_path / "linear.onnx")
+    db = tmp_path / "db"
+    t0 = time.perf_counter()
+    first = C.tune(C.import_onnx(onnx_path), "host", db, trials=8, progress=False)
+    t_first = time.perf_counter() - t0
+    assert first.tasks >= 1 and first.trials >= 1 and first.cached == 0
+    assert C.database_id(db)["records"] >= 1
+
+    out = C.compile_artifact({"linear": onnx_path}, "host", tmp_path / "art", trials=8, db_dir=db)
+    report = json.loads((out / "manifest.json").read_text())["tuning"]["report"]
+    assert report["trials"] == 0 and report["cached"] == report["tasks"] == first.tasks
+    x = np.random.default_rng(0).standard_normal((4, D)).astype("float32")
+    np.testing.assert_allclose(C.load_artifact(out).run("linear", [x])[0], _ort(onnx_path, {"x": x})[0], atol=ATOL)
+    print(f"\ntuning {first.trials} trials over {first.tasks} task(s): {t_first:.1f} s; "
+          f"warm compile {json.loads((out / 'manifest.json').read_text())['compile_seconds']} s")

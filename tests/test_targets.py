@@ -1,0 +1,77 @@
+"""mosc.targets: the target files in targets/ and their loader (pure Python but for tvm_target())."""
+
+import dataclasses
+
+import pytest
+
+from mosc.errors import MoscError
+from mosc.targets import Target, list_targets, load_target
+
+SHIPPED = ["host", "nvidia", "rpi4", "xeon"]
+
+
+def test_shipped_targets_load():
+    assert set(SHIPPED) <= set(list_targets())
+    for name in SHIPPED:
+        t = load_target(name)
+        assert t.name == name and t.description and t.rpc.key
+        assert (t.protocol.source_len, t.protocol.decoder_steps, t.protocol.batch) == (30, 30, 1)
+        assert (t.protocol.warmup, t.protocol.repeats, t.protocol.trim) == (5, 50, 0.1)
+        assert (t.regression.p50_tol, t.regression.p90_tol) == (0.05, 0.10)
+    assert load_target("rpi4").cross_compiler == "aarch64-linux-gnu-gcc" and load_target("rpi4").is_cross
+    assert load_target("rpi4").rpc.key == "rpi4"
+    assert not load_target("xeon").is_cross
+
+
+def test_target_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        load_target("host").name = "x"
+
+
+def test_unknown_target_lists_valid_names():
+    with pytest.raises(MoscError) as e:
+        load_target("pi5")
+    msg = str(e.value)
+    assert "\n" not in msg and "unknown target 'pi5'" in msg
+    for name in SHIPPED:
+        assert name in msg
+
+
+def test_tvm_targets():
+    rpi4 = load_target("rpi4").tvm_target()
+    assert rpi4.kind.name == "llvm" and "aarch64" in str(rpi4.attrs["mtriple"])
+    assert rpi4.host is not None and rpi4.host.host is None  # the tag's nested host is dropped
+    assert str(load_target("xeon").tvm_target().attrs["mcpu"]) == "skylake-avx512"
+    nv = load_target("nvidia")
+    assert nv.tvm_target().kind.name == "cuda" and nv.tvm_target().host.kind.name == "llvm"
+    assert nv.device_type() == "cuda" and load_target("rpi4").device_type() == "cpu"
+
+
+def test_host_is_detected():
+    from tvm.target import codegen
+
+    t = load_target("host")
+    spec = t.resolved_spec()
+    assert spec["mcpu"] == codegen.llvm_get_system_cpu() and spec["num-cores"] >= 1
+    assert t.tvm_target_spec["mcpu"] == "auto"  # the dataclass keeps what the file says
+    assert str(t.tvm_target().attrs["mcpu"]) == spec["mcpu"]
+
+
+def _write(dir_, name, text):
+    (dir_ / f"{name}.toml").write_text(text)
+
+
+def test_env_dir_and_malformed_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOSC_TARGETS_DIR", str(tmp_path))
+    _write(tmp_path, "ok", 'description = "x"\ntvm_target = "aws/cpu/c5.xlarge"\n[rpc]\nkey = "k"\n')
+    _write(tmp_path, "broken", 'description = "x\n')
+    _write(tmp_path, "typo", 'description = "x"\ntvm_target = "llvm"\n[protocol]\nrepeat = 3\n')
+    _write(tmp_path, "badtype", 'description = "x"\ntvm_target = "llvm"\n[protocol]\nrepeats = "many"\n')
+    _write(tmp_path, "nokind", 'description = "x"\ntvm_target = { mcpu = "x" }\n')
+    assert list_targets() == ["badtype", "broken", "nokind", "ok", "typo"]
+    ok = load_target("ok")
+    assert isinstance(ok, Target) and ok.rpc.key == "k" and ok.protocol.repeats == 50  # defaults
+    for name, pattern in [("broken", "malformed TOML"), ("typo", "unknown key.*repeat"),
+                          ("badtype", "repeats must be a int"), ("nokind", "with a 'kind'")]:
+        with pytest.raises(MoscError, match=pattern):
+            load_target(name)
