@@ -178,8 +178,9 @@ def run_collapse(checkpoint, arch_file, out, space, mode, seed) -> dict:
     from mosc.space import SearchSpace
     from mosc.subnet import analytic_param_count, collapse, save_subnet
 
+    ck_meta = {}
     if checkpoint is not None:
-        supernet, _ = load_supernet(checkpoint)
+        supernet, ck_meta = load_supernet(checkpoint)
         s = supernet.space
         source = str(checkpoint)
     else:
@@ -208,7 +209,10 @@ def run_collapse(checkpoint, arch_file, out, space, mode, seed) -> dict:
         "collapse_s": collapse_s, "out": None,
     }
     if out is not None:
-        save_subnet(sub, out, {"source": source, "max_abs_diff": diff})
+        extra = {"source": source, "max_abs_diff": diff}
+        if "tokenizer" in ck_meta:  # a trained run's tokenizer travels with the subnet (export, translate)
+            extra["tokenizer"] = ck_meta["tokenizer"]
+        save_subnet(sub, out, extra)
         result["out"] = str(out)
     return result
 
@@ -319,6 +323,213 @@ def evaluate_cmd(
     if out is not None:
         atomic_write_json(out, {"arch": arch_shown.to_dict(), "what": what, "split": split, "beam": beam, "loss": e.loss,
                                 "bleu": e.bleu, "n_sentences": e.n_sentences, "hypotheses": e.hypotheses})
+
+
+# ---- mosc targets / export / compile / translate ------------------------------------
+
+TARGET_HELP = "Target device: a file name in targets/ (see `mosc targets`)."
+
+
+@command(app, "targets")
+def targets_cmd():
+    """List the deployment targets (targets/*.toml) with their TVM target and description."""
+    from mosc.targets import list_targets, load_target, targets_dir
+
+    t = Table("name", "TVM target", "cross compiler", "description", title=f"targets in {targets_dir()}")
+    for name in list_targets():
+        tg = load_target(name)
+        spec = tg.tvm_target_spec if isinstance(tg.tvm_target_spec, str) else json.dumps(tg.tvm_target_spec)
+        t.add_row(name, spec, tg.cross_compiler or "-", tg.description)
+    console.print(t)
+
+
+def _load_subnet_source(subnet: Optional[Path], checkpoint: Optional[Path], arch_file: Optional[Path]):
+    """(Subnet, tokenizer JSON or None, description) from --subnet DIR or --checkpoint RUN --arch a.json."""
+    if (subnet is None) == (checkpoint is None):
+        raise MoscError("give exactly one of --subnet DIR or --checkpoint RUN (with --arch a.json)")
+    if subnet is not None:
+        if arch_file is not None:
+            raise MoscError("--arch goes with --checkpoint; a --subnet folder already has its arch")
+        from mosc.fileio import read_json
+        from mosc.subnet import load_subnet
+
+        sub = load_subnet(subnet)
+        meta = read_json(subnet / "config.json", "subnet config")
+        return sub, meta.get("tokenizer"), f"subnet {subnet}"
+    if arch_file is None:
+        raise MoscError("--checkpoint needs --arch a.json (the architecture to collapse and export)")
+    from mosc.model import load_supernet
+    from mosc.subnet import collapse
+    from mosc.train import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(checkpoint)
+    supernet, meta = load_supernet(ckpt)
+    arch = _load_arch(arch_file, supernet.space)
+    return collapse(supernet, arch), meta.get("tokenizer"), f"{ckpt} at arch {arch.hash}"
+
+
+def run_export(subnet, checkpoint, arch_file, out, target, batch, source_len, cache_len, check=True) -> dict:
+    from mosc.export import Shapes, export_subnet
+
+    shapes = Shapes.from_target(target, batch, source_len, cache_len)  # unknown target: one line
+    sub, tok_json, source = _load_subnet_source(subnet, checkpoint, arch_file)
+    return export_subnet(sub, out, shapes, tokenizer_json=tok_json, check=check, extra={"source": source})
+
+
+def _print_export(meta: dict, out: Path):
+    sh = meta["shapes"]
+    t = Table("", "value", title=f"export of arch {meta['arch_hash']} ({meta['param_count']:,} parameters)")
+    t.add_row("shapes", f"batch {sh['batch']}, source length {sh['source_len']}, KV cache {sh['cache_len']}")
+    for g in meta["graphs"].values():
+        size = (out / g["file"]).stat().st_size / 1e6
+        t.add_row(g["file"], f"{size:.1f} MB, inputs {', '.join(i['name'] for i in g['inputs'])}")
+    p = meta.get("parity")
+    if p:
+        for g in ("encoder", "decoder_step"):
+            t.add_row(f"max |torch - onnxruntime| {g}", f"{p[f'{g}_max_abs_diff']:.2e} (limit {p['atol']:g})")
+        same = "[green]same tokens[/]" if p["greedy_tokens_equal"] else "[red]DIFFERENT tokens[/]"
+        t.add_row("greedy: onnxruntime vs torch", same)
+    t.add_row("tokenizer", "included" if meta.get("tokenizer") else "none (translate will print ids)")
+    t.add_row("time", f"{meta['export_seconds']:.1f} s")
+    console.print(t)
+
+
+SHAPE_OPTS = {
+    "batch": "Batch size B of the static graphs (default: the target's protocol).",
+    "source_len": "Source length S in tokens (default: the target's protocol source_len).",
+    "cache_len": "KV-cache length T = decoder steps (default: the target's protocol decoder_steps).",
+}
+
+
+@command(app, "export")
+def export_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for encoder.onnx, decoder_step.onnx and export.json."),
+    subnet: Optional[Path] = typer.Option(None, "--subnet", help="Collapsed subnet folder (from `mosc collapse -o`)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Supernet run or checkpoint folder; needs --arch."),
+    arch_file: Optional[Path] = typer.Option(None, "--arch", "-a", help="Arch JSON to collapse the checkpoint at."),
+    target: str = typer.Option("host", "--target", "-t", help="Target whose [protocol] gives the static shapes."),
+    batch: Optional[int] = typer.Option(None, min=1, help=SHAPE_OPTS["batch"]),
+    source_len: Optional[int] = typer.Option(None, min=1, help=SHAPE_OPTS["source_len"]),
+    cache_len: Optional[int] = typer.Option(None, min=1, help=SHAPE_OPTS["cache_len"]),
+    check: bool = typer.Option(True, "--check/--no-check", help="Compare onnxruntime with PyTorch (max abs diff, greedy tokens)."),
+):
+    """Export a collapsed subnet to two static ONNX graphs (encoder, decoder step with KV cache),
+    checked against PyTorch with onnxruntime."""
+    meta = run_export(subnet, checkpoint, arch_file, out, target, batch, source_len, cache_len, check)
+    _print_export(meta, out)
+    console.print(f"[green]exported[/] to {out}")
+
+
+@command(app, "compile")
+def compile_cmd(
+    target: str = typer.Option(..., "--target", "-t", help=TARGET_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help="Artifact folder: encoder.so, decoder_step.so, manifest.json."),
+    onnx_dir: Optional[Path] = typer.Option(None, "--onnx-dir", help="Export folder from `mosc export`."),
+    subnet: Optional[Path] = typer.Option(None, "--subnet", help="One step: export this subnet folder, then compile."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="One step: collapse this checkpoint at --arch, export, compile."),
+    arch_file: Optional[Path] = typer.Option(None, "--arch", "-a", help="Arch JSON (with --checkpoint)."),
+    trials: int = typer.Option(256, min=0, help="MetaSchedule trial budget for tasks the tuning database lacks."),
+    tune: bool = typer.Option(True, "--tune/--no-tune", help="Tune (default) or build with what the database already holds."),
+    db: Optional[Path] = typer.Option(None, help="Tuning database folder (default: ~/.cache/mosc/tune/<target>)."),
+    batch: Optional[int] = typer.Option(None, min=1, help=SHAPE_OPTS["batch"] + " One-step path only."),
+    source_len: Optional[int] = typer.Option(None, min=1, help=SHAPE_OPTS["source_len"] + " One-step path only."),
+    cache_len: Optional[int] = typer.Option(None, min=1, help=SHAPE_OPTS["cache_len"] + " One-step path only."),
+):
+    """Compile an exported model with TVM for a target (tuned with MetaSchedule against a
+    per-target database) into a verifiable artifact folder."""
+    import tempfile
+
+    from mosc import compile as C
+    from mosc.targets import load_target
+    from mosc.translate import load_export, onnx_files
+
+    tg = load_target(target)
+    C.require_cross_compiler(tg)
+    if sum(x is not None for x in (onnx_dir, subnet, checkpoint)) != 1:
+        raise MoscError("give exactly one of --onnx-dir DIR, --subnet DIR or --checkpoint RUN --arch a.json")
+    with tempfile.TemporaryDirectory(prefix="mosc-export-") as tmp:
+        if onnx_dir is None:
+            onnx_dir = Path(tmp)
+            meta = run_export(subnet, checkpoint, arch_file, onnx_dir, target, batch, source_len, cache_len)
+            _print_export(meta, onnx_dir)
+        else:
+            if any(x is not None for x in (batch, source_len, cache_len, arch_file)):
+                raise MoscError("--batch/--source-len/--cache-len/--arch apply to the one-step path; an export's shapes are fixed")
+            meta = load_export(onnx_dir)
+        model = {k: meta.get(k) for k in ("arch", "arch_hash", "shapes", "bos_id", "eos_id", "pad_id", "param_count",
+                                          "parity", "tokenizer")}
+        model["onnx_sha256"] = meta["files"]
+        db_dir = db or C.default_db_dir(tg)
+        what = f"{trials} trials" if tune and trials else "no tuning"
+        err_console.print(f"compiling arch {meta['arch_hash']} for {tg.name} ({what}; database {db_dir})", highlight=False)
+        art = C.compile_artifact(onnx_files(onnx_dir, meta), tg, out, trials=trials, tune=tune and trials > 0,
+                                 db_dir=db_dir, extra_manifest={"model": model})
+    m = C.read_manifest(art)
+    r = m["tuning"]["report"]
+    t = Table("", "value", title=f"artifact {out} for {tg.name}")
+    t.add_row("TVM target", m["tvm_target"])
+    if r:
+        t.add_row("tuning tasks", f"{r['tasks']} ({r['cached']} cached, {r['tuned']} tuned)")
+        t.add_row("trials measured", str(r["trials"]))
+        t.add_row("tuning time", f"{r['seconds']:.1f} s")
+    else:
+        t.add_row("tuning", "skipped (--no-tune): " + ("database records applied" if m["tuning"]["database"]["records"]
+                                                     else "no records, unscheduled CPU code is slow"))
+    t.add_row("database", f"{m['tuning']['database']['path']} ({m['tuning']['database']['records']} records)")
+    for f in m["files"]:
+        t.add_row(f, f"{(art / f).stat().st_size / 1e6:.1f} MB")
+    t.add_row("compile time", f"{m['compile_seconds']:.1f} s")
+    console.print(t)
+    if r:
+        print(f"tuning report: tasks={r['tasks']} cached={r['cached']} tuned={r['tuned']} trials={r['trials']} "
+              f"seconds={r['seconds']:.1f}")
+    console.print(f"[green]compiled[/] {out}")
+
+
+@command(app, "translate")
+def translate_cmd(
+    artifact: Path = typer.Option(..., "--artifact", help="Artifact folder from `mosc compile` (sha256s are verified)."),
+    text: Optional[list[str]] = typer.Option(None, "--text", help="Sentence to translate (repeatable)."),
+    file: Optional[Path] = typer.Option(None, "--file", "-f", help="Text file, one sentence per line."),
+    tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer JSON, when the artifact carries none."),
+    ids: bool = typer.Option(False, "--ids", help="Also print the output token ids."),
+):
+    """Translate with a compiled artifact: tokenize, run the TVM encoder and decoder steps
+    (greedy, fixed-size KV cache), detokenize."""
+    from mosc.compile import load_artifact, read_manifest
+    from mosc.translate import artifact_backend, translate_ids
+
+    if (text is None) == (file is None):
+        raise MoscError("give --text SENTENCE (repeatable) or --file FILE")
+    model = read_manifest(artifact).get("model")
+    if not model:
+        raise MoscError(f"{artifact} was not compiled from a mosc export (no model section in its manifest)")
+    if file is not None:
+        try:
+            sentences = [l.strip() for l in file.read_text(encoding="utf-8").splitlines() if l.strip()]
+        except OSError as e:
+            raise MoscError(f"cannot read {file} ({e.strerror})") from None
+    else:
+        sentences = [s for s in text]
+    from mosc.data import SubwordTokenizer
+
+    tok = SubwordTokenizer.load(tokenizer) if tokenizer else (
+        SubwordTokenizer.from_json(model["tokenizer"]) if model.get("tokenizer") else None)
+    if tok is None:
+        raise MoscError(f"{artifact} carries no tokenizer (the subnet came from an untrained supernet); pass --tokenizer FILE")
+    art = load_artifact(artifact)  # verifies every sha256 before loading code
+    backend = artifact_backend(art)
+    src = [tok.encode(s) for s in sentences]
+    t0 = time.perf_counter()
+    out_ids, truncated = translate_ids(backend, src, model["bos_id"], model["eos_id"], model["pad_id"])
+    dt = time.perf_counter() - t0
+    if truncated:
+        err_console.print(f"[yellow]warning:[/] {truncated} sentence(s) longer than {backend.source_len} tokens were truncated")
+    for row in out_ids:
+        print(tok.decode(row))
+        if ids:
+            print("ids: " + " ".join(map(str, row)))
+    err_console.print(f"{len(sentences)} sentence(s) in {dt * 1000:.1f} ms on {art.manifest['target']}", highlight=False)
 
 
 # ---- mosc demo (the README's first command) -----------------------------------------

@@ -312,9 +312,26 @@ def _cross_export(cross_compiler: str):
     return export
 
 
+def check_tracker(target: Target, timeout_s: float = 2.0) -> None:
+    """MoscError (one line) unless the target's RPC tracker accepts a TCP connection."""
+    import socket
+
+    host, port = target.rpc.tracker_host, target.rpc.tracker_port
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise MoscError(
+            f"tuning for {target.name} measures on the device, but no RPC tracker answers at {host}:{port} "
+            f"({e.strerror or e}); start the tracker and the device's RPC server (key {target.rpc.key!r}), "
+            "or compile with --no-tune"
+        ) from None
+
+
 def rpc_runner(target: Target):
     """A MetaSchedule runner that measures on the target's device through its RPC tracker."""
     from tvm.s_tir import meta_schedule as ms
+
+    check_tracker(target)
 
     config = ms.runner.RPCConfig(
         tracker_host=target.rpc.tracker_host,
@@ -547,6 +564,21 @@ def cuda_kernels(ex) -> str | None:
     return None
 
 
+# apt packages that provide a cross compiler named in a target file
+CROSS_PACKAGES = {"aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu g++-aarch64-linux-gnu",
+                  "aarch64-linux-gnu-g++": "gcc-aarch64-linux-gnu g++-aarch64-linux-gnu"}
+
+
+def require_cross_compiler(target: Target | str) -> None:
+    """MoscError naming the apt package when the target's cross compiler is not on PATH."""
+    target = _as_target(target)
+    cc_name = target.cross_compiler
+    if cc_name and not shutil.which(cc_name):
+        pkg = CROSS_PACKAGES.get(cc_name)
+        hint = f"apt-get install {pkg}" if pkg else "install it or fix cross_compiler in the target file"
+        raise MoscError(f"cross compiler {cc_name!r} for target {target.name} not found on PATH ({hint})")
+
+
 def export(ex, path: Path | str, target: Target | str) -> Path:
     """Executable -> shared library at `path` (cross-compiled where the target says so)."""
     from tvm.support import cc
@@ -555,11 +587,7 @@ def export(ex, path: Path | str, target: Target | str) -> Path:
     path = Path(path)
     kwargs = {}
     if target.cross_compiler:
-        if not shutil.which(target.cross_compiler):
-            raise MoscError(
-                f"cross compiler {target.cross_compiler!r} for {target.name} not found "
-                "(apt-get install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)"
-            )
+        require_cross_compiler(target)
         kwargs["fcompile"] = cc.cross_compiler(target.cross_compiler)
     ex.export_library(str(path), **kwargs)
     return path
@@ -605,6 +633,9 @@ def compile_artifact(
     import tvm_ffi
 
     target = _as_target(target)
+    require_cross_compiler(target)  # fail now, not after minutes of tuning
+    if tune and trials > 0 and (target.is_cross or target.device_type() != "cpu"):
+        check_tracker(target)  # measuring needs the device
     out_dir = Path(out_dir)
     db_dir = Path(db_dir) if db_dir is not None else default_db_dir(target)
     extra = dict(extra_manifest or {})

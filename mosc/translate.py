@@ -1,0 +1,167 @@
+"""Greedy translation over the two deployed graphs, with any backend (numpy in, numpy out).
+
+The deployed model is two static graphs (see mosc/subnet.py):
+    encoder(src [B, S])  -> cross_k, cross_v [L, B, M, Q], cross_bias [L, B, 1, 1, M]
+    decoder_step(token [B], pos [1], self_k, self_v [L, B, T, Q], cross_k, cross_v, cross_bias)
+                         -> logits [B, V], self_k, self_v
+`greedy` runs the encoder once and the decoder step T times (T = the fixed KV-cache
+length), exactly like `Subnet.translate(src, bos, eos, max_len=T)`, so every backend
+(PyTorch, ONNX Runtime, a TVM artifact) must produce the same token ids.
+
+`Backend` wraps ONNX Runtime sessions or a loaded TVM artifact behind the same two
+calls. This module imports neither torch nor tvm at module level: it runs on a device
+(or under qemu) with only numpy and the TVM runtime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from mosc.errors import MoscError
+from mosc.fileio import read_json, sha256_file
+
+ENCODER, DECODER = "encoder", "decoder_step"
+ENC_INPUTS = ["src"]
+ENC_OUTPUTS = ["cross_k", "cross_v", "cross_bias"]
+DEC_INPUTS = ["token", "pos", "self_k", "self_v", "cross_k", "cross_v", "cross_bias"]
+DEC_OUTPUTS = ["logits", "new_self_k", "new_self_v"]  # ONNX outputs cannot reuse input names
+EXPORT_JSON = "export.json"  # written by mosc.export next to the .onnx files
+EXPORT_FORMAT = "mosc-export/1"
+
+Fn = Callable[[list[np.ndarray]], list[np.ndarray]]
+
+
+@dataclass
+class Backend:
+    """The two graphs as functions of numpy lists (signature order) plus the static shapes."""
+
+    encode: Fn
+    step: Fn
+    batch: int
+    source_len: int
+    cache_shape: tuple[int, ...]  # [L, B, T, Q]
+
+    @property
+    def cache_len(self) -> int:
+        return self.cache_shape[2]
+
+
+# ----------------------------------------------------------------------------- export folder
+def load_export(out_dir: str | Path) -> dict:
+    """export.json of an export folder, after checking every ONNX file against its sha256."""
+    out_dir = Path(out_dir)
+    path = out_dir / EXPORT_JSON
+    if not path.is_file():
+        raise MoscError(f"{out_dir} is not an export folder (no {EXPORT_JSON}; make one with `mosc export`)")
+    meta = read_json(path, "export metadata")
+    if meta.get("format") != EXPORT_FORMAT:
+        raise MoscError(f"{path}: format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}")
+    for name, digest in meta["files"].items():
+        f = out_dir / name
+        if Path(name).name != name or not f.is_file():
+            raise MoscError(f"{out_dir}: {name} is missing")
+        if sha256_file(f) != digest:
+            raise MoscError(f"{out_dir}: {name} does not match its sha256 in {EXPORT_JSON} (tampered or corrupt)")
+    return meta
+
+
+def onnx_files(out_dir: str | Path, meta: dict | None = None) -> dict[str, Path]:
+    """graph name -> ONNX path, in the order compile_artifact should build them."""
+    meta = meta or load_export(out_dir)
+    return {g: Path(out_dir) / meta["graphs"][g]["file"] for g in (ENCODER, DECODER)}
+
+
+
+# ----------------------------------------------------------------------------- backends
+def _cache_shape(dec_inputs: list[dict]) -> tuple[int, ...]:
+    by_name = {s["name"]: s for s in dec_inputs}
+    return tuple(by_name["self_k"]["shape"])
+
+
+def ort_backend(export_dir, meta: dict | None = None) -> Backend:
+    """ONNX Runtime sessions (CPU, one thread per op) over an export folder."""
+    import onnxruntime as ort
+
+    export_dir = Path(export_dir)
+    meta = meta or load_export(export_dir)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = {g: ort.InferenceSession(str(export_dir / meta["graphs"][g]["file"]), opts,
+                                    providers=["CPUExecutionProvider"]) for g in (ENCODER, DECODER)}
+
+    def fn(graph):
+        names = [s["name"] for s in meta["graphs"][graph]["inputs"]]
+        return lambda xs: sess[graph].run(None, dict(zip(names, xs)))
+
+    sh = meta["shapes"]
+    return Backend(fn(ENCODER), fn(DECODER), sh["batch"], sh["source_len"], _cache_shape(meta["graphs"][DECODER]["inputs"]))
+
+
+def artifact_backend(art) -> Backend:
+    """A loaded TVM artifact (mosc.compile.Artifact) with the encoder and decoder_step graphs."""
+    missing = {ENCODER, DECODER} - set(art.graphs)
+    if missing:
+        raise MoscError(f"{art.dir}: artifact lacks graph(s) {sorted(missing)}: not a translation model")
+    enc_in = art.manifest["graphs"][ENCODER]["inputs"][0]["shape"]
+    return Backend(lambda xs: art.run(ENCODER, xs), lambda xs: art.run(DECODER, xs), enc_in[0], enc_in[1],
+                   _cache_shape(art.manifest["graphs"][DECODER]["inputs"]))
+
+
+def pad_source(rows: Sequence[Sequence[int]], batch: int, source_len: int, pad_id: int) -> tuple[np.ndarray, int]:
+    """Id lists -> [batch, source_len] int64, right-padded; (array, how many rows were truncated).
+
+    Fewer rows than `batch`: the rest repeat the first row (their output is dropped).
+    """
+    if not rows:
+        raise MoscError("nothing to translate")
+    if len(rows) > batch:
+        raise MoscError(f"{len(rows)} sentences for a graph of batch {batch}")
+    src = np.full((batch, source_len), pad_id, dtype=np.int64)
+    truncated = 0
+    for b in range(batch):
+        ids = list(rows[b] if b < len(rows) else rows[0])
+        if not ids:
+            raise MoscError("empty source sentence (no tokens)")
+        truncated += b < len(rows) and len(ids) > source_len
+        ids = ids[:source_len]
+        src[b, : len(ids)] = ids
+    return src, truncated
+
+
+def greedy(backend: Backend, src: np.ndarray, bos: int, eos: int) -> list[list[int]]:
+    """Greedy decoding with the fixed-size KV cache: src [B, S] int64 -> ids per row (no bos/eos).
+
+    The same loop as Subnet.translate(src, bos, eos, max_len=T): T = the cache length.
+    """
+    cross = backend.encode([src])
+    B = src.shape[0]
+    self_k = np.zeros(backend.cache_shape, np.float32)
+    self_v = np.zeros(backend.cache_shape, np.float32)
+    token = np.full((B,), bos, np.int64)
+    out = np.zeros((B, backend.cache_len), np.int64)
+    done = np.zeros(B, bool)
+    for t in range(backend.cache_len):
+        logits, self_k, self_v = backend.step([token, np.array([t], np.int64), self_k, self_v, *cross])
+        token = logits.argmax(-1).astype(np.int64)
+        out[:, t] = token
+        done |= token == eos
+        if done.all():
+            break
+    rows = out.tolist()
+    return [r[: r.index(eos)] if eos in r else r for r in rows]
+
+
+def translate_ids(backend: Backend, sentences: Sequence[Sequence[int]], bos: int, eos: int, pad: int
+                  ) -> tuple[list[list[int]], int]:
+    """Many id lists, in chunks of the graph's batch -> (output ids per sentence, truncated count)."""
+    outs, truncated = [], 0
+    for i in range(0, len(sentences), backend.batch):
+        chunk = sentences[i : i + backend.batch]
+        src, n = pad_source(chunk, backend.batch, backend.source_len, pad)
+        truncated += n
+        outs.extend(greedy(backend, src, bos, eos)[: len(chunk)])
+    return outs, truncated
