@@ -34,7 +34,8 @@ from mosc.evaluate import evaluate  # noqa: E402
 from mosc.fileio import atomic_write_json  # noqa: E402
 from mosc.space import SearchSpace  # noqa: E402
 from mosc.subnet import analytic_param_count, collapse  # noqa: E402
-from mosc.train import TrainConfig, latest_checkpoint, load_trained, train  # noqa: E402
+from mosc.fileio import latest_checkpoint  # noqa: E402
+from mosc.train import TrainConfig, load_trained, train  # noqa: E402
 
 MODES = ("shared", "layer", "neuron")
 

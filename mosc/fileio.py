@@ -99,8 +99,11 @@ def save_model_dir(out_dir: str | Path, kind: str, tensors: dict, meta: dict) ->
 
 
 def load_model_dir(path: str | Path, kind: str) -> tuple[dict, dict]:
-    """(meta, tensors) of a model folder written by save_model_dir, checked for kind and sha256."""
+    """(meta, tensors) of a model folder written by save_model_dir (or of a training run
+    folder's latest checkpoint), checked for kind and sha256."""
     path = Path(path)
+    if not (path / CONFIG).exists() and (path / "latest").exists():
+        path = resolve_checkpoint(path)
     if not path.is_dir():
         raise MoscError(f"{path} is not a model folder (expected {path}/{CONFIG} and {path}/{WEIGHTS})")
     meta = read_json(path / CONFIG, "model config")
@@ -108,3 +111,28 @@ def load_model_dir(path: str | Path, kind: str) -> tuple[dict, dict]:
         got = meta.get("kind") if isinstance(meta, dict) else None
         raise MoscError(f"{path} holds a {got!r}, expected a {kind!r}")
     return meta, load_tensors(path / WEIGHTS, meta.get("weights_sha256"))
+
+
+# A training run folder: step_NNNNNNN/ model folders and a `latest` pointer file naming the
+# newest complete one (written after it, so a crash mid-checkpoint leaves the previous).
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    pointer = run / "latest"
+    if not pointer.exists():
+        return None
+    ckpt = run / pointer.read_text().strip()
+    if not (ckpt / CONFIG).exists():
+        raise MoscError(f"{run}/latest points at {ckpt.name}, which is missing or incomplete")
+    return ckpt
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A model folder, or a run folder (its latest checkpoint)."""
+    path = Path(path)
+    if (path / CONFIG).exists():
+        return path
+    ckpt = latest_checkpoint(path) if path.is_dir() else None
+    if ckpt is None:
+        raise MoscError(f"{path} is neither a checkpoint folder ({CONFIG}) nor a run folder with a 'latest' checkpoint")
+    return ckpt

@@ -220,22 +220,6 @@ def strip_eos(ids: list[int], eos: int) -> list[int]:
     return ids[: ids.index(eos)] if eos in ids else ids
 
 
-@torch.no_grad()
-def greedy_full(logits_fn, src: torch.Tensor, bos: int, eos: int, max_len: int = 64) -> list[list[int]]:
-    """Reference greedy decoding without a cache: re-runs logits_fn(src, prefix) -> [B, t, V]
-    on the whole prefix every step. Slow (quadratic) and simple: what the cached loop must match."""
-    B = src.shape[0]
-    tgt = torch.full((B, 1), bos, dtype=torch.long)
-    done = torch.zeros(B, dtype=torch.bool)
-    for _ in range(max_len):
-        token = logits_fn(src, tgt)[:, -1].argmax(-1)
-        tgt = torch.cat([tgt, token[:, None]], dim=1)
-        done |= token == eos
-        if done.all():
-            break
-    return [strip_eos(row[1:], eos) for row in tgt.tolist()]
-
-
 # ---------------------------------------------------------------------------------
 # collapse
 # ---------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from mosc.data import PAD_ID, BatchIterator, ParallelData, SubwordTokenizer, load_corpus
 from mosc.errors import MoscError
-from mosc.fileio import atomic_write_text, load_tensors, read_json, save_tensors
+from mosc.fileio import atomic_write_text, latest_checkpoint, load_tensors, save_tensors
 from mosc.model import FFNMode, Supernet, SupernetConfig, load_supernet, save_supernet
 from mosc.space import Arch, SearchSpace
 
@@ -162,33 +162,11 @@ def save_checkpoint(run: Path, step: int, model: Supernet, opt, names, data_meta
     return ckpt
 
 
-def latest_checkpoint(run: Path) -> Path | None:
-    pointer = run / "latest"
-    if not pointer.exists():
-        return None
-    ckpt = run / pointer.read_text().strip()
-    if not (ckpt / "config.json").exists():
-        raise MoscError(f"{run}/latest points at {ckpt.name}, which is missing or incomplete")
-    return ckpt
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder (its latest checkpoint)."""
-    path = Path(path)
-    if (path / "config.json").exists():
-        return path
-    ckpt = latest_checkpoint(path) if path.is_dir() else None
-    if ckpt is None:
-        raise MoscError(f"{path} is neither a checkpoint folder (config.json) nor a run folder with a 'latest' checkpoint")
-    return ckpt
-
-
 def load_trained(path: str | Path) -> tuple[Supernet, SubwordTokenizer, dict]:
     """(supernet, tokenizer, config.json dict) from a checkpoint or run folder."""
-    ckpt = resolve_checkpoint(path)
-    model, meta = load_supernet(ckpt)
+    model, meta = load_supernet(path)
     if "tokenizer" not in meta:
-        raise MoscError(f"{ckpt} has no tokenizer: not written by `mosc train`")
+        raise MoscError(f"{path} has no tokenizer: not written by `mosc train`")
     return model, SubwordTokenizer.from_json(meta["tokenizer"]), meta
 
 

@@ -9,7 +9,8 @@ import torch
 from mosc.errors import MoscError
 from mosc.model import FFNMode, Supernet, SupernetConfig, count_parameters, load_supernet, save_supernet
 from mosc.space import Arch, SearchSpace
-from mosc.subnet import analytic_param_count, collapse, greedy_full, load_subnet, save_subnet
+from mosc.evaluate import FullDecoder, beam_search
+from mosc.subnet import analytic_param_count, collapse, load_subnet, save_subnet
 
 MODES = [m.value for m in FFNMode]
 
@@ -116,9 +117,9 @@ def test_cached_greedy_equals_full_sequence_greedy(mode):
     outputs = set()
     for arch in archs(model.space, 4, seed=2):
         sub = collapse(model, arch)
-        cached = sub.translate(src, bos=1, eos=-1, max_len=12)
-        full = greedy_full(sub, src, bos=1, eos=-1, max_len=12)
-        inherited = greedy_full(lambda s, t: model(s, t, arch), src, bos=1, eos=-1, max_len=12)
+        cached = sub.translate(src, bos=1, eos=2, max_len=12)
+        full = beam_search(FullDecoder(sub), src, beam=1, max_len=12)
+        inherited = beam_search(FullDecoder(lambda s, t: model(s, t, arch)), src, beam=1, max_len=12)
         assert cached == full == inherited
         outputs |= {tuple(row) for row in cached}
     assert len(outputs) > 4  # outputs vary with source and arch: the comparison is not vacuous

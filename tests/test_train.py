@@ -144,3 +144,31 @@ def test_torchrun_two_processes(tmp_path):
     assert (run / "latest").read_text().strip() == "step_0000004"
     model, tok, meta = load_trained(run)
     assert meta["train"]["batches"]["world_size"] == 2
+
+
+def test_cli_train_collapse_evaluate(tmp_path):
+    """`mosc train` -> `mosc collapse` on the run folder -> `mosc evaluate` of supernet and subnet agree."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from mosc.cli import app
+
+    runner = CliRunner(env={"COLUMNS": "200"})
+    run = tmp_path / "run"
+    r = runner.invoke(app, ["train", "-o", str(run), "--max-train-pairs", "200", "--max-tokens", "512", "--steps", "3",
+                            "--warmup", "1", "--mode", "layer"])
+    assert r.exit_code == 0, r.output
+    arch = tmp_path / "a.json"
+    arch.write_text(SearchSpace.load("tiny").smallest().to_json())
+    r = runner.invoke(app, ["collapse", "-c", str(run), "-a", str(arch), "-o", str(tmp_path / "sub")])
+    assert r.exit_code == 0 and "(equal)" in r.output, r.output
+    outs = []
+    for extra in (["--arch", str(arch)], ["--subnet", str(tmp_path / "sub")]):
+        out = tmp_path / f"eval{len(outs)}.json"
+        r = runner.invoke(app, ["evaluate", "-c", str(run), "--max-sentences", "8", "-o", str(out), *extra])
+        assert r.exit_code == 0, r.output
+        assert "BLEU (greedy)" in r.output
+        outs.append(json.loads(out.read_text()))
+    assert outs[0]["loss"] == pytest.approx(outs[1]["loss"], abs=1e-5)
+    assert outs[0]["hypotheses"] == outs[1]["hypotheses"]
