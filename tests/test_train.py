@@ -172,3 +172,12 @@ def test_cli_train_collapse_evaluate(tmp_path):
         outs.append(json.loads(out.read_text()))
     assert outs[0]["loss"] == pytest.approx(outs[1]["loss"], abs=1e-5)
     assert outs[0]["hypotheses"] == outs[1]["hypotheses"]
+
+
+def test_distillation_runs_and_differs(tmp_path, data):
+    """In-place distillation from the largest arch changes the updates of the others."""
+    plain = train(tmp_path / "plain", data=data, cfg=cfg(steps=2, save_every=2), progress=False)
+    dist = train(tmp_path / "dist", data=data, cfg=cfg(steps=2, save_every=2, distill=0.5), progress=False)
+    assert all(map(lambda r: r["loss"] == r["loss"], dist.history))  # finite, not NaN
+    a, b = weights(plain.run), weights(dist.run)
+    assert not all(torch.equal(a[k], b[k]) for k in a)
