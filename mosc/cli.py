@@ -360,7 +360,7 @@ def _load_subnet_source(subnet: Optional[Path], checkpoint: Optional[Path], arch
         raise MoscError("--checkpoint needs --arch a.json (the architecture to collapse and export)")
     from mosc.model import load_supernet
     from mosc.subnet import collapse
-    from mosc.train import resolve_checkpoint
+    from mosc.fileio import resolve_checkpoint
 
     ckpt = resolve_checkpoint(checkpoint)
     supernet, meta = load_supernet(ckpt)
@@ -469,7 +469,8 @@ def compile_cmd(
     t = Table("", "value", title=f"artifact {out} for {tg.name}")
     t.add_row("TVM target", m["tvm_target"])
     if r:
-        t.add_row("tuning tasks", f"{r['tasks']} ({r['cached']} cached, {r['tuned']} tuned)")
+        t.add_row("tuning tasks", f"{r['tasks']} ({r['cached']} cached, {r['tuned']} tuned, "
+                                  f"{r.get('untunable', 0)} untunable: left unscheduled)")
         t.add_row("trials measured", str(r["trials"]))
         t.add_row("tuning time", f"{r['seconds']:.1f} s")
     else:
@@ -481,8 +482,8 @@ def compile_cmd(
     t.add_row("compile time", f"{m['compile_seconds']:.1f} s")
     console.print(t)
     if r:
-        print(f"tuning report: tasks={r['tasks']} cached={r['cached']} tuned={r['tuned']} trials={r['trials']} "
-              f"seconds={r['seconds']:.1f}")
+        print(f"tuning report: tasks={r['tasks']} cached={r['cached']} tuned={r['tuned']} "
+              f"untunable={r.get('untunable', 0)} trials={r['trials']} seconds={r['seconds']:.1f}")
     console.print(f"[green]compiled[/] {out}")
 
 
@@ -554,6 +555,215 @@ def demo(
         r = run_collapse(None, arch_path, out / f"subnet-{mode}", space, mode, seed)
         _print_collapse(r)
     console.print(f"[green]done[/]: collapsed subnets in {out}/subnet-*/ (model.safetensors + config.json)")
+
+
+# ---- mosc measure / device / db (issue 5) ---------------------------------------------
+
+device_app = typer.Typer(help="RPC tracker, RPC servers and emulated devices for measuring latency.", no_args_is_help=True)
+db_app = typer.Typer(help="The latency database (SQLite): import HAT's data, export, summarise.", no_args_is_help=True)
+app.add_typer(device_app, name="device")
+app.add_typer(db_app, name="db")
+DB_HELP = "Latency database file (default: $MOSC_LATENCY_DB or ~/.cache/mosc/latency.db)."
+
+
+def _db_path(db: Optional[Path]) -> Path:
+    from mosc.measure import default_db_path
+
+    return db or default_db_path()
+
+
+@command(app, "measure")
+def measure_cmd(
+    target: str = typer.Option(..., "--target", "-t", help=TARGET_HELP),
+    arch_file: Optional[Path] = typer.Option(None, "--arch", "-a", help="Measure this arch JSON file."),
+    sample: Optional[int] = typer.Option(None, "--sample", "-n", min=1, help="Measure N distinct archs sampled with --seed."),
+    seed: int = typer.Option(0, help="Seed of --sample and of the random supernet (without --checkpoint)."),
+    space: str = typer.Option("tiny", "--space", "-s", help=SPACE_HELP + " Used without --checkpoint."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Supernet run/checkpoint; omitted: a seeded randomly initialised supernet (latency does not depend on weights)."),
+    backend: str = typer.Option("tvm", help="tvm (compiled artifact, local or over RPC), ort (ONNX Runtime) or torch (PyTorch eager); ort/torch run on this machine."),
+    db: Optional[Path] = typer.Option(None, "--db", help=DB_HELP),
+    tracker: Optional[str] = typer.Option(None, help="RPC tracker HOST:PORT (default: the target's [rpc]); giving it measures over RPC."),
+    key: Optional[str] = typer.Option(None, help="Device key at the tracker (default: the target's [rpc] key); giving it measures over RPC."),
+    force: bool = typer.Option(False, "--force", help="Measure archs already in the database again (adds rows)."),
+    tune: bool = typer.Option(True, "--tune/--no-tune", help="Tune new artifacts with MetaSchedule (real speed) or build with what the tuning database holds."),
+    trials: Optional[int] = typer.Option(None, min=1, help="MetaSchedule trial budget per new artifact (default: mosc compile's)."),
+    tune_db: Optional[Path] = typer.Option(None, help="Tuning database folder (default: ~/.cache/mosc/tune/<target>)."),
+    cache: Optional[Path] = typer.Option(None, help="Artifact cache folder (default: $MOSC_ARTIFACT_CACHE or ~/.cache/mosc/artifacts)."),
+    timeout: float = typer.Option(600.0, min=1.0, help="Seconds one arch's RPC session may last before the server ends it (then it is retried)."),
+    tries: int = typer.Option(3, min=1, help="Attempts per arch (connect, upload, measure) before giving up."),
+):
+    """Measure latency with HAT's protocol (encoder + N incremental decoder steps, warm-up, repeats,
+    trimmed mean) locally or on a device over TVM RPC; every arch's row is committed to the database
+    at once, and a re-run skips archs already measured."""
+    from mosc.artifact_cache import ArtifactCache, ModelSource, load_space, sample_archs
+    from mosc.db import LatencyDB
+    from mosc.measure import Campaign, Remote, parse_hostport
+    from mosc.targets import load_target
+
+    tg = load_target(target)
+    if (arch_file is None) == (sample is None):
+        raise MoscError("give --arch a.json or --sample N")
+    source = ModelSource(checkpoint=checkpoint, space=space, seed=seed)
+    sp = load_space(source)
+    archs = [_load_arch(arch_file, sp)] if arch_file else sample_archs(sp, sample, seed)
+    remote = None
+    if backend == "tvm" and (tracker or key or tg.is_cross or tg.device_type() != "cpu"):
+        host, port = parse_hostport(tracker) if tracker else (tg.rpc.tracker_host, tg.rpc.tracker_port)
+        remote = Remote(host, port, key or tg.rpc.key, session_timeout=timeout)
+    elif backend != "tvm" and (tracker or key):
+        raise MoscError(f"--backend {backend} measures on this machine; --tracker/--key are for the tvm backend")
+    db_path = _db_path(db)
+    log = lambda msg: err_console.print(msg, highlight=False, markup=False, soft_wrap=True)
+    with LatencyDB(db_path) as ldb:
+        camp = Campaign(tg, backend, ldb, remote=remote, force=force, tries=tries, log=log)
+        dev = camp.probe()  # fails fast (one line) when the tracker or the device is not there
+        where = f"device {remote.key!r} via tracker {remote.addr}" if remote else f"this machine ({dev.get('machine')})"
+        emu = " [EMULATED: timings check function, not speed; stored with emulated=1]" if camp.emulated else ""
+        p = tg.protocol
+        log(f"measuring {len(archs)} arch(s) for {tg.name} with {backend} on {where}{emu}")
+        log(f"protocol: batch {p.batch}, source {p.source_len} tokens, {p.decoder_steps} decoder steps, "
+            f"{p.warmup} warm-up + {p.repeats} timed runs, trim {p.trim:g} per tail; weights: {source.describe()}")
+        cache_ = ArtifactCache(tg, source, root=cache, tune=tune, trials=trials, tune_db=tune_db, log=log)
+        res = camp.run(archs, lambda a: cache_.prepare(a, backend))
+    t = Table(title=f"{tg.name} / {backend} / {camp.key}{' (emulated)' if camp.emulated else ''}: latency in ms")
+    t.add_column("arch", no_wrap=True)
+    for c in ("trimmed mean", "encoder", "decoder", "median", "p90", "std", "runs"):
+        t.add_column(c, justify="right")
+    for r in res.measured:
+        t.add_row(r["arch_hash"], f"{r['trimmed_mean_ms']:.3f}", f"{r['encoder_ms']:.3f}", f"{r['decoder_ms']:.3f}",
+                  f"{r['median_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['std_ms']:.3f}", str(r["runs"]))
+    if res.measured:
+        console.print(t)
+    console.print(f"[green]measured[/] {len(res.measured)}, skipped {len(res.skipped)} already in {db_path}")
+
+
+@command(device_app, "tracker")
+def device_tracker(
+    host: str = typer.Option("127.0.0.1", help="Address to bind (a tracker hands out devices that run any code sent: keep it local or trusted)."),
+    port: int = typer.Option(9190, help="TCP port."),
+):
+    """Run a TVM RPC tracker in the foreground (Ctrl-C stops it)."""
+    from mosc.device import run_tracker
+
+    run_tracker(host, port)
+
+
+@command(device_app, "serve")
+def device_serve(
+    tracker: str = typer.Option("127.0.0.1:9190", help="Tracker HOST:PORT to register with."),
+    key: str = typer.Option(..., help="Device key to register under (a target's [rpc] key, e.g. host, rpi4)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (an RPC server runs any code it is sent: keep it local or trusted)."),
+    port: int = typer.Option(9091, help="First TCP port to try; the next free one up to +100 is taken."),
+):
+    """Run a TVM RPC server on this machine, registered with a tracker (foreground)."""
+    from mosc.device import run_server
+    from mosc.measure import parse_hostport
+
+    th, tp = parse_hostport(tracker)
+    run_server(th, tp, key, host, port)
+
+
+@command(device_app, "emulate")
+def device_emulate(
+    target: str = typer.Argument(..., help="Target to emulate (rpi4: aarch64 under qemu-user)."),
+    tracker: str = typer.Option("127.0.0.1:9190", help="Tracker HOST:PORT to register with."),
+    key: Optional[str] = typer.Option(None, help="Device key (default: the target's [rpc] key)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind."),
+    port: int = typer.Option(9091, help="First TCP port to try."),
+    root: Optional[Path] = typer.Option(None, help="arm64 root (default: $MOSC_ARM64_ROOT or ~/.cache/mosc/arm64-root; see scripts/setup_arm64_root.sh)."),
+):
+    """Run an RPC server for the target's CPU under qemu-user (replaces this process). Its timings
+    are marked emulated=1 everywhere: they check function, not speed."""
+    import os
+
+    from mosc.device import emulate_command
+    from mosc.measure import parse_hostport
+    from mosc.targets import load_target
+
+    tg = load_target(target)
+    th, tp = parse_hostport(tracker)
+    work = Path.home() / ".cache" / "mosc" / "emulate" / target
+    try:
+        argv, env = emulate_command(target, th, tp, key or tg.rpc.key, host, port, work, root)
+    except SystemExit as e:
+        raise MoscError(str(e).removeprefix("error: ")) from None
+    err_console.print(f"starting an emulated {target} RPC server (qemu-user); first start takes ~10-30 s", highlight=False)
+    os.execve(argv[0], argv, env)
+
+
+@command(device_app, "list")
+def device_list(tracker: str = typer.Option("127.0.0.1:9190", help="Tracker HOST:PORT.")):
+    """Show the devices registered with a tracker."""
+    from mosc.measure import parse_hostport, tracker_summary
+
+    th, tp = parse_hostport(tracker)
+    try:
+        s = tracker_summary(th, tp)
+    except ConnectionError as e:
+        raise MoscError(str(e)) from None
+    t = Table("key", "address", "free", "pending", title=f"tracker {tracker}")
+    q = s.get("queue_info", {})
+    for srv in s.get("server_info", []):
+        k = srv["key"].removeprefix("server:")
+        t.add_row(k, f"{srv['addr'][0]}:{srv['addr'][1]}", str(q.get(k, {}).get("free", "?")), str(q.get(k, {}).get("pending", "?")))
+    console.print(t)
+
+
+@command(db_app, "import-hat")
+def db_import_hat(
+    csv_file: Path = typer.Argument(..., help="HAT latency CSV (../shared/data/hat-latency/*.csv)."),
+    target: str = typer.Option(..., "--target", "-t", help="Target name to file the rows under (e.g. rpi4, xeon)."),
+    db: Optional[Path] = typer.Option(None, "--db", help=DB_HELP),
+    force: bool = typer.Option(False, "--force", help="Replace the rows of a file already imported."),
+):
+    """Import HAT's published measurements: features only (no full arch), backend hat-pytorch."""
+    from mosc.db import LatencyDB
+
+    with LatencyDB(_db_path(db)) as ldb:
+        n = ldb.import_hat_csv(csv_file, target, force=force)
+        total = ldb.count()
+    if n == 0:
+        console.print(f"{csv_file.name} was already imported for {target}; nothing added (--force replaces it)")
+    else:
+        console.print(f"[green]imported[/] {n} rows from {csv_file.name} as target {target} ({total} rows in {_db_path(db)})")
+
+
+@command(db_app, "export")
+def db_export(
+    out: Path = typer.Option(..., "--out", "-o", help="CSV file to write."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="Only this target's rows."),
+    db: Optional[Path] = typer.Option(None, "--db", help=DB_HELP),
+    real_only: bool = typer.Option(False, "--real-only", help="Leave out emulated rows."),
+):
+    """Write the database (or one target's rows) as CSV, HAT's feature columns included."""
+    from mosc.db import LatencyDB
+
+    with LatencyDB(_db_path(db)) as ldb:
+        n = ldb.export_csv(out, target=target, include_emulated=not real_only)
+    console.print(f"[green]wrote[/] {n} rows to {out}")
+
+
+@command(db_app, "stats")
+def db_stats(db: Optional[Path] = typer.Option(None, "--db", help=DB_HELP)):
+    """Summarise the database: rows per target, backend, device and emulated flag."""
+    from mosc.db import LatencyDB
+
+    path = _db_path(db)
+    if not path.exists():
+        raise MoscError(f"no latency database at {path}")
+    with LatencyDB(path) as ldb:
+        rows = ldb.stats()
+    t = Table(title=f"latency database {path}")
+    for c in ("target", "backend", "device", "emulated"):
+        t.add_column(c, no_wrap=True)
+    for c in ("rows", "archs", "min ms", "mean ms", "max ms"):
+        t.add_column(c, justify="right", no_wrap=True)
+    for r in rows:
+        t.add_row(r["target"], r["backend"], r["device_key"], "yes" if r["emulated"] else "no", str(r["n"]),
+                  str(r["archs"]) if r["archs"] else "-", f"{r['lo']:.2f}", f"{r['avg']:.2f}", f"{r['hi']:.2f}")
+    console.print(t)
+    console.print("archs '-': imported rows with HAT features only (no arch JSON); emulated rows are never "
+                  "returned to predictors unless asked" if rows else "(empty)")
 
 
 def main():  # console-script entry point

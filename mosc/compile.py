@@ -349,6 +349,7 @@ class TuneReport:
     cached: int = 0  # of which already had a record in the database
     tuned: int = 0  # of which were tuned in this call
     trials: int = 0  # candidates measured in this call
+    untunable: int = 0  # tasks MetaSchedule cannot schedule (left unscheduled; see UNTUNABLE)
     seconds: float = 0.0
     task_names: list[str] = field(default_factory=list)
 
@@ -440,12 +441,14 @@ def tune(
     database = open_database(db_dir)
     all_tasks = _extract_tasks(prepared, target)
     untunable = _read_untunable(db_dir)
+    known_bad = [(task, w) for task, w in all_tasks if _task_key(task) in untunable]
     todo = [
         (task, w) for task, w in all_tasks
         if _task_key(task) not in untunable
         and database.query_tuning_record(task.dispatched[0], tvm_target, task.task_name) is None
     ]
-    report.tasks, report.cached = len(all_tasks), len(all_tasks) - len(todo)
+    report.tasks, report.untunable = len(all_tasks), len(known_bad)
+    report.cached = len(all_tasks) - len(todo) - len(known_bad)
     report.task_names = [t.task_name for t, _ in todo]
     if not todo or trials <= 0:
         report.seconds = time.perf_counter() - t0
@@ -481,6 +484,26 @@ def tune(
         ).clone()
         for (task, _), logger, rand in zip(todo, loggers, ms.utils.fork_seed(seed, n=len(todo)))
     ]
+    # A task whose design space cannot be generated raises out of tune_tasks and kills the whole
+    # run (seen: a matmul fused with the decoder's `slots > pos` mask, where MultiLevelTiling's
+    # reverse_compute_at fails on the mask's second producer). Generating the space costs ~5 ms
+    # a task: try it first, leave such tasks unscheduled and remember them.
+    broken = {}
+    for i, ctx in enumerate(contexts):
+        try:
+            ctx.generate_design_space()
+        except Exception as e:  # TVM raises its own error types (ScheduleError, TVMError)
+            broken[i] = str(e).splitlines()[0][:200]
+    if broken:
+        _write_json_atomic(db_dir / UNTUNABLE, {**_read_untunable(db_dir),
+                                                **{_task_key(todo[i][0]): todo[i][0].task_name for i in broken}})
+        keep = [i for i in range(len(todo)) if i not in broken]
+        todo, contexts = [todo[i] for i in keep], [contexts[i] for i in keep]
+        report.untunable += len(broken)
+        report.task_names = [t.task_name for t, _ in todo]
+        if not todo:
+            report.seconds = time.perf_counter() - t0
+            return report
     weights = [w for _, w in todo]
     progress = sys.stderr.isatty() if progress is None else progress
     callback, bar, state = _progress_callback(min(trials, trials_per_task * len(contexts)), progress)
@@ -514,7 +537,7 @@ def tune(
         if database.query_tuning_record(todo[i][0].dispatched[0], tvm_target, todo[i][0].task_name) is None
     }
     if failed:
-        _write_json_atomic(db_dir / UNTUNABLE, {**untunable, **failed})
+        _write_json_atomic(db_dir / UNTUNABLE, {**_read_untunable(db_dir), **failed})
     report.seconds = time.perf_counter() - t0
     return report
 

@@ -8,6 +8,7 @@ import typer
 from typer.testing import CliRunner
 
 from mosc.cli import app
+from mosc.errors import MoscError
 
 runner = CliRunner(env={"COLUMNS": "200"})  # no line wrapping in assertions
 
@@ -112,3 +113,51 @@ def test_malformed_arch_and_corrupt_checkpoint(tmp_path):
     (ck / "config.json").write_text('{"kind": "mosc-supernet", "config": {}}')
     (ck / "model.safetensors").write_bytes(b"garbage")
     one_line_error(runner.invoke(app, ["collapse", "--checkpoint", str(ck)]), "corrupt or not a safetensors")
+
+
+def test_targets_lists_tvm_targets():
+    r = runner.invoke(app, ["targets"])
+    assert r.exit_code == 0, r.output
+    for name, tvm_target in [("host", '"mcpu": "auto"'), ("rpi4", "raspberry-pi/4b-aarch64"),
+                             ("xeon", "aws/cpu/c5.xlarge"), ("nvidia", "nvidia/nvidia-h100")]:
+        line = next((l for l in r.output.splitlines() if f" {name} " in l), "")
+        assert tvm_target in line, (name, r.output)
+    assert "aarch64-linux-gnu-gcc" in r.output
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["compile", "--target", "pi5", "--onnx-dir", ".", "-o", "x"], "unknown target 'pi5'; valid targets: host, nvidia, rpi4, xeon"),
+    (["compile", "--target", "host", "-o", "x"], "give exactly one of --onnx-dir DIR, --subnet DIR or --checkpoint"),
+    (["compile", "--target", "host", "--onnx-dir", "/nonexistent", "-o", "x"], "is not an export folder"),
+    (["export", "-o", "x"], "give exactly one of --subnet DIR or --checkpoint RUN"),
+    (["export", "--checkpoint", "/nonexistent", "-o", "x"], "--checkpoint needs --arch"),
+    (["export", "--target", "pi5", "--subnet", "/nonexistent", "-o", "x"], "unknown target 'pi5'"),
+    (["translate", "--artifact", "/nonexistent", "--text", "hi"], "is not a mosc artifact"),
+    (["translate", "--artifact", "/nonexistent"], "give --text SENTENCE (repeatable) or --file FILE"),
+])
+def test_bad_deploy_input_is_one_line(args, needle):
+    one_line_error(runner.invoke(app, args), needle)
+
+
+def test_missing_cross_compiler_names_the_apt_package(tmp_path):
+    r = CliRunner(env={"COLUMNS": "200", "PATH": str(tmp_path)}).invoke(
+        app, ["compile", "--target", "rpi4", "--onnx-dir", str(tmp_path), "--no-tune", "-o", str(tmp_path / "a")])
+    one_line_error(r, "cross compiler 'aarch64-linux-gnu-gcc' for target rpi4 not found on PATH "
+                      "(apt-get install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)")
+
+
+def test_tuning_a_remote_target_needs_its_tracker(tmp_path, monkeypatch):
+    """rpi4 tuning measures on the Pi through the RPC tracker; none running: one line, before any work."""
+    import shutil
+
+    from mosc import compile as C
+
+    if not shutil.which("aarch64-linux-gnu-gcc"):
+        pytest.skip("aarch64-linux-gnu-gcc not installed")
+    monkeypatch.setattr(C, "import_onnx", lambda *a, **k: pytest.fail("should refuse before importing"))
+    from mosc.targets import Rpc, load_target
+    import dataclasses
+
+    t = dataclasses.replace(load_target("rpi4"), rpc=Rpc("127.0.0.1", 1, "rpi4"))  # nothing listens on port 1
+    with pytest.raises(MoscError, match=r"no RPC tracker answers at 127.0.0.1:1 .*or compile with --no-tune"):
+        C.compile_artifact({"encoder": tmp_path / "e.onnx"}, t, tmp_path / "a", trials=8)
