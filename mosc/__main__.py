@@ -1,0 +1,4 @@
+"""`python -m mosc` runs the CLI."""
+from mosc.cli import main
+
+main()

@@ -1,0 +1,173 @@
+"""Arch -> measurable model files, built once and cached by arch hash (torch world).
+
+`mosc measure` needs, per arch: a TVM artifact (backend tvm), an ONNX export (backend ort)
+or a collapsed Subnet (backend torch). `ArtifactCache.prepare(arch, backend)` makes them
+from a supernet (a checkpoint, or a seeded randomly initialised supernet of a space: latency
+does not depend on weight values) with mosc.export + mosc.compile.compile_artifact, and
+keeps them in
+
+    <root>/<target>/<arch hash>-b<B>s<S>t<T>-<weights>-<tuned|notune>/{onnx,art}/
+
+(root: $MOSC_ARTIFACT_CACHE or ~/.cache/mosc/artifacts). A folder is reused when its
+export.json / manifest.json verify (sha256s) and name the same arch; anything else is
+rebuilt. Imports torch (lazily, when something has to be built).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from mosc.errors import MoscError
+from mosc.measure import Prepared
+from mosc.space import Arch, SearchSpace
+from mosc.targets import Target
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MOSC_ARTIFACT_CACHE") or Path.home() / ".cache" / "mosc" / "artifacts")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where weights come from: a supernet checkpoint, or a fresh seeded supernet of a space."""
+
+    checkpoint: Path | None = None
+    space: str = "tiny"
+    mode: str = "neuron"
+    seed: int = 0
+
+    def describe(self) -> str:
+        if self.checkpoint is not None:
+            return f"checkpoint {self.checkpoint}"
+        return (f"a randomly initialised {self.mode} supernet of space {self.space!r} (seed {self.seed}); "
+                "latency does not depend on weight values")
+
+    def tag(self) -> str:
+        if self.checkpoint is None:
+            return f"init-{self.mode}-s{self.seed}"
+        from mosc.fileio import read_json, resolve_checkpoint
+
+        ck = resolve_checkpoint(self.checkpoint)
+        sha = read_json(ck / "config.json", "checkpoint config").get("weights_sha256") or str(ck.resolve())
+        return "ck-" + hashlib.sha256(sha.encode()).hexdigest()[:12]
+
+
+def load_space(source: ModelSource) -> SearchSpace:
+    """The search space archs are sampled from (a checkpoint's own, else the named space)."""
+    if source.checkpoint is None:
+        return SearchSpace.load(source.space)
+    from mosc.fileio import read_json, resolve_checkpoint
+
+    meta = read_json(resolve_checkpoint(source.checkpoint) / "config.json", "checkpoint config")
+    try:
+        return SearchSpace.from_dict(meta["config"]["space"], where=str(source.checkpoint))
+    except (KeyError, TypeError):
+        raise MoscError(f"{source.checkpoint}: not a supernet checkpoint (no config.space)") from None
+
+
+def sample_archs(space: SearchSpace, n: int, seed: int) -> list[Arch]:
+    """n distinct archs, the same for the same (space, n, seed): `--sample N --seed S`."""
+    rng, out, seen = random.Random(seed), [], set()
+    for _ in range(n * 50):
+        a = space.sample(rng)
+        if a.hash not in seen:
+            seen.add(a.hash)
+            out.append(a)
+        if len(out) == n:
+            return out
+    raise MoscError(f"space {space.name!r} has fewer than {n} distinct archs reachable with seed {seed}")
+
+
+class ArtifactCache:
+    def __init__(self, target: Target, source: ModelSource, *, root: Path | None = None, tune: bool = True,
+                 trials: int | None = None, tune_db: Path | None = None, log: Callable[[str], None] = print):
+        self.target, self.source, self.root = target, source, Path(root or cache_root())
+        self.tune, self.trials, self.tune_db, self.log = tune, trials, tune_db, log
+        self._supernet = None
+        self._tag = source.tag()
+
+    def folder(self, arch: Arch) -> Path:
+        p = self.target.protocol
+        tuned = "tuned" if self.tune else "notune"
+        return self.root / self.target.name / f"{arch.hash}-b{p.batch}s{p.source_len}t{p.decoder_steps}-{self._tag}-{tuned}"
+
+    def supernet(self):
+        if self._supernet is None:
+            import torch
+
+            from mosc.model import Supernet, SupernetConfig, load_supernet
+
+            if self.source.checkpoint is not None:
+                self._supernet, _ = load_supernet(self.source.checkpoint)
+            else:
+                torch.manual_seed(self.source.seed)
+                space = SearchSpace.load(self.source.space)
+                self._supernet = Supernet(SupernetConfig(space=space.to_dict(), ffn_mode=self.source.mode)).eval()
+        return self._supernet
+
+    def subnet(self, arch: Arch):
+        from mosc.subnet import collapse
+
+        return collapse(self.supernet(), arch)
+
+    def export_dir(self, arch: Arch) -> Path:
+        from mosc.translate import load_export
+
+        d = self.folder(arch) / "onnx"
+        try:
+            if load_export(d)["arch_hash"] == arch.hash:
+                return d
+        except MoscError:
+            pass
+        from mosc.export import Shapes, export_subnet
+
+        self.log(f"  exporting arch {arch.hash} to ONNX ({d})")
+        export_subnet(self.subnet(arch), d, Shapes.from_target(self.target), check=False,
+                      extra={"source": self.source.describe()})
+        return d
+
+    def artifact(self, arch: Arch) -> tuple[Path, bool]:
+        """(artifact folder, whether it was reused)."""
+        from mosc import compile as C
+
+        d = self.folder(arch) / "art"
+        try:
+            if C.verify_artifact(d).get("model", {}).get("arch_hash") == arch.hash:
+                return d, True
+        except MoscError:
+            pass
+        onnx = self.export_dir(arch)
+        from mosc.translate import load_export, onnx_files
+
+        meta = load_export(onnx)
+        what = f"tuning up to {self.trials or C.DEFAULT_TRIALS} trials" if self.tune else "no tuning (--no-tune)"
+        self.log(f"  compiling arch {arch.hash} for {self.target.name} ({what})")
+        model = {k: meta.get(k) for k in ("arch", "arch_hash", "shapes", "bos_id", "eos_id", "pad_id", "param_count")}
+        model["source"] = self.source.describe()
+        C.compile_artifact(onnx_files(onnx, meta), self.target, d, trials=self.trials or C.DEFAULT_TRIALS,
+                           tune=self.tune, db_dir=self.tune_db, extra_manifest={"model": model}, progress=False)
+        return d, False
+
+    def prepare(self, arch: Arch, backend: str) -> Prepared:
+        notes = {"weights": self.source.describe()}
+        if backend == "tvm":
+            art, reused = self.artifact(arch)
+            from mosc.compile import read_manifest
+
+            m = read_manifest(art)
+            notes.update({"artifact": str(art), "artifact_reused": reused, "tuned": m["tuning"]["tuned"],
+                          "tuning_records": m["tuning"]["database"].get("records")})
+            return Prepared(artifact=art, notes=notes)
+        if backend == "ort":
+            return Prepared(export_dir=self.export_dir(arch), notes=notes)
+        if backend == "torch":
+            import torch
+
+            notes["torch_threads"] = torch.get_num_threads()
+            return Prepared(subnet=self.subnet(arch), notes=notes)
+        raise MoscError(f"unknown backend {backend!r}")

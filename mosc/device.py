@@ -1,0 +1,183 @@
+"""Devices: a TVM RPC tracker, RPC servers registered with it, and an emulated Raspberry Pi.
+
+    run_tracker(host, port)                  the tracker, in this process, until killed
+    run_server(tracker, key, host, port)     an RPC server registered with the tracker, in this
+                                             process; a session that crashes restarts the loop
+    emulate_command(...)                     the argv + env of an aarch64 server under qemu-user
+    device_info()                            what `mosc.device_info` answers over RPC
+
+Both bind to 127.0.0.1 unless told otherwise (a TVM RPC server runs any code it is sent:
+expose it only on a trusted network). The tracker and the server run in the calling process
+(TVM's `rpc.Server`/`rpc.Tracker` would fork a `sys.executable` helper that outlives a killed
+parent); each RPC session is a forked child of the server process. Kill the process group
+to take a device down completely.
+
+The server registers a global function `mosc.device_info` (JSON: machine, python, and
+`emulated` from $MOSC_EMULATED), so the measuring side learns from the device itself that
+its timings come from an emulator. This module imports only the standard library at module
+level: it also runs as `python3 -m mosc.device serve ...` inside the arm64 root under
+qemu, where only numpy and the TVM runtime are installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_TRACKER_PORT = 9190
+DEFAULT_SERVER_PORT = 9091  # first port tried; the server takes the next free one below port_end
+PORT_RANGE = 100
+DEVICE_INFO_FUNC = "mosc.device_info"
+EMULATORS = {"rpi4": "aarch64"}  # target -> qemu-user architecture
+
+
+def arm64_root() -> Path:
+    return Path(os.environ.get("MOSC_ARM64_ROOT") or Path.home() / ".cache" / "mosc" / "arm64-root")
+
+
+def device_info() -> dict:
+    """This machine, seen from inside (under qemu: the emulated machine)."""
+    info = {"hostname": socket.gethostname(), "machine": platform.machine(), "system": platform.system(),
+            "python": platform.python_version(), "cpus": os.cpu_count(),
+            "emulated": os.environ.get("MOSC_EMULATED") == "1", "pid": os.getpid()}
+    if info["emulated"]:
+        info["emulator"] = os.environ.get("MOSC_EMULATOR", "qemu-user")
+    try:
+        import tvm
+
+        info["tvm"] = tvm.__version__
+    except Exception:  # noqa: BLE001
+        pass
+    return info
+
+
+def _exit_on_signals(what: str) -> None:
+    """SIGTERM/SIGINT end the process at once (the tracker/server threads are not daemons)."""
+
+    def bye(signum, _frame):
+        print(f"{what}: stopped ({signal.Signals(signum).name})", flush=True)
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, bye)
+    signal.signal(signal.SIGINT, bye)
+
+
+def run_tracker(host: str = DEFAULT_HOST, port: int = DEFAULT_TRACKER_PORT, port_end: int | None = None) -> None:
+    """Run a TVM RPC tracker in this process until SIGTERM/SIGINT. Prints the bound address."""
+    from tvm.rpc.tracker import PopenTrackerServerState
+
+    logging.getLogger("RPCTracker").setLevel(logging.WARNING)
+    _exit_on_signals("tracker")
+    try:
+        state = PopenTrackerServerState(host, port, port_end or port + 1, silent=True)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot start an RPC tracker on {host}:{port} ({e})")
+    print(f"RPC tracker listening on {host}:{state.port}", flush=True)
+    state.thread.join()
+
+
+def run_server(tracker_host: str, tracker_port: int, key: str, host: str = DEFAULT_HOST,
+               port: int = DEFAULT_SERVER_PORT, port_end: int | None = None, load_library: str | None = None) -> None:
+    """Run a TVM RPC server registered with a tracker under `key`, in this process, until killed.
+
+    TVM's listen loop dies when a session child exits abnormally (a crashed session); it is
+    restarted here, so one crash costs one session, not the device.
+    """
+    import tvm_ffi
+    from tvm.rpc import server as rpc_server
+
+    logging.getLogger("RPCServer").setLevel(logging.WARNING)
+    tvm_ffi.register_global_func(DEVICE_INFO_FUNC, lambda: json.dumps(device_info()), override=True)
+    _exit_on_signals(f"RPC server {key!r}")
+    threading.excepthook = lambda a: print(f"RPC server {key!r}: session ended abnormally: "
+                                           f"{a.exc_type.__name__}: {a.exc_value}", file=sys.stderr, flush=True)
+    first = True
+    while True:
+        try:
+            state = rpc_server.PopenRPCServerState(host, port, port_end or port + PORT_RANGE,
+                                                   tracker_addr=(tracker_host, tracker_port), key=key,
+                                                   load_library=load_library, silent=True)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: cannot start an RPC server on {host}:{port} ({e})")
+        if first:
+            info = device_info()
+            print(f"RPC server {key!r} on {host}:{state.port} ({info['machine']}"
+                  f"{', emulated' if info['emulated'] else ''}), registered with tracker {tracker_host}:{tracker_port}",
+                  flush=True)
+            first = False
+        state.thread.join()
+        state.sock.close()
+        print(f"RPC server {key!r}: listen loop ended; restarting", file=sys.stderr, flush=True)
+        time.sleep(0.5)
+
+
+# ----------------------------------------------------------------------------- qemu
+WRAPPER = """#!/bin/sh
+# Re-enter qemu-user: the emulated Python's sys.executable (it forks/execs itself)
+exec {qemu} -L {root} -0 {self} {root}/usr/bin/python3 "$@"
+"""
+
+
+def emulate_command(target: str, tracker_host: str, tracker_port: int, key: str, host: str, port: int,
+                    workdir: Path, root: Path | None = None) -> tuple[list[str], dict[str, str]]:
+    """argv and environment for an RPC server of `target`'s architecture under qemu-user.
+
+    Writes WRAPPER (a shell script that re-enters qemu) into workdir: passed with
+    `qemu-aarch64 -0 WRAPPER`, it becomes the emulated interpreter's sys.executable.
+    Raises SystemExit with one line when qemu or the arm64 root is missing.
+    """
+    arch = EMULATORS.get(target)
+    if arch is None:
+        raise SystemExit(f"error: no emulator for target {target!r} (known: {', '.join(EMULATORS)})")
+    qemu = shutil.which(f"qemu-{arch}")
+    if qemu is None:
+        raise SystemExit(f"error: qemu-{arch} not found (apt-get install qemu-user)")
+    root = Path(root or arm64_root())
+    site = root / "opt" / "mosc-site"
+    if not (site / ".mosc-wheels-done").exists():
+        raise SystemExit(f"error: no arm64 root with TVM at {root} (run scripts/setup_arm64_root.sh)")
+    workdir.mkdir(parents=True, exist_ok=True)
+    wrapper = workdir / "python3-aarch64"
+    wrapper.write_text(WRAPPER.format(qemu=qemu, root=root, self=wrapper))
+    wrapper.chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": f"{site}:{REPO}", "TVM_USE_RUNTIME_LIB": "1", "MOSC_EMULATED": "1",
+           "MOSC_EMULATOR": f"qemu-{arch} (user mode)", "PYTHONDONTWRITEBYTECODE": "1"}
+    argv = [qemu, "-L", str(root), "-0", str(wrapper), str(root / "usr/bin/python3"), "-m", "mosc.device", "serve",
+            "--tracker", f"{tracker_host}:{tracker_port}", "--key", key, "--host", host, "--port", str(port)]
+    return argv, env
+
+
+def _main(argv: list[str] | None = None) -> None:
+    """`python -m mosc.device serve|tracker ...`: the entry point inside the arm64 root (no typer there)."""
+    ap = argparse.ArgumentParser(prog="python -m mosc.device")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("tracker")
+    t.add_argument("--host", default=DEFAULT_HOST)
+    t.add_argument("--port", type=int, default=DEFAULT_TRACKER_PORT)
+    s = sub.add_parser("serve")
+    s.add_argument("--tracker", required=True)
+    s.add_argument("--key", required=True)
+    s.add_argument("--host", default=DEFAULT_HOST)
+    s.add_argument("--port", type=int, default=DEFAULT_SERVER_PORT)
+    a = ap.parse_args(argv)
+    if a.cmd == "tracker":
+        run_tracker(a.host, a.port)
+    else:
+        th, _, tp = a.tracker.rpartition(":")
+        run_server(th, int(tp), a.key, a.host, a.port)
+
+
+if __name__ == "__main__":
+    _main()

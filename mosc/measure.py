@@ -1,0 +1,537 @@
+"""Latency measurement: HAT's protocol, on this machine or on a device over TVM RPC.
+
+    measure_tvm(art, protocol)      time a loaded artifact (local VM or RPC VM: one code path)
+    measure_ort(export_dir, ...)    the same protocol with ONNX Runtime (side-by-side numbers)
+    measure_torch(subnet, ...)      the same protocol with PyTorch eager (imports torch inside)
+    summarize(...)                  mean, trimmed mean, median, p90, std, min, max
+    Campaign                        many archs -> the latency database, with retries, resumable
+
+Protocol (HAT, MOS.md section 5; numbers from the target's [protocol]): one *run* is a whole
+translation: the encoder on a fixed-length source (source_len tokens, batch rows), then
+decoder_steps incremental decoder steps at positions 0..N-1 whose K/V-cache outputs are
+fed back as the next step's inputs. `warmup` untimed runs, then `repeats` timed runs;
+a run's latency is encoder + sum of its steps. Statistics: the trimmed mean (drop `trim`
+of the runs from each tail; HAT's number, stored as `latency_ms`), plus median, p90 (of
+the trimmed runs, as the target file says) and mean, std, min, max (of all runs).
+
+Timing method (TVM): every graph call of a run is timed on the device's own clock with
+`vm.time_evaluator("invoke_stateful", dev, number=1, repeat=1)("main")` after `set_input`,
+and its outputs are read back with `get_outputs` (remote handles over RPC: the caches never
+leave the device). Why not a host-side loop of invoke_stateful around perf_counter: over
+RPC each call costs a network round trip (~0.1 ms on 127.0.0.1, ~1 ms on a LAN), which
+would be measured as model time; the device clock excludes it, and the same code runs
+locally (tvm.cpu) and remotely. Cost: TVM's evaluator makes one untimed call before the
+timed one, so the device does each graph call twice (the timed call runs with warm
+caches, like the steps of a real decoding loop). The token fed to every step is fixed:
+static graphs do the same work for every token value. ORT and torch run in this process
+and are timed with time.perf_counter around each call (same loop, same statistics).
+
+Device world: imports numpy and (inside functions) tvm, never torch (except
+`measure_torch`, which needs it). Building artifacts for archs is the caller's job
+(mosc.artifact_cache, torch world); a Campaign gets a `prepare(arch)` callback.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import platform
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from mosc.errors import MoscError
+from mosc.space import Arch
+from mosc.targets import Protocol, Target
+
+ENCODER, DECODER = "encoder", "decoder_step"
+BOS_ID = 1
+TRIES = 3  # attempts per arch before giving up (connect, upload, load, measure)
+BACKOFF_S = 0.5  # first pause between attempts; doubles each time
+CONNECT_TIMEOUT_S = 3.0  # TCP connect / tracker answer
+REQUEST_TIMEOUT_S = 30.0  # waiting for a free server of the key at the tracker
+SESSION_TIMEOUT_S = 600.0  # a session (one arch) longer than this is killed by the server
+BACKENDS = ("tvm", "ort", "torch")
+DEVICE_INFO_FUNC = "mosc.device_info"  # registered by `mosc device serve/emulate` (mosc.device)
+
+
+def default_db_path() -> Path:
+    return Path(os.environ.get("MOSC_LATENCY_DB") or Path.home() / ".cache" / "mosc" / "latency.db")
+
+
+# ----------------------------------------------------------------------------- statistics
+def _trimmed(xs: np.ndarray, trim: float) -> np.ndarray:
+    xs = np.sort(np.asarray(xs, np.float64))
+    k = int(math.floor(len(xs) * trim))
+    return xs[k: len(xs) - k] if len(xs) - 2 * k > 0 else xs
+
+
+def summarize(total_ms, trim: float, enc_ms=None, dec_ms=None) -> dict[str, float]:
+    """Statistics of per-run latencies (ms). trimmed_mean/median/p90 use the trimmed runs;
+    mean/std/min/max use all runs. Encoder/decoder parts: trimmed means and stds."""
+    x = np.asarray(total_ms, np.float64)
+    if x.size == 0:
+        raise MoscError("no timed runs (repeats must be >= 1)")
+    t = _trimmed(x, trim)
+    out = {
+        "mean_ms": float(x.mean()), "trimmed_mean_ms": float(t.mean()), "median_ms": float(np.median(t)),
+        "p90_ms": float(np.percentile(t, 90)), "std_ms": float(x.std(ddof=1)) if x.size > 1 else 0.0,
+        "min_ms": float(x.min()), "max_ms": float(x.max()),
+    }
+    for name, part in (("encoder", enc_ms), ("decoder", dec_ms)):
+        if part is not None:
+            p = np.asarray(part, np.float64)
+            out[f"{name}_ms"] = float(_trimmed(p, trim).mean())
+            out[f"{name}_std_ms"] = float(p.std(ddof=1)) if p.size > 1 else 0.0
+    out["latency_ms"] = out["trimmed_mean_ms"]
+    return out
+
+
+# ----------------------------------------------------------------------------- the protocol loop
+@dataclass
+class Measurement:
+    total_ms: list[float]
+    encoder_ms: list[float]
+    decoder_ms: list[float]
+    warmup: int
+    trim: float
+    shapes: dict[str, int]  # batch, source_len, decoder_steps of the graphs measured
+    method: str  # how calls were timed
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.stats = summarize(self.total_ms, self.trim, self.encoder_ms, self.decoder_ms)
+
+
+# encode() -> (seconds, cross); step(pos, self_k, self_v, cross) -> (seconds, self_k, self_v)
+EncodeFn = Callable[[], tuple[float, Any]]
+StepFn = Callable[[int, Any, Any, Any], tuple[float, Any, Any]]
+
+
+def run_protocol(encode: EncodeFn, step: StepFn, zero_cache: Callable[[], tuple[Any, Any]], steps: int,
+                 warmup: int, repeats: int) -> tuple[list[float], list[float]]:
+    """HAT's loop: per run, the encoder then `steps` decoder steps with the caches fed back.
+    Returns per-run (encoder ms, decoder ms) for the timed runs."""
+    enc, dec = [], []
+    for i in range(warmup + repeats):
+        t_enc, cross = encode()
+        k, v = zero_cache()
+        t_dec = 0.0
+        for pos in range(steps):
+            t, k, v = step(pos, k, v, cross)
+            t_dec += t
+        if i >= warmup:
+            enc.append(t_enc * 1e3)
+            dec.append(t_dec * 1e3)
+    return enc, dec
+
+
+def _spec(manifest_graph: dict) -> dict[str, dict]:
+    return {s["name"]: s for s in manifest_graph["inputs"]}
+
+
+def _source(batch: int, source_len: int) -> np.ndarray:
+    """A fixed source: ids 4..19 (valid in any vocabulary of mosc's models), no padding."""
+    return (4 + np.arange(batch * source_len) % 16).reshape(batch, source_len).astype(np.int64)
+
+
+def measure_tvm(art, protocol: Protocol) -> Measurement:
+    """Time a loaded mosc.compile.Artifact (local or over RPC) with HAT's protocol."""
+    import tvm
+
+    missing = {ENCODER, DECODER} - set(art.graphs)
+    if missing:
+        raise MoscError(f"{art.dir}: artifact lacks graph(s) {sorted(missing)}: not a translation model")
+    dev = art.device
+    enc_vm, dec_vm = art.vms[ENCODER], art.vms[DECODER]
+    src_spec = art.manifest["graphs"][ENCODER]["inputs"][0]
+    B, S = src_spec["shape"]
+    dspec = _spec(art.manifest["graphs"][DECODER])
+    cache_shape = dspec["self_k"]["shape"]
+    T = cache_shape[2]
+    src = tvm.runtime.tensor(_source(B, S), dev)
+    token = tvm.runtime.tensor(np.full((B,), BOS_ID, np.int64), dev)
+    positions = [tvm.runtime.tensor(np.array([p], np.int64), dev) for p in range(T)]
+    zeros = tvm.runtime.tensor(np.zeros(cache_shape, np.float32), dev)
+    t_enc = enc_vm.time_evaluator("invoke_stateful", dev, number=1, repeat=1)
+    t_dec = dec_vm.time_evaluator("invoke_stateful", dev, number=1, repeat=1)
+
+    def encode():
+        enc_vm.set_input("main", src)
+        seconds = t_enc("main").mean
+        return seconds, tuple(enc_vm.get_outputs("main"))
+
+    def step(pos, k, v, cross):
+        dec_vm.set_input("main", token, positions[pos], k, v, *cross)
+        seconds = t_dec("main").mean
+        _, k, v = dec_vm.get_outputs("main")
+        return seconds, k, v
+
+    enc, dec = run_protocol(encode, step, lambda: (zeros, zeros), T, protocol.warmup, protocol.repeats)
+    return Measurement([e + d for e, d in zip(enc, dec)], enc, dec, protocol.warmup, protocol.trim,
+                       {"batch": B, "source_len": S, "decoder_steps": T},
+                       "tvm time_evaluator(invoke_stateful, number=1, repeat=1) per graph call, device clock")
+
+
+def _host_timed(fn):
+    def timed(*a):
+        t0 = time.perf_counter()
+        out = fn(*a)
+        return time.perf_counter() - t0, out
+    return timed
+
+
+def measure_ort(export_dir: str | Path, protocol: Protocol) -> Measurement:
+    """The protocol with ONNX Runtime (CPU) on an export folder, in this process."""
+    from mosc.translate import ort_backend
+
+    be = ort_backend(export_dir)
+    src = _source(be.batch, be.source_len)
+    token = np.full((be.batch,), BOS_ID, np.int64)
+    positions = [np.array([p], np.int64) for p in range(be.cache_len)]
+    zeros = np.zeros(be.cache_shape, np.float32)
+    enc_fn, step_fn = _host_timed(be.encode), _host_timed(be.step)
+
+    def step(pos, k, v, cross):
+        seconds, (_, k, v) = step_fn([token, positions[pos], k, v, *cross])
+        return seconds, k, v
+
+    enc, dec = run_protocol(lambda: enc_fn([src]), step, lambda: (zeros, zeros), be.cache_len,
+                            protocol.warmup, protocol.repeats)
+    return Measurement([e + d for e, d in zip(enc, dec)], enc, dec, protocol.warmup, protocol.trim,
+                       {"batch": be.batch, "source_len": be.source_len, "decoder_steps": be.cache_len},
+                       "onnxruntime CPU, time.perf_counter per graph call")
+
+
+def measure_torch(sub, protocol: Protocol, batch: int, source_len: int, steps: int) -> Measurement:
+    """The protocol with PyTorch eager (no_grad, this process's torch threads)."""
+    import torch  # the one torch import of this module
+
+    sub = sub.eval()
+    src = torch.from_numpy(_source(batch, source_len))
+    token = torch.full((batch,), BOS_ID, dtype=torch.int64)
+    positions = [torch.tensor([p]) for p in range(steps)]
+    zeros = torch.zeros(len(sub.decoder), batch, steps, sub.cfg.qkv_dim)
+    enc_fn, step_fn = _host_timed(sub.encode), _host_timed(sub.decode_step)
+
+    def step(pos, k, v, cross):
+        seconds, (_, k, v) = step_fn(token, positions[pos], k, v, *cross)
+        return seconds, k, v
+
+    with torch.no_grad():
+        enc, dec = run_protocol(lambda: enc_fn(src), step, lambda: (zeros, zeros), steps,
+                                protocol.warmup, protocol.repeats)
+    return Measurement([e + d for e, d in zip(enc, dec)], enc, dec, protocol.warmup, protocol.trim,
+                       {"batch": batch, "source_len": source_len, "decoder_steps": steps},
+                       f"torch eager ({torch.get_num_threads()} threads), time.perf_counter per graph call")
+
+
+# ----------------------------------------------------------------------------- RPC
+@dataclass(frozen=True)
+class Remote:
+    """Where the device is: a tracker address and the device key registered there."""
+
+    host: str
+    port: int
+    key: str
+    session_timeout: float = SESSION_TIMEOUT_S
+    request_timeout: float = REQUEST_TIMEOUT_S
+
+    @property
+    def addr(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def parse_hostport(text: str, what: str = "--tracker") -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise MoscError(f"{what} must be HOST:PORT (e.g. 127.0.0.1:9190), got {text!r}")
+    return host, int(port)
+
+
+def _tracker_socket(host: str, port: int, timeout: float) -> socket.socket:
+    from tvm.rpc import base
+
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as e:
+        raise ConnectionError(f"no RPC tracker answers at {host}:{port} ({e.strerror or e})") from None
+    try:
+        sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+        magic = struct.unpack("<i", base.recvall(sock, 4))[0]
+    except OSError as e:
+        sock.close()
+        raise ConnectionError(f"{host}:{port} does not answer like an RPC tracker ({e})") from None
+    if magic != base.RPC_TRACKER_MAGIC:
+        sock.close()
+        raise ConnectionError(f"{host}:{port} is not an RPC tracker")
+    return sock
+
+
+def tracker_summary(host: str, port: int, timeout: float = CONNECT_TIMEOUT_S) -> dict:
+    """The tracker's summary (queue_info, server_info); ConnectionError when it does not answer."""
+    from tvm.rpc import base
+
+    sock = _tracker_socket(host, port, timeout)
+    try:
+        base.sendjson(sock, [base.TrackerCode.SUMMARY])
+        value = base.recvjson(sock)
+    except ConnectionError:
+        raise
+    except OSError as e:
+        raise ConnectionError(f"RPC tracker at {host}:{port} dropped the connection ({e})") from None
+    finally:
+        sock.close()
+    return value[1]
+
+
+def registered_keys(summary: dict) -> list[str]:
+    return sorted({s["key"].removeprefix("server:") for s in summary.get("server_info", [])
+                   if s.get("key", "").startswith("server:")})
+
+
+def connect(remote: Remote):
+    """An RPC session on a device of remote.key, with bounded waits.
+
+    TVM's TrackerSession retries a refused tracker for 60 s and waits for a free device
+    forever; here the wait is polled: it ends as soon as no device of the key is registered
+    any more (it dropped), and after remote.request_timeout at most. A request abandoned
+    this way is harmless: the tracker skips requests whose connection is closed.
+    """
+    import select
+
+    from tvm.rpc import base
+    from tvm.rpc.client import connect as rpc_connect
+
+    def check_registered():
+        keys = registered_keys(tracker_summary(remote.host, remote.port))
+        if remote.key not in keys:
+            raise ConnectionError(f"no device with key {remote.key!r} is registered at the tracker {remote.addr} "
+                                  f"(registered: {', '.join(keys) or 'none'})")
+
+    check_registered()
+    sock = _tracker_socket(remote.host, remote.port, CONNECT_TIMEOUT_S)
+    try:
+        base.sendjson(sock, [base.TrackerCode.REQUEST, remote.key, "", 1])
+        deadline = time.monotonic() + remote.request_timeout
+        while not select.select([sock], [], [], 1.0)[0]:
+            if time.monotonic() > deadline:
+                raise ConnectionError(f"no free device {remote.key!r} at {remote.addr} within "
+                                      f"{remote.request_timeout:g} s (busy with another client?)")
+            check_registered()  # the device dropped while we waited: stop waiting
+        value = base.recvjson(sock)
+    except ConnectionError:
+        raise
+    except OSError as e:
+        raise ConnectionError(f"RPC tracker at {remote.addr} dropped the connection ({e})") from None
+    finally:
+        sock.close()
+    if value[0] != base.TrackerCode.SUCCESS:
+        raise ConnectionError(f"RPC tracker at {remote.addr} answered {value!r}")
+    url, port, matchkey = value[1]
+    return rpc_connect(url, port, matchkey, remote.session_timeout)
+
+
+def device_info(session=None) -> dict:
+    """What the device says about itself (machine, emulated, ...). Locally: this machine.
+    A stock TVM RPC server (not `mosc device serve`) has no such function: {} then."""
+    if session is None:
+        return host_info()
+    try:
+        return json.loads(session.get_function(DEVICE_INFO_FUNC)())
+    except Exception:  # noqa: BLE001  (the function is missing on a stock server)
+        return {}
+
+
+def host_info() -> dict:
+    """This machine, as recorded with each measurement."""
+    emulated = os.environ.get("MOSC_EMULATED") == "1"
+    return {"hostname": socket.gethostname(), "machine": platform.machine(), "system": platform.system(),
+            "release": platform.release(), "python": platform.python_version(),
+            "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "emulated": emulated}
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
+    # TVM errors carry a traceback; the last line is the message
+    msg = lines[-1] if lines else type(e).__name__
+    for marker in ("RPCSessionTimeoutError", "Connection reset", "connection closed", "Broken pipe"):
+        for l in lines:
+            if marker.lower() in l.lower():
+                return l[:300]
+    return f"{type(e).__name__}: {msg}"[:300]
+
+
+# ----------------------------------------------------------------------------- campaign
+@dataclass
+class Prepared:
+    """What a backend needs for one arch (made by the caller's prepare callback)."""
+
+    artifact: Path | None = None  # tvm
+    export_dir: Path | None = None  # ort
+    subnet: Any = None  # torch (a mosc.subnet.Subnet)
+    notes: dict = field(default_factory=dict)  # recorded in the row's `extra`
+
+
+@dataclass
+class CampaignResult:
+    measured: list[dict] = field(default_factory=list)  # rows written
+    skipped: list[str] = field(default_factory=list)  # arch hashes already in the DB
+
+
+class Campaign:
+    """Measure archs one by one into the latency DB; each row is committed as soon as it is taken.
+
+    Every arch gets TRIES attempts (connect, upload, load, measure) with exponential backoff;
+    a failure after the last one raises MoscError (one line) with what was saved. Archs
+    already in the DB for (target, backend, device key, emulated, shapes) are skipped unless
+    force=True, so re-running the same command continues where it stopped.
+    """
+
+    def __init__(self, target: Target, backend: str, db, *, remote: Remote | None = None, force: bool = False,
+                 tries: int = TRIES, backoff_s: float = BACKOFF_S, log: Callable[[str], None] = print,
+                 source: str = "mosc measure"):
+        if backend not in BACKENDS:
+            raise MoscError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if remote is not None and backend != "tvm":
+            raise MoscError(f"--backend {backend} measures on this machine; --tracker/--key are for tvm artifacts")
+        self.target, self.backend, self.db, self.remote = target, backend, db, remote
+        self.force, self.tries, self.backoff_s, self.log, self.source = force, tries, backoff_s, log, source
+        self.device: dict = {}
+        self.key = remote.key if remote else f"local:{socket.gethostname()}"
+
+    # -- device ------------------------------------------------------------------------
+    def _retry(self, what: str, fn):
+        last = None
+        for attempt in range(1, self.tries + 1):
+            try:
+                return fn()
+            except MoscError:
+                raise
+            except Exception as e:  # noqa: BLE001  (any device-world failure is retried)
+                last = _one_line(e)
+                if attempt < self.tries:
+                    pause = self.backoff_s * 2 ** (attempt - 1)
+                    self.log(f"  try {attempt}/{self.tries} of {what} failed: {last}; retrying in {pause:g} s")
+                    time.sleep(pause)
+        raise _Failed(f"{what} failed after {self.tries} tries: {last}")
+
+    def probe(self) -> dict:
+        """Check the device before building anything: tracker up, key registered, device info."""
+        if self.remote is None:
+            self.device = host_info()
+            return self.device
+
+        def once():
+            sess = connect(self.remote)
+            try:
+                return device_info(sess)
+            finally:
+                del sess
+                gc.collect()  # end the session now (see _measure)
+
+        try:
+            self.device = self._retry(f"connecting to {self.remote.key!r} via tracker {self.remote.addr}", once)
+        except _Failed as e:
+            raise MoscError(str(e)) from None
+        return self.device
+
+    @property
+    def emulated(self) -> bool:
+        return bool(self.device.get("emulated"))
+
+    # -- one arch ----------------------------------------------------------------------
+    def _measure(self, prep: Prepared) -> tuple[Measurement, str | None]:
+        from mosc.fileio import sha256_file
+
+        p = self.target.protocol
+        if self.backend == "ort":
+            m = measure_ort(prep.export_dir, p)
+            files = sorted(Path(prep.export_dir).glob("*.onnx"))
+            return m, ",".join(sha256_file(f) for f in files)
+        if self.backend == "torch":
+            return measure_torch(prep.subnet, p, p.batch, p.source_len, p.decoder_steps), None
+        from mosc.compile import load_artifact
+
+        device = json.loads((Path(prep.artifact) / "manifest.json").read_text()).get("device", "cpu")
+        sess = art = None
+        try:
+            if self.remote is None:
+                art = load_artifact(prep.artifact, device)
+            else:
+                sess = connect(self.remote)
+                art = load_artifact(prep.artifact, device, session=sess)
+            return measure_tvm(art, p), sha256_file(Path(prep.artifact) / "manifest.json")
+        finally:
+            # An RPC session has no close(): it ends when its last handle is freed, and until then
+            # the server stays busy (the next request would wait for it). Free it now.
+            del art, sess
+            gc.collect()
+
+    def run(self, archs: list[Arch], prepare: Callable[[Arch], Prepared]) -> CampaignResult:
+        res = CampaignResult()
+        p = self.target.protocol
+        shapes = {"batch": p.batch, "source_len": p.source_len, "decoder_steps": p.decoder_steps}
+        if not self.device:
+            self.probe()
+        tag = " [emulated: timings check function, not speed]" if self.emulated else ""
+        for i, arch in enumerate(archs, 1):
+            if not self.force and self.db.has(arch.hash, self.target.name, self.backend, self.key, self.emulated, shapes):
+                res.skipped.append(arch.hash)
+                self.log(f"[{i}/{len(archs)}] {arch.hash}: already in the database, skipped (--force re-measures)")
+                continue
+            prep = prepare(arch)
+            t0 = time.perf_counter()
+            try:
+                m, sha = self._retry(f"measuring arch {arch.hash} on {self.key}", lambda: self._measure(prep))
+            except _Failed as e:
+                raise MoscError(f"{e}; {len(res.measured)} arch(s) measured in this run are saved in {self.db.path}; "
+                                f"re-run the same command to measure the rest") from None
+            if m.shapes != shapes:
+                raise MoscError(f"arch {arch.hash}: graphs have shapes {m.shapes}, the {self.target.name} protocol "
+                                f"says {shapes} (stale artifact? rebuild it)")
+            row = self._row(arch, m, sha, prep)
+            row["id"] = self.db.insert(row)  # committed now: a later failure loses nothing
+            res.measured.append(row)
+            s = m.stats
+            self.log(f"[{i}/{len(archs)}] {arch.hash}: {s['trimmed_mean_ms']:.2f} ms trimmed mean "
+                     f"(encoder {s['encoder_ms']:.2f} + decoder {s['decoder_ms']:.2f}; median {s['median_ms']:.2f}, "
+                     f"p90 {s['p90_ms']:.2f}, std {s['std_ms']:.2f}; {len(m.total_ms)} runs, "
+                     f"{time.perf_counter() - t0:.1f} s){tag}")
+        return res
+
+    def _row(self, arch: Arch, m: Measurement, sha: str | None, prep: Prepared) -> dict:
+        tvm_version = None
+        if self.backend == "tvm":
+            from importlib.metadata import version
+
+            tvm_version = f"apache-tvm {version('apache-tvm')}, apache-tvm-ffi {version('apache-tvm-ffi')}"
+        host = {"client": host_info()}
+        if self.remote is not None:
+            host["device"] = self.device
+        return {
+            "target": self.target.name, "backend": self.backend, "device_key": self.key,
+            "emulated": self.emulated, "arch_hash": arch.hash, "arch_json": arch.to_json(),
+            "features": arch.hat_features(), **m.shapes,
+            **{k: m.stats[k] for k in ("latency_ms", "mean_ms", "trimmed_mean_ms", "median_ms", "p90_ms", "std_ms",
+                                       "min_ms", "max_ms", "encoder_ms", "decoder_ms", "encoder_std_ms",
+                                       "decoder_std_ms")},
+            "runs": len(m.total_ms), "warmup": m.warmup, "trim": m.trim,
+            "samples": [round(x, 6) for x in m.total_ms], "artifact_sha256": sha, "tvm_version": tvm_version,
+            "host": host, "source": self.source,
+            "extra": {"method": m.method, "encoder_samples": [round(x, 6) for x in m.encoder_ms],
+                      "decoder_samples": [round(x, 6) for x in m.decoder_ms], **prep.notes},
+        }
+
+
+class _Failed(Exception):
+    """Internal: retries exhausted (turned into a MoscError with context by the caller)."""
+

@@ -1,0 +1,97 @@
+"""Real TVM RPC trackers and servers on 127.0.0.1 for tests: subprocesses on free ports,
+bounded waits, always killed (whole process group: the server forks a child per session)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TVM_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    def __init__(self, argv: list[str], env: dict | None = None):
+        self.p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  start_new_session=True, env=env or ENV, cwd=REPO)
+
+    def wait_line(self, needle: str, timeout: float) -> str:
+        """Read stdout until a line containing needle (bounded by timeout)."""
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        sel.register(self.p.stdout, selectors.EVENT_READ)
+        deadline, seen = time.monotonic() + timeout, []
+        while time.monotonic() < deadline:
+            if not sel.select(timeout=max(0.0, deadline - time.monotonic())):
+                break
+            line = self.p.stdout.readline()
+            if not line:
+                break
+            seen.append(line)
+            if needle in line:
+                return line
+        raise AssertionError(f"no {needle!r} within {timeout} s; got: {''.join(seen)[-2000:]}")
+
+    def kill(self) -> None:
+        try:  # the group, even when the leader is gone: a session child may outlive it
+            os.killpg(self.p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        if self.p.stdout:
+            self.p.stdout.close()
+
+
+def start_tracker(port: int | None = None) -> tuple[Proc, int]:
+    port = port or free_port()
+    proc = Proc([sys.executable, "-m", "mosc.device", "tracker", "--port", str(port)])
+    proc.wait_line("listening", 30)
+    return proc, port
+
+
+def start_server(tracker_port: int, key: str, argv: list[str] | None = None, env: dict | None = None,
+                 timeout: float = 60) -> Proc:
+    from mosc.measure import registered_keys, tracker_summary
+
+    argv = argv or [sys.executable, "-m", "mosc.device", "serve", "--tracker", f"127.0.0.1:{tracker_port}",
+                    "--key", key, "--port", str(free_port())]
+    proc = Proc(argv, env)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:  # registered with the tracker = ready
+        if key in registered_keys(tracker_summary("127.0.0.1", tracker_port)):
+            return proc
+        if proc.p.poll() is not None:
+            break
+        time.sleep(0.2)
+    out = proc.p.stdout.read() if proc.p.poll() is not None else ""
+    proc.kill()
+    raise AssertionError(f"RPC server {key!r} did not register within {timeout} s: {out[-2000:]}")
+
+
+@contextmanager
+def rpc_device(key: str = "testdev"):
+    tracker, port = start_tracker()
+    server = None
+    try:
+        server = start_server(port, key)
+        yield port, server
+    finally:
+        if server:
+            server.kill()
+        tracker.kill()
