@@ -407,7 +407,7 @@ def export_cmd(
     subnet: Optional[Path] = typer.Option(None, "--subnet", help="Collapsed subnet folder (from `mosc collapse -o`)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Supernet run or checkpoint folder; needs --arch."),
     arch_file: Optional[Path] = typer.Option(None, "--arch", "-a", help="Arch JSON to collapse the checkpoint at."),
-    target: str = typer.Option("host", "--target", "-t", help="Target whose [protocol] gives the static shapes."),
+    target: str = typer.Option("host", "--target", "-t", help="Target whose \\[protocol] gives the static shapes."),
     batch: Optional[int] = typer.Option(None, min=1, help=SHAPE_OPTS["batch"]),
     source_len: Optional[int] = typer.Option(None, min=1, help=SHAPE_OPTS["source_len"]),
     cache_len: Optional[int] = typer.Option(None, min=1, help=SHAPE_OPTS["cache_len"]),
@@ -582,8 +582,8 @@ def measure_cmd(
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Supernet run/checkpoint; omitted: a seeded randomly initialised supernet (latency does not depend on weights)."),
     backend: str = typer.Option("tvm", help="tvm (compiled artifact, local or over RPC), ort (ONNX Runtime) or torch (PyTorch eager); ort/torch run on this machine."),
     db: Optional[Path] = typer.Option(None, "--db", help=DB_HELP),
-    tracker: Optional[str] = typer.Option(None, help="RPC tracker HOST:PORT (default: the target's [rpc]); giving it measures over RPC."),
-    key: Optional[str] = typer.Option(None, help="Device key at the tracker (default: the target's [rpc] key); giving it measures over RPC."),
+    tracker: Optional[str] = typer.Option(None, help="RPC tracker HOST:PORT (default: the target's \\[rpc]); giving it measures over RPC."),
+    key: Optional[str] = typer.Option(None, help="Device key at the tracker (default: the target's \\[rpc] key); giving it measures over RPC."),
     force: bool = typer.Option(False, "--force", help="Measure archs already in the database again (adds rows)."),
     tune: bool = typer.Option(True, "--tune/--no-tune", help="Tune new artifacts with MetaSchedule (real speed) or build with what the tuning database holds."),
     trials: Optional[int] = typer.Option(None, min=1, help="MetaSchedule trial budget per new artifact (default: mosc compile's)."),
@@ -651,7 +651,7 @@ def device_tracker(
 @command(device_app, "serve")
 def device_serve(
     tracker: str = typer.Option("127.0.0.1:9190", help="Tracker HOST:PORT to register with."),
-    key: str = typer.Option(..., help="Device key to register under (a target's [rpc] key, e.g. host, rpi4)."),
+    key: str = typer.Option(..., help="Device key to register under (a target's \\[rpc] key, e.g. host, rpi4)."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (an RPC server runs any code it is sent: keep it local or trusted)."),
     port: int = typer.Option(9091, help="First TCP port to try; the next free one up to +100 is taken."),
 ):
@@ -667,7 +667,7 @@ def device_serve(
 def device_emulate(
     target: str = typer.Argument(..., help="Target to emulate (rpi4: aarch64 under qemu-user)."),
     tracker: str = typer.Option("127.0.0.1:9190", help="Tracker HOST:PORT to register with."),
-    key: Optional[str] = typer.Option(None, help="Device key (default: the target's [rpc] key)."),
+    key: Optional[str] = typer.Option(None, help="Device key (default: the target's \\[rpc] key)."),
     host: str = typer.Option("127.0.0.1", help="Address to bind."),
     port: int = typer.Option(9091, help="First TCP port to try."),
     root: Optional[Path] = typer.Option(None, help="arm64 root (default: $MOSC_ARM64_ROOT or ~/.cache/mosc/arm64-root; see scripts/setup_arm64_root.sh)."),
