@@ -88,7 +88,7 @@ FINISH: list[tuple[str, Callable[[], Any]]] = [
 
 def run_passes(mod, target: Target, passes: list[tuple[str, Callable[[], Any]]]):
     """Apply named passes in order, with `target` current (legalization is target-aware)."""
-    with target.tvm_target():
+    with target.tvm_target(), _drop_known_tvm_noise():
         for name, factory in passes:
             try:
                 mod = factory()(mod)
