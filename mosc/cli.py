@@ -766,5 +766,173 @@ def db_stats(db: Optional[Path] = typer.Option(None, "--db", help=DB_HELP)):
                   "returned to predictors unless asked" if rows else "(empty)")
 
 
+# ---- mosc bench / check (issue 7: latency-regression CI) -------------------------------
+
+BENCH_ARTIFACT_HELP = "Measure this compiled artifact folder (from `mosc compile`)."
+BENCH_ARCH_HELP = "Measure this arch JSON: its artifact is built (or reused) in the artifact cache."
+
+
+def _bench_result(target, artifact, arch_file, checkpoint, space, seed, tune, trials, tune_db, cache, repeats,
+                  tracker, key, log) -> dict:
+    """Measure (artifact folder or arch JSON) with the target's protocol -> a mosc bench result dict."""
+    from mosc.measure import Remote, parse_hostport
+    from mosc.regress import bench
+    from mosc.targets import load_target
+
+    tg = load_target(target)
+    if (artifact is None) == (arch_file is None):
+        raise MoscError("give --artifact DIR or --arch ARCH.json")
+    arch = None
+    if arch_file is not None:
+        from mosc.artifact_cache import ArtifactCache, ModelSource, load_space
+
+        source = ModelSource(checkpoint=checkpoint, space=space, seed=seed)
+        arch = _load_arch(arch_file, load_space(source))
+        artifact, _ = ArtifactCache(tg, source, root=cache, tune=tune, trials=trials, tune_db=tune_db,
+                                    log=log).artifact(arch)
+    elif checkpoint is not None:
+        raise MoscError("--checkpoint goes with --arch (an artifact folder already holds its weights)")
+    remote = None
+    if tracker or key or tg.is_cross:
+        host, port = parse_hostport(tracker) if tracker else (tg.rpc.tracker_host, tg.rpc.tracker_port)
+        remote = Remote(host, port, key or tg.rpc.key)
+    p = tg.protocol
+    log(f"benchmarking {artifact} for {tg.name} on {'this machine' if remote is None else remote.key + ' via ' + remote.addr}: "
+        f"{p.warmup} warm-up + {repeats or p.repeats} timed runs (source {p.source_len}, {p.decoder_steps} steps)")
+    return bench(tg, artifact, arch, repeats=repeats, remote=remote)
+
+
+def _bench_line(r: dict) -> str:
+    s = r["stats"]
+    return (f"{r['target']} / arch {r['arch']['hash']}: median {s['median_ms']:.3f} ms, p90 {s['p90_ms']:.3f} ms, "
+            f"trimmed mean {s['trimmed_mean_ms']:.3f} ms, std {s['std_ms']:.3f} ms over {len(r['samples_ms'])} runs "
+            f"({r['wall_s']:.1f} s)")
+
+
+@command(app, "bench")
+def bench_cmd(
+    target: str = typer.Option(..., "--target", "-t", help=TARGET_HELP),
+    out: Path = typer.Option(..., "--out", "-o", help="Result JSON to write (raw samples, stats, environment, protocol, arch, artifact sha256)."),
+    artifact: Optional[Path] = typer.Option(None, "--artifact", help=BENCH_ARTIFACT_HELP),
+    arch_file: Optional[Path] = typer.Option(None, "--arch", "-a", help=BENCH_ARCH_HELP),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Supernet run/checkpoint for --arch; omitted: a seeded randomly initialised supernet (latency does not depend on weights)."),
+    space: str = typer.Option("tiny", "--space", "-s", help=SPACE_HELP + " Used with --arch without --checkpoint."),
+    seed: int = typer.Option(0, help="Seed of the random supernet (--arch without --checkpoint)."),
+    repeats: Optional[int] = typer.Option(None, min=2, help="Timed runs (default: the target's \\[protocol] repeats)."),
+    tune: bool = typer.Option(True, "--tune/--no-tune", help="Tune a new artifact for --arch with MetaSchedule, or build with what the tuning database holds."),
+    trials: Optional[int] = typer.Option(None, min=1, help="MetaSchedule trial budget for a new artifact (default: mosc compile's)."),
+    tune_db: Optional[Path] = typer.Option(None, help="Tuning database folder (default: ~/.cache/mosc/tune/<target>)."),
+    cache: Optional[Path] = typer.Option(None, help="Artifact cache folder (default: $MOSC_ARTIFACT_CACHE or ~/.cache/mosc/artifacts)."),
+    tracker: Optional[str] = typer.Option(None, help="RPC tracker HOST:PORT (default: the target's \\[rpc]); giving it measures over RPC."),
+    key: Optional[str] = typer.Option(None, help="Device key at the tracker (default: the target's \\[rpc] key); giving it measures over RPC."),
+):
+    """Measure one artifact with the target's protocol and write a result JSON for `mosc check`."""
+    from mosc.fileio import atomic_write_json
+
+    log = lambda msg: err_console.print(msg, highlight=False, markup=False, soft_wrap=True)
+    r = _bench_result(target, artifact, arch_file, checkpoint, space, seed, tune, trials, tune_db, cache, repeats,
+                      tracker, key, log)
+    atomic_write_json(out, r)
+    console.print(_bench_line(r), highlight=False)
+    console.print(f"[green]wrote[/] {out}")
+
+
+def _check_table(rep: dict) -> Table:
+    colour = {"pass": "green", "improved": "cyan", "regression": "bold red"}
+    conf = rep["method"]["confidence"]
+    t = Table(title=f"latency check: {rep['target']} / arch {rep['arch_hash']} "
+                    f"({rep['runs']['baseline']} vs {rep['runs']['current']} runs)")
+    t.add_column("metric")
+    for c in ("baseline ms", "current ms", "ratio", f"{conf:.0%} CI", "tolerance"):
+        t.add_column(c, justify="right", no_wrap=True)
+    t.add_column("verdict")
+    for r in rep["metrics"]:
+        t.add_row(r["metric"], f"{r['baseline_ms']:.4f}", f"{r['current_ms']:.4f}", f"{r['ratio']:.4f}",
+                  f"\\[{r['ci_low']:.4f}, {r['ci_high']:.4f}]", f"+{r['tolerance']:.0%}",
+                  f"[{colour[r['verdict']]}]{r['verdict']}[/]")
+    return t
+
+
+@command(app, "check")
+def check_cmd(
+    baseline: Path = typer.Option(..., "--baseline", "-b", help="Baseline result JSON (from `mosc bench`); with --update-baseline it may not exist yet."),
+    result: Optional[Path] = typer.Option(None, "--result", "-r", help="Result JSON to check (from `mosc bench`); or give --artifact/--arch to measure now."),
+    artifact: Optional[Path] = typer.Option(None, "--artifact", help=BENCH_ARTIFACT_HELP + " Measured now, then checked."),
+    arch_file: Optional[Path] = typer.Option(None, "--arch", "-a", help=BENCH_ARCH_HELP + " Measured now, then checked."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="Target when measuring now (default: the baseline's)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Supernet run/checkpoint for --arch (default: a seeded random supernet)."),
+    space: str = typer.Option("tiny", "--space", "-s", help=SPACE_HELP + " Used with --arch without --checkpoint."),
+    seed: int = typer.Option(0, help="Seed of the random supernet (--arch without --checkpoint)."),
+    repeats: Optional[int] = typer.Option(None, min=2, help="Timed runs when measuring now (default: the target's \\[protocol] repeats)."),
+    tune: bool = typer.Option(True, "--tune/--no-tune", help="Tune a new artifact for --arch, or build with what the tuning database holds."),
+    trials: Optional[int] = typer.Option(None, min=1, help="MetaSchedule trial budget for a new artifact."),
+    tune_db: Optional[Path] = typer.Option(None, help="Tuning database folder (default: ~/.cache/mosc/tune/<target>)."),
+    cache: Optional[Path] = typer.Option(None, help="Artifact cache folder (default: $MOSC_ARTIFACT_CACHE or ~/.cache/mosc/artifacts)."),
+    tracker: Optional[str] = typer.Option(None, help="RPC tracker HOST:PORT when measuring now over RPC."),
+    key: Optional[str] = typer.Option(None, help="Device key at the tracker when measuring now over RPC."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the result measured now to this JSON."),
+    json_out: Optional[Path] = typer.Option(None, "--json-out", help="Write the check report (ratios, CIs, verdicts, U test) as JSON."),
+    junit: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML (one testcase per metric, a failure per regression)."),
+    update_baseline: bool = typer.Option(False, "--update-baseline", help="Write the result as the new baseline (atomically) when the check passes (or there is no baseline yet)."),
+    force: bool = typer.Option(False, "--force", help="With --update-baseline: replace the baseline even on a regression or when it is not comparable."),
+    resamples: int = typer.Option(2000, min=100, help="Bootstrap resamples per side."),
+    confidence: float = typer.Option(0.95, help="Confidence level of the ratio's interval."),
+    ci_seed: int = typer.Option(0, "--ci-seed", help="Seed of the bootstrap (the same inputs give the same verdict)."),
+):
+    """Compare a result with a baseline: bootstrap confidence intervals of the current/baseline ratio of
+    the median and p90 (Mann-Whitney U as a secondary statistic) against the target's \\[regression]
+    tolerances. Exit 0 pass or improved, 1 regression, 2 bad input or not comparable."""
+    from mosc.fileio import atomic_write_json, atomic_write_text
+    from mosc.regress import compare, compatible, junit_xml, load_result
+
+    if force and not update_baseline:
+        raise MoscError("--force only goes with --update-baseline")
+    base = load_result(baseline, "baseline") if baseline.exists() or not update_baseline else None
+    log = lambda msg: err_console.print(msg, highlight=False, markup=False, soft_wrap=True)
+    if result is not None:
+        if artifact is not None or arch_file is not None:
+            raise MoscError("give --result or --artifact/--arch (measure now), not both")
+        res = load_result(result)
+    else:
+        tname = target or (base or {}).get("target")
+        if not tname:
+            raise MoscError("give --target (there is no baseline to take it from)")
+        res = _bench_result(tname, artifact, arch_file, checkpoint, space, seed, tune, trials, tune_db, cache,
+                            repeats, tracker, key, log)
+        console.print(_bench_line(res), highlight=False)
+        if out is not None:
+            atomic_write_json(out, res)
+    if base is None:
+        atomic_write_json(baseline, res)
+        console.print(f"[green]no baseline yet: wrote[/] {baseline}")
+        return
+    try:
+        compatible(base, res)
+    except MoscError:
+        if not (update_baseline and force):
+            raise
+        atomic_write_json(baseline, res)
+        console.print(f"[yellow]baseline was not comparable; replaced (--force):[/] {baseline}")
+        return
+    rep = compare(base, res, resamples=resamples, confidence=confidence, seed=ci_seed, check_compatible=False)
+    console.print(_check_table(rep))
+    mw = rep["mann_whitney"]
+    console.print(f"Mann-Whitney U (secondary, current slower?): U = {mw['U']:.0f}, p = {mw['p_value']:.3g}",
+                  highlight=False)
+    if json_out is not None:
+        atomic_write_json(json_out, rep)
+    if junit is not None:
+        atomic_write_text(junit, junit_xml(rep))
+    colour = {"pass": "green", "improved": "cyan", "regression": "bold red"}[rep["verdict"]]
+    console.print(f"verdict: [{colour}]{rep['verdict']}[/]")
+    if update_baseline:
+        if rep["verdict"] != "regression" or force:
+            atomic_write_json(baseline, res)
+            console.print(f"[green]baseline updated:[/] {baseline}")
+        else:
+            console.print(f"[yellow]baseline not updated (regression; --force replaces it anyway)[/]")
+    raise typer.Exit(rep["exit_code"])
+
+
 def main():  # console-script entry point
     app()
