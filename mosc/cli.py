@@ -842,10 +842,10 @@ def _check_table(rep: dict) -> Table:
     conf = rep["method"]["confidence"]
     t = Table(title=f"latency check: {rep['target']} / arch {rep['arch_hash']} "
                     f"({rep['runs']['baseline']} vs {rep['runs']['current']} runs)")
-    t.add_column("metric")
+    t.add_column("metric", no_wrap=True)
     for c in ("baseline ms", "current ms", "ratio", f"{conf:.0%} CI", "tolerance"):
         t.add_column(c, justify="right", no_wrap=True)
-    t.add_column("verdict")
+    t.add_column("verdict", no_wrap=True)
     for r in rep["metrics"]:
         t.add_row(r["metric"], f"{r['baseline_ms']:.4f}", f"{r['current_ms']:.4f}", f"{r['ratio']:.4f}",
                   f"\\[{r['ci_low']:.4f}, {r['ci_high']:.4f}]", f"+{r['tolerance']:.0%}",
@@ -932,6 +932,198 @@ def check_cmd(
         else:
             console.print(f"[yellow]baseline not updated (regression; --force replaces it anyway)[/]")
     raise typer.Exit(rep["exit_code"])
+
+
+# ---- mosc predictor / search (issue 6) -------------------------------------------------
+
+predictor_app = typer.Typer(help="Latency predictors: fit on the latency DB or a HAT CSV, evaluate.", no_args_is_help=True)
+app.add_typer(predictor_app, name="predictor")
+
+
+def _predictor_data(db: Optional[Path], csv_file: Optional[Path], target: Optional[str], space: Optional[str],
+                    max_rows: Optional[int] = None):
+    """(Dataset, SearchSpace) from --db/--target or --csv."""
+    from mosc.predictor import read_db, read_hat_csv
+    from mosc.space import SearchSpace
+
+    if (db is None) == (csv_file is None):
+        raise MoscError("give either --db PATH --target T or --csv FILE")
+    if csv_file is not None:
+        data = read_hat_csv(csv_file, target, max_rows)  # HAT's CSVs are the WMT space
+        if space not in (None, "wmt"):
+            raise MoscError(f"HAT CSVs describe the 'wmt' space, not {space!r}")
+        return data, SearchSpace.load("wmt")
+    if target is None:
+        raise MoscError("--db needs --target T")
+    sp = SearchSpace.load(space or "tiny")
+    data = read_db(db, target, sp.name)
+    bad = [a.hash for a in data.archs if a is not None and not sp.contains(a)]
+    if bad:
+        raise MoscError(f"{len(bad)} row(s) of target {target!r} hold archs outside space {sp.name!r} "
+                        f"(e.g. {bad[0]}): pass the right --space")
+    if max_rows:
+        data = data.subset(range(min(max_rows, len(data))))
+    return data, sp
+
+
+def _metrics_table(title: str, rows: dict) -> Table:
+    t = Table(title=title)
+    for c in ("model", "rows", "RMSE ms", "MAPE", "within ±10%", "Kendall tau"):
+        t.add_column(c, justify="right" if c != "model" else "left")
+    for name, m in rows.items():
+        t.add_row(name, str(m["n"]), f"{m['rmse_ms']:.3f}", f"{m['mape']:.2%}", f"{m['within_10pct']:.1%}",
+                  f"{m['kendall_tau']:.3f}")
+    return t
+
+
+@command(predictor_app, "fit")
+def predictor_fit(
+    out: Path = typer.Option(..., "--out", "-o", help="Predictor file to write (.json; tree models add <name>.xgb.json)."),
+    db: Optional[Path] = typer.Option(None, "--db", help="Latency database to train on (with --target)."),
+    csv_file: Optional[Path] = typer.Option(None, "--csv", help="A HAT latency CSV to train on (features only, 'wmt' space)."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="Target whose DB rows to use (with --csv: the name recorded; default hat:<file stem>)."),
+    space: Optional[str] = typer.Option(None, "--space", "-s", help=SPACE_HELP + " Default: tiny for --db, wmt for --csv."),
+    model: str = typer.Option("hybrid", help="mlp (HAT's 10 -> 3x400 -> 1), lsq (per-component costs), gbt (xgboost) or hybrid (lsq + gbt on its residual)."),
+    features: Optional[str] = typer.Option(None, help="hat, cost or layers (default: hat for mlp, layers when every row has an arch, else cost)."),
+    seed: int = typer.Option(0, help="Seed of the 80/10/10 split and of the model."),
+    refit: bool = typer.Option(True, "--refit/--no-refit", help="After scoring on the held-out split, refit on every row (the saved model)."),
+    max_rows: Optional[int] = typer.Option(None, help="Use only the first N rows (quick runs)."),
+):
+    """Fit a latency predictor for one target: held-out metrics (seeded 80/10/10 split) are
+    printed and stored in the file with the target, space, features and training rows."""
+    from mosc.predictor import fit, fit_eval
+
+    data, sp = _predictor_data(db, csv_file, target, space, max_rows)
+    p, m = fit_eval(data, model=model, features=features, seed=seed, space=sp)
+    if refit:
+        split, metrics = p.meta["split"], p.meta["metrics"]
+        p = fit(data, model=model, features=p.features, seed=seed, space=sp)
+        p.meta.update(split=split, metrics=metrics, metrics_rows="held-out test split before refitting on all rows")
+    p.save(out)
+    console.print(_metrics_table(f"{model} on {p.features} features, target {p.target}, space {p.space}: held-out test",
+                                 {model: m}))
+    console.print(f"[green]wrote[/] {out} ({p.meta['training_rows']} training rows)")
+
+
+@command(predictor_app, "eval")
+def predictor_eval(
+    predictor: Path = typer.Argument(..., help="Predictor file from `mosc predictor fit`."),
+    db: Optional[Path] = typer.Option(None, "--db", help="Latency database to score on (with --target)."),
+    csv_file: Optional[Path] = typer.Option(None, "--csv", help="A HAT latency CSV to score on."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="Target of the rows (must match the predictor's)."),
+    max_rows: Optional[int] = typer.Option(None, help="Score only the first N rows."),
+):
+    """Score a predictor on every row of a DB target or a HAT CSV (RMSE, MAPE, ±10%, Kendall tau)."""
+    from mosc.predictor import Predictor, metrics
+
+    p = Predictor.load(predictor)
+    data, sp = _predictor_data(db, csv_file, target or (p.target if db is not None else None),
+                               p.space if db is not None else None, max_rows)
+    if csv_file is not None and target is None:
+        data.target = p.target if p.target.startswith("hat:") and p.space == "wmt" else data.target
+    p.check(data.target, sp.name)
+    m = metrics(data.latency_ms, p.predict_features(data.features, data.archs))
+    console.print(_metrics_table(f"{predictor} on {data.source}", {p.model: m}))
+
+
+def _supernet_fitness(checkpoint: Path, val_sentences: int, max_tokens: int):
+    """arch -> validation loss of the supernet at arch on the first N validation sentences."""
+    import torch
+
+    from mosc.data import Split, eval_batches, load_corpus
+    from mosc.evaluate import logits_fn, validation_loss
+    from mosc.train import load_trained
+
+    model, tok, meta = load_trained(checkpoint)
+    model.eval()
+    args = {k: v for k, v in meta.get("corpus_args", {}).items() if k != "vocab_size"}
+    data = load_corpus(meta["corpus"], tokenizer=tok, **args)
+    v = data.val
+    n = min(val_sentences, len(v))
+    batches = eval_batches(Split(v.src_text[:n], v.tgt_text[:n], v.src[:n], v.tgt[:n]), max_tokens=max_tokens)
+
+    def score(arch) -> float:
+        with torch.no_grad():
+            return validation_loss(logits_fn(model, arch), batches)
+
+    return model.space, score
+
+
+@command(app, "search")
+def search_cmd(
+    target: str = typer.Option(..., "--target", "-t", help="Target device (must match the predictor's target)."),
+    predictor: Path = typer.Option(..., "--predictor", "-p", help="Latency predictor file (mosc predictor fit) for --target."),
+    latency_ms: Optional[float] = typer.Option(None, "--latency-ms", "-l", help="Latency constraint in ms (required without --pareto; optional cap with it)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Supernet run/checkpoint: fitness = its validation loss at each arch."),
+    val_sentences: int = typer.Option(200, min=1, help="Validation sentences used for the fitness (first N)."),
+    max_tokens: int = typer.Option(4096, min=1, help="Tokens per validation batch."),
+    fitness: str = typer.Option("supernet", help="supernet (needs --checkpoint) or macs (a cheap proxy: -log MACs, for dry runs)."),
+    space: str = typer.Option("tiny", "--space", "-s", help=SPACE_HELP + " Used with --fitness macs (else the checkpoint's)."),
+    pareto: bool = typer.Option(False, "--pareto", help="NSGA-II: the whole loss-latency Pareto front in one run."),
+    population: int = typer.Option(125, min=2, help="Population size (HAT: 125)."),
+    parents: int = typer.Option(25, min=1, help="Parents kept per generation (HAT: 25)."),
+    mutations: int = typer.Option(50, min=0, help="Mutated children per generation (HAT: 50)."),
+    mutation_prob: float = typer.Option(0.3, min=0.0, max=1.0, help="Per-gene mutation probability (HAT: 0.3)."),
+    crossovers: int = typer.Option(50, min=0, help="Crossover children per generation (HAT: 50)."),
+    generations: int = typer.Option(30, min=1, help="Generations (HAT: 30)."),
+    seed: int = typer.Option(0, help="Seed of the search."),
+    db: Optional[Path] = typer.Option(None, "--db", help=DB_HELP + " Measured points of --target are drawn on the plot."),
+    out: Path = typer.Option(Path("search-out"), "--out", "-o", help="Output folder: best.json, pareto.csv, pareto.json, pareto.png."),
+):
+    """Hardware-aware evolutionary search (HAT defaults): candidates over --latency-ms are dropped,
+    fitness = supernet validation loss (cached per arch), latency = the predictor."""
+    from mosc.fileio import atomic_write_json, atomic_write_text
+    from mosc.predictor import Predictor, total_macs
+    from mosc.search import EvoConfig, evolve, front_csv, pareto_search, plot_front
+    from mosc.space import SearchSpace
+
+    if latency_ms is None and not pareto:
+        raise MoscError("give --latency-ms L (or --pareto for the whole front)")
+    if fitness == "supernet":
+        if checkpoint is None:
+            raise MoscError("--fitness supernet needs --checkpoint RUN (or use --fitness macs for a dry run)")
+        sp, score = _supernet_fitness(checkpoint, val_sentences, max_tokens)
+    elif fitness == "macs":
+        import math
+
+        sp = SearchSpace.load(space)
+        score = lambda a: -math.log(total_macs(a.hat_features(), pred.shapes))  # noqa: E731
+    else:
+        raise MoscError(f"--fitness must be supernet or macs, got {fitness!r}")
+    pred = Predictor.load(predictor, target=target, space=sp.name)
+    cfg = EvoConfig(population=population, parents=parents, mutations=mutations, mutation_prob=mutation_prob,
+                    crossovers=crossovers, generations=generations, seed=seed)
+    log = lambda msg: err_console.print(msg, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
+    run = pareto_search if pareto else evolve
+    res = run(sp, score, pred.latency, latency_ms, cfg, log=log)
+    out.mkdir(parents=True, exist_ok=True)
+    info = {"target": target, "space": sp.name, "predictor": str(predictor), "fitness": fitness,
+            "checkpoint": str(checkpoint) if checkpoint else None, "val_sentences": val_sentences,
+            "latency_constraint_ms": latency_ms, "mode": "pareto" if pareto else "constrained",
+            "config": cfg.__dict__, "evaluated": res.evaluated, "seconds": round(res.seconds, 2)}
+    atomic_write_text(out / "best.json", res.best.arch.to_json(indent=2) + "\n")
+    atomic_write_json(out / "search.json", {**info, "best": res.best.to_dict(), "history": res.history})
+    atomic_write_json(out / "pareto.json", {**info, "front": [c.to_dict() for c in res.front]})
+    atomic_write_text(out / "pareto.csv", front_csv(res.front))
+    measured = []
+    if db is not None and Path(db).exists():
+        from mosc.db import LatencyDB
+
+        with LatencyDB(db) as ldb:
+            rows = [r for r in ldb.rows(target) if r.arch is not None and sp.contains(r.arch)]
+        measured = [(r.latency_ms, score(r.arch)) for r in rows]
+    plotted = plot_front(out / "pareto.png", res.front, measured, f"{target}: loss vs latency ({sp.name})", latency_ms)
+    t = Table(title=f"Pareto front ({len(res.front)} archs of {res.evaluated} scored, {res.seconds:.1f} s)")
+    for c in ("arch", "predicted ms", "loss"):
+        t.add_column(c, justify="right" if c != "arch" else "left")
+    for c in res.front:
+        t.add_row(c.arch.hash, f"{c.latency_ms:.3f}", f"{c.loss:.4f}")
+    console.print(t)
+    b = res.best
+    console.print(f"best: {b.arch.hash}, loss {b.loss:.4f}, predicted {b.latency_ms:.3f} ms"
+                  + (f" (constraint {latency_ms:g} ms)" if latency_ms else ""))
+    console.print(f"[green]wrote[/] {out}/best.json, search.json, pareto.json, pareto.csv"
+                  + (", pareto.png" if plotted else " (no plot: matplotlib is not installed)"))
 
 
 def main():  # console-script entry point

@@ -1,0 +1,286 @@
+"""Latency-regression checks per device: `mosc bench` results and `mosc check` verdicts.
+
+    bench(target, artifact, arch)        measure an artifact with the target's protocol -> result dict
+    environment()                        TVM / tvm-ffi versions, CPU model, governor, hostname
+    compatible(baseline, result)         refuse comparisons that mean nothing (MoscError, one line)
+    compare(baseline, result, ...)       bootstrap CIs of current/baseline ratios + Mann-Whitney U
+    junit_xml(report) / print-free       CI outputs (the CLI prints the table)
+
+A *result* (JSON, format "mosc-bench/1") holds the raw per-run total latencies (ms) of
+one measurement with the target's [protocol], the protocol, the target, the arch (hash +
+JSON), the artifact's manifest sha256 and the environment. A *baseline* is a result that
+was accepted earlier (`mosc check --update-baseline`).
+
+Statistics. For each metric (p50 = median of the trimmed runs, p90 = 90th percentile of
+the trimmed runs, the same definitions as mosc.measure.summarize), the two sample sets
+are bootstrapped independently (seeded, `resamples` draws each) and the ratio
+current/baseline of the statistic is formed per draw; its percentile interval is the
+confidence interval. Verdict per metric, with the target's [regression] tolerance tol:
+    regression  CI lower bound > 1 + tol  (confidently slower by more than tol)
+    improved    CI upper bound < 1 - tol  (confidently faster by more than tol)
+    pass        otherwise
+Mann-Whitney U (one-sided, "current is slower") is reported as a secondary statistic
+only; it does not decide (with many runs it flags differences far below the tolerance).
+
+Device world: numpy (and scipy for the U test) at most; tvm inside functions; no torch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import socket
+import time
+from dataclasses import asdict
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from mosc.errors import MoscError
+
+FORMAT = "mosc-bench/1"
+RESAMPLES = 2000
+CONFIDENCE = 0.95
+SEED = 0
+METRICS = ("p50", "p90")
+# protocol fields that must match between baseline and result (repeats may differ)
+PROTOCOL_KEYS = ("source_len", "decoder_steps", "batch", "warmup", "trim")
+EXIT = {"pass": 0, "improved": 0, "regression": 1}
+
+
+# ----------------------------------------------------------------------------- environment
+def _pkg(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def cpu_model() -> str | None:
+    text = _read("/proc/cpuinfo") or ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("model name", "Model", "Hardware", "cpu model") and value.strip():
+            return value.strip()
+    return platform.processor() or None
+
+
+def environment() -> dict:
+    """Where a result was measured (this machine; for RPC the device's own info is added by bench)."""
+    return {
+        "tvm_version": _pkg("apache-tvm"), "tvm_ffi_version": _pkg("apache-tvm-ffi"),
+        "cpu_model": cpu_model(), "governor": _read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"),
+        "hostname": socket.gethostname(), "machine": platform.machine(), "system": platform.system(),
+        "release": platform.release(), "python": platform.python_version(),
+        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "tvm_num_threads": os.environ.get("TVM_NUM_THREADS"),
+    }
+
+
+# ----------------------------------------------------------------------------- bench
+def bench(target, artifact: str | Path, arch=None, *, repeats: int | None = None, remote=None,
+          measure: Callable | None = None) -> dict:
+    """Measure an artifact with the target's protocol (repeats overridable) -> a result dict.
+
+    arch: a mosc.space.Arch, or None to take it from the artifact's manifest. remote: a
+    mosc.measure.Remote (measure on a device over RPC) or None (this machine). measure:
+    the timing function (default mosc.measure.measure_tvm); tests may wrap it.
+    """
+    import gc
+    from dataclasses import replace
+
+    from mosc.compile import load_artifact, verify_artifact
+    from mosc.fileio import sha256_file
+    from mosc.measure import connect, device_info, measure_tvm, summarize
+
+    artifact = Path(artifact)
+    manifest = verify_artifact(artifact)
+    model = manifest.get("model") or {}
+    if arch is not None and model.get("arch_hash") not in (None, arch.hash):
+        raise MoscError(f"{artifact} holds arch {model.get('arch_hash')}, not {arch.hash} (wrong --arch?)")
+    if manifest.get("target") != target.name:
+        raise MoscError(f"{artifact} was compiled for target {manifest.get('target')!r}, not {target.name!r}")
+    arch_hash = arch.hash if arch is not None else model.get("arch_hash")
+    arch_json = arch.to_json() if arch is not None else model.get("arch")
+    protocol = target.protocol if repeats is None else replace(target.protocol, repeats=repeats)
+    if protocol.repeats < 2:
+        raise MoscError("--repeats must be at least 2 (a statistic needs several runs)")
+    measure = measure or measure_tvm
+    sess = art = None
+    t0 = time.perf_counter()
+    try:
+        if remote is None:
+            art = load_artifact(artifact, manifest.get("device", "cpu"))
+            dev = None
+        else:
+            sess = connect(remote)
+            dev = device_info(sess)
+            art = load_artifact(artifact, manifest.get("device", "cpu"), session=sess)
+        m = measure(art, protocol)
+    finally:
+        del art, sess
+        gc.collect()
+    wall = time.perf_counter() - t0
+    p = {k: m.shapes[k] for k in ("batch", "source_len", "decoder_steps")}
+    want = {k: getattr(protocol, k) for k in p}
+    if p != want:
+        raise MoscError(f"{artifact}: graphs have shapes {p}, the {target.name} protocol says {want} (rebuild it)")
+    env = environment()
+    return {
+        "format": FORMAT, "target": target.name,
+        "protocol": asdict(protocol), "regression": asdict(target.regression),
+        "arch": {"hash": arch_hash, "json": arch_json},
+        "artifact": {"sha256": sha256_file(artifact / "manifest.json"), "dir": str(artifact),
+                     "tuned": (manifest.get("tuning") or {}).get("tuned"),
+                     "tvm_version": manifest.get("tvm_version"), "tvm_ffi_version": manifest.get("tvm_ffi_version")},
+        "environment": env,
+        "device": {"where": "local" if remote is None else f"rpc {remote.key}@{remote.addr}", **(dev or {})},
+        "method": m.method,
+        "samples_ms": [round(x, 6) for x in m.total_ms],
+        "encoder_ms": [round(x, 6) for x in m.encoder_ms], "decoder_ms": [round(x, 6) for x in m.decoder_ms],
+        "stats": summarize(m.total_ms, protocol.trim),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_s": round(wall, 3),
+    }
+
+
+def load_result(path: str | Path, what: str = "result") -> dict:
+    from mosc.fileio import read_json
+
+    r = read_json(path, what)
+    if not isinstance(r, dict) or r.get("format") != FORMAT:
+        raise MoscError(f"{what} {path} is not a mosc bench result (format {r.get('format') if isinstance(r, dict) else None!r}, expected {FORMAT!r})")
+    s = r.get("samples_ms")
+    if not isinstance(s, list) or len(s) < 2 or not all(isinstance(x, (int, float)) and x > 0 for x in s):
+        raise MoscError(f"{what} {path} has no usable samples_ms (need >= 2 positive run latencies)")
+    for key in ("target", "protocol", "arch", "environment"):
+        if key not in r:
+            raise MoscError(f"{what} {path} lacks {key!r}")
+    return r
+
+
+# ----------------------------------------------------------------------------- comparability
+def compatible(baseline: dict, result: dict) -> None:
+    """MoscError (one line) when the two were measured under different conditions."""
+    bt, rt = baseline.get("target"), result.get("target")
+    if bt != rt:
+        raise MoscError(f"baseline is for target {bt!r}, result for {rt!r}: not comparable (use the {rt} baseline)")
+    ba, ra = (baseline.get("arch") or {}).get("hash"), (result.get("arch") or {}).get("hash")
+    if ba != ra:
+        raise MoscError(f"baseline is for arch {ba}, result for arch {ra}: not comparable")
+    be, re_ = baseline.get("environment") or {}, result.get("environment") or {}
+    for key, name in (("tvm_version", "TVM"), ("tvm_ffi_version", "tvm-ffi")):
+        if be.get(key) != re_.get(key):
+            raise MoscError(f"baseline was measured with {name} {be.get(key)}, result with {re_.get(key)}: "
+                            "not comparable (re-baseline with --update-baseline --force)")
+    bn, rn = be.get("tvm_num_threads"), re_.get("tvm_num_threads")
+    if "tvm_num_threads" in be and "tvm_num_threads" in re_ and bn != rn:
+        raise MoscError(f"baseline was measured with TVM_NUM_THREADS={bn}, result with {rn}: not comparable")
+    bp, rp = baseline.get("protocol") or {}, result.get("protocol") or {}
+    diff = [k for k in PROTOCOL_KEYS if bp.get(k) != rp.get(k)]
+    if diff:
+        d = ", ".join(f"{k} {bp.get(k)} vs {rp.get(k)}" for k in diff)
+        raise MoscError(f"baseline and result use different protocols ({d}): not comparable")
+
+
+# ----------------------------------------------------------------------------- statistics
+def _trim_sorted(x: np.ndarray, trim: float) -> np.ndarray:
+    """x sorted along the last axis, `trim` of each tail cut (as mosc.measure._trimmed)."""
+    x = np.sort(x, axis=-1)
+    n = x.shape[-1]
+    k = int(math.floor(n * trim))
+    return x[..., k: n - k] if n - 2 * k > 0 else x
+
+
+def statistic(x, metric: str, trim: float) -> np.ndarray | float:
+    """p50/p90 of the trimmed runs along the last axis (scalar for 1-D input)."""
+    t = _trim_sorted(np.asarray(x, np.float64), trim)
+    q = {"p50": 50, "p90": 90}[metric]
+    return np.percentile(t, q, axis=-1)
+
+
+def _boot(x: np.ndarray, metric: str, trim: float, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    idx = rng.integers(0, len(x), size=(resamples, len(x)))
+    return statistic(x[idx], metric, trim)
+
+
+def compare(baseline: dict, result: dict, *, tolerances: dict | None = None, resamples: int = RESAMPLES,
+            confidence: float = CONFIDENCE, seed: int = SEED, check_compatible: bool = True) -> dict:
+    """The check report: per metric baseline, current, ratio, CI, tolerance, U test, verdict."""
+    from scipy.stats import mannwhitneyu
+
+    if check_compatible:
+        compatible(baseline, result)
+    if resamples < 100:
+        raise MoscError("--resamples must be at least 100")
+    if not 0.5 <= confidence < 1:
+        raise MoscError("--confidence must be in [0.5, 1)")
+    tol = dict(tolerances or result.get("regression") or {})
+    trim = float(result["protocol"].get("trim", 0.1))
+    b = np.asarray(baseline["samples_ms"], np.float64)
+    c = np.asarray(result["samples_ms"], np.float64)
+    rng = np.random.default_rng(seed)
+    a = (1 - confidence) / 2
+    u = mannwhitneyu(c, b, alternative="greater")
+    rows = []
+    for metric in METRICS:
+        t = float(tol.get(f"{metric}_tol", 0.05 if metric == "p50" else 0.10))
+        bs, cs = float(statistic(b, metric, trim)), float(statistic(c, metric, trim))
+        ratios = _boot(c, metric, trim, resamples, rng) / _boot(b, metric, trim, resamples, rng)
+        lo, hi = (float(v) for v in np.quantile(ratios, [a, 1 - a]))
+        verdict = "regression" if lo > 1 + t else "improved" if hi < 1 - t else "pass"
+        rows.append({"metric": metric, "baseline_ms": bs, "current_ms": cs, "ratio": cs / bs,
+                     "ci_low": lo, "ci_high": hi, "tolerance": t, "verdict": verdict})
+    verdicts = {r["verdict"] for r in rows}
+    overall = "regression" if "regression" in verdicts else "improved" if "improved" in verdicts else "pass"
+    return {
+        "format": "mosc-check/1", "verdict": overall, "exit_code": EXIT[overall],
+        "target": result.get("target"), "arch_hash": (result.get("arch") or {}).get("hash"),
+        "metrics": rows,
+        "mann_whitney": {"alternative": "current slower than baseline", "U": float(u.statistic),
+                         "p_value": float(u.pvalue)},
+        "method": {"ci": f"percentile bootstrap of the ratio current/baseline, {resamples} independent resamples "
+                         f"of each side, seed {seed}", "confidence": confidence, "trim": trim,
+                   "rule": "regression if CI low > 1 + tol; improved if CI high < 1 - tol; else pass"},
+        "runs": {"baseline": int(b.size), "current": int(c.size)},
+        "artifact_sha256": {"baseline": (baseline.get("artifact") or {}).get("sha256"),
+                            "current": (result.get("artifact") or {}).get("sha256")},
+    }
+
+
+# ----------------------------------------------------------------------------- CI outputs
+def junit_xml(report: dict) -> str:
+    """JUnit XML: one testsuite, one testcase per metric, a <failure> per regression."""
+    import xml.etree.ElementTree as ET
+
+    rows = report["metrics"]
+    fails = sum(r["verdict"] == "regression" for r in rows)
+    suite = ET.Element("testsuite", name=f"mosc latency {report['target']}", tests=str(len(rows)),
+                       failures=str(fails), errors="0", skipped="0")
+    props = ET.SubElement(suite, "properties")
+    for k, v in (("target", report["target"]), ("arch_hash", report["arch_hash"]), ("verdict", report["verdict"]),
+                 ("mann_whitney_p", f"{report['mann_whitney']['p_value']:.4g}")):
+        ET.SubElement(props, "property", name=k, value=str(v))
+    for r in rows:
+        case = ET.SubElement(suite, "testcase", classname=f"latency.{report['target']}.{report['arch_hash']}",
+                             name=r["metric"], time="0")
+        text = (f"{r['metric']}: baseline {r['baseline_ms']:.4f} ms, current {r['current_ms']:.4f} ms, "
+                f"ratio {r['ratio']:.4f}, {report['method']['confidence']:.0%} CI [{r['ci_low']:.4f}, "
+                f"{r['ci_high']:.4f}], tolerance +{r['tolerance']:.0%}: {r['verdict']}")
+        if r["verdict"] == "regression":
+            ET.SubElement(case, "failure", message=f"latency regression: {text}", type="LatencyRegression").text = text
+        else:
+            ET.SubElement(case, "system-out").text = text
+    root = ET.Element("testsuites", name="mosc check", tests=str(len(rows)), failures=str(fails))
+    root.append(suite)
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"

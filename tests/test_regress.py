@@ -1,0 +1,282 @@
+"""Latency-regression checks (issue 7): `mosc bench` results, `mosc check` statistics and verdicts,
+refusals, exit codes, JUnit XML, --update-baseline.
+
+One tiny artifact (space tiny, smallest arch, source 8 tokens, 4 decoder steps, --no-tune) is
+built once for the module into a private cache; measurements are real. A slowdown is injected
+with a test double of the *timer only* (the measured samples scaled); the statistics are real.
+"""
+
+import copy
+import json
+import os
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from rpc_helpers import ENV, REPO
+
+from mosc.errors import MoscError
+
+PROTOCOL = {"source_len": 8, "decoder_steps": 4, "batch": 1, "warmup": 2, "repeats": 150, "trim": 0.1}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    work = tmp_path_factory.mktemp("regress")
+    tdir = work / "targets"
+    tdir.mkdir()
+    text = (REPO / "targets" / "host.toml").read_text()
+    for k, v in PROTOCOL.items():
+        text = re.sub(rf"(?m)^{k} = .*$", f"{k} = {v}", text)
+    (tdir / "host.toml").write_text(text)
+    return {**ENV, "MOSC_TARGETS_DIR": str(tdir), "MOSC_ARTIFACT_CACHE": str(work / "cache"),
+            "MOSC_TUNE_DIR": str(work / "tune"), "COLUMNS": "200", "work": str(work)}
+
+
+@pytest.fixture(scope="module")
+def built(env):
+    """(target, arch, artifact dir), built once."""
+    os.environ.update({k: env[k] for k in ("MOSC_TARGETS_DIR", "MOSC_ARTIFACT_CACHE")})
+    try:
+        from mosc.artifact_cache import ArtifactCache, ModelSource
+        from mosc.space import SearchSpace
+        from mosc.targets import load_target
+
+        tg = load_target("host")
+        arch = SearchSpace.load("tiny").smallest()
+        art, _ = ArtifactCache(tg, ModelSource(), tune=False, tune_db=Path(env["MOSC_TUNE_DIR"]),
+                               log=lambda m: None).artifact(arch)
+        return SimpleNamespace(target=tg, arch=arch, art=art)
+    finally:
+        for k in ("MOSC_TARGETS_DIR", "MOSC_ARTIFACT_CACHE"):
+            os.environ.pop(k, None)
+
+
+@pytest.fixture(scope="module")
+def baseline(built):
+    from mosc.regress import bench
+
+    return bench(built.target, built.art, built.arch)
+
+
+def scaled_timer(factor):
+    """A test double of the timer only: the real measurement, every sample scaled by factor."""
+    from mosc.measure import Measurement, measure_tvm
+
+    def measure(art, protocol):
+        m = measure_tvm(art, protocol)
+        return Measurement([x * factor for x in m.total_ms], [x * factor for x in m.encoder_ms],
+                           [x * factor for x in m.decoder_ms], m.warmup, m.trim, m.shapes, m.method + " (scaled)")
+
+    return measure
+
+
+def inproc(env, *args):
+    from typer.testing import CliRunner
+
+    from mosc.cli import app
+
+    r = CliRunner().invoke(app, [str(a) for a in args], env={k: v for k, v in env.items() if k != "work"})
+    if r.exception and not isinstance(r.exception, SystemExit):
+        raise r.exception
+    return SimpleNamespace(returncode=r.exit_code, stdout=r.stdout, stderr=r.stderr)
+
+
+def write(path, obj):
+    Path(path).write_text(json.dumps(obj))
+    return path
+
+
+# ----------------------------------------------------------------------------- pure parts
+def test_module_does_not_import_torch_or_tvm():
+    code = "import sys, mosc.regress; print(sorted(m for m in ('torch', 'tvm') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]"
+
+
+def test_statistic_matches_summarize():
+    from mosc.measure import summarize
+    from mosc.regress import statistic
+
+    x = np.random.default_rng(0).lognormal(1, 0.2, 97)
+    s = summarize(x, 0.1)
+    assert statistic(x, "p50", 0.1) == pytest.approx(s["median_ms"])
+    assert statistic(x, "p90", 0.1) == pytest.approx(s["p90_ms"])
+
+
+def test_environment_fields():
+    from mosc.regress import environment
+
+    e = environment()
+    for k in ("tvm_version", "tvm_ffi_version", "cpu_model", "governor", "hostname"):
+        assert k in e
+    assert e["tvm_version"] and e["hostname"]
+
+
+# ----------------------------------------------------------------------------- bench + compare
+def test_bench_result_records_everything(built, baseline):
+    r = baseline
+    assert r["format"] == "mosc-bench/1" and r["target"] == "host"
+    assert len(r["samples_ms"]) == PROTOCOL["repeats"] and all(x > 0 for x in r["samples_ms"])
+    assert r["protocol"] == PROTOCOL and r["regression"] == {"p50_tol": 0.05, "p90_tol": 0.10}
+    assert r["arch"]["hash"] == built.arch.hash and json.loads(r["arch"]["json"]) == json.loads(built.arch.to_json())
+    from mosc.fileio import sha256_file
+
+    assert r["artifact"]["sha256"] == sha256_file(built.art / "manifest.json")
+    assert r["environment"]["tvm_version"] and r["environment"]["tvm_ffi_version"]
+    assert r["stats"]["median_ms"] > 0 and r["device"]["where"] == "local"
+
+
+def test_aa_resampled_noise_does_not_flag(baseline):
+    """A/A from the real samples: two interleaved halves of one measurement."""
+    from mosc.regress import compare
+
+    a, b = copy.deepcopy(baseline), copy.deepcopy(baseline)
+    a["samples_ms"], b["samples_ms"] = baseline["samples_ms"][0::2], baseline["samples_ms"][1::2]
+    rep = compare(a, b)
+    assert rep["verdict"] == "pass" and rep["exit_code"] == 0
+    for row in rep["metrics"]:
+        assert row["ci_low"] <= row["ratio"] <= row["ci_high"]
+    assert compare(a, b) == rep  # seeded: same inputs, same report
+
+
+def test_aa_measured_twice_does_not_flag_regression(built, baseline):
+    from mosc.regress import bench, compare
+
+    again = bench(built.target, built.art, built.arch)
+    assert compare(baseline, again)["verdict"] != "regression"
+
+
+def test_injected_slowdown_is_flagged(built, baseline):
+    from mosc.regress import bench, compare
+
+    slow = bench(built.target, built.art, built.arch, measure=scaled_timer(1.3))
+    rep = compare(baseline, slow)
+    assert rep["verdict"] == "regression" and rep["exit_code"] == 1
+    p50 = rep["metrics"][0]
+    assert p50["metric"] == "p50" and p50["verdict"] == "regression" and p50["ci_low"] > 1.05
+    assert rep["mann_whitney"]["p_value"] < 0.01
+    fast = copy.deepcopy(baseline)
+    fast["samples_ms"] = [x * 0.7 for x in baseline["samples_ms"]]
+    assert compare(baseline, fast)["verdict"] == "improved"
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda r: r.update(target="rpi4"), "target"),
+    (lambda r: r["arch"].update(hash="0123456789abcdef"), "arch"),
+    (lambda r: r["environment"].update(tvm_version="0.0.1"), "TVM"),
+    (lambda r: r["environment"].update(tvm_ffi_version="0.0.1"), "tvm-ffi"),
+    (lambda r: r["protocol"].update(decoder_steps=30), "protocol"),
+    (lambda r: r["environment"].update(tvm_num_threads="7"), "TVM_NUM_THREADS"),
+])
+def test_mismatches_are_refused(baseline, change, needle):
+    from mosc.regress import compare
+
+    other = copy.deepcopy(baseline)
+    change(other)
+    with pytest.raises(MoscError, match=needle):
+        compare(baseline, other)
+    more = copy.deepcopy(baseline)
+    more["protocol"]["repeats"] = 10  # a different number of runs is fine
+    compare(baseline, more)
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_cli_exit_codes_json_and_junit(env, baseline, tmp_path):
+    base = write(tmp_path / "base.json", baseline)
+    same = copy.deepcopy(baseline)
+    same["samples_ms"] = baseline["samples_ms"][::-1]
+    slow = copy.deepcopy(baseline)
+    slow["samples_ms"] = [x * 1.3 for x in baseline["samples_ms"]]
+    ok = inproc(env, "check", "--baseline", base, "--result", write(tmp_path / "same.json", same),
+                "--junit", tmp_path / "ok.xml", "--json-out", tmp_path / "ok.json")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "verdict: pass" in ok.stdout and "95% CI" in ok.stdout
+    root = ET.parse(tmp_path / "ok.xml").getroot()
+    assert root.tag == "testsuites" and len(root.findall(".//testcase")) == 2 and not root.findall(".//failure")
+    assert json.loads((tmp_path / "ok.json").read_text())["verdict"] == "pass"
+
+    bad = inproc(env, "check", "--baseline", base, "--result", write(tmp_path / "slow.json", slow),
+                 "--junit", tmp_path / "bad.xml", "--json-out", tmp_path / "bad.json")
+    assert bad.returncode == 1 and "regression" in bad.stdout
+    root = ET.parse(tmp_path / "bad.xml").getroot()
+    cases = {c.get("name"): c for c in root.iter("testcase")}
+    assert set(cases) == {"p50", "p90"} and cases["p50"].find("failure") is not None
+    assert root.find("testsuite").get("failures") == str(len(root.findall(".//failure")))
+    assert json.loads((tmp_path / "bad.json").read_text())["exit_code"] == 1
+
+    other = copy.deepcopy(baseline)
+    other["target"] = "rpi4"
+    mism = inproc(env, "check", "--baseline", base, "--result", write(tmp_path / "o.json", other))
+    assert mism.returncode == 2
+    errs = [l for l in mism.stderr.splitlines() if l.strip()]
+    assert len(errs) == 1 and errs[0].startswith("error:") and "target" in errs[0]
+    missing = inproc(env, "check", "--baseline", tmp_path / "nope.json", "--result", tmp_path / "same.json")
+    assert missing.returncode == 2 and "cannot read baseline" in missing.stderr
+    junk = inproc(env, "check", "--baseline", base, "--result", write(tmp_path / "j.json", {"format": "x"}))
+    assert junk.returncode == 2 and "not a mosc bench result" in junk.stderr
+
+
+def test_update_baseline(env, baseline, tmp_path):
+    base = write(tmp_path / "base.json", baseline)
+    before = base.read_text()
+    slow = copy.deepcopy(baseline)
+    slow["samples_ms"] = [x * 1.3 for x in baseline["samples_ms"]]
+    r = inproc(env, "check", "--baseline", base, "--result", write(tmp_path / "slow.json", slow), "--update-baseline")
+    assert r.returncode == 1 and base.read_text() == before and "not updated" in r.stdout
+    r = inproc(env, "check", "--baseline", base, "--result", tmp_path / "slow.json", "--update-baseline", "--force")
+    assert r.returncode == 1 and json.loads(base.read_text())["samples_ms"] == slow["samples_ms"]
+    same = copy.deepcopy(slow)
+    same["samples_ms"] = slow["samples_ms"][::-1]
+    r = inproc(env, "check", "--baseline", base, "--result", write(tmp_path / "same.json", same), "--update-baseline")
+    assert r.returncode == 0 and json.loads(base.read_text())["samples_ms"] == same["samples_ms"]
+    # not comparable: refused, unless forced
+    other = copy.deepcopy(baseline)
+    other["environment"]["tvm_version"] = "9.9"
+    r = inproc(env, "check", "--baseline", base, "--result", write(tmp_path / "o.json", other), "--update-baseline")
+    assert r.returncode == 2 and json.loads(base.read_text())["samples_ms"] == same["samples_ms"]
+    r = inproc(env, "check", "--baseline", base, "--result", tmp_path / "o.json", "--update-baseline", "--force")
+    assert r.returncode == 0 and json.loads(base.read_text())["environment"]["tvm_version"] == "9.9"
+    # a new baseline is created when there is none
+    fresh = tmp_path / "sub" / "new.json"
+    r = inproc(env, "check", "--baseline", fresh, "--result", tmp_path / "same.json", "--update-baseline")
+    assert r.returncode == 0 and json.loads(fresh.read_text())["samples_ms"] == same["samples_ms"]
+    assert not [p for p in tmp_path.rglob(".*.tmp")]  # atomic writes leave no temp files
+
+
+def test_update_baseline_write_is_atomic(env, baseline, tmp_path, monkeypatch):
+    """A crash while replacing leaves the old baseline intact."""
+    base = write(tmp_path / "base.json", baseline)
+    before = base.read_text()
+    same = copy.deepcopy(baseline)
+    same["samples_ms"] = baseline["samples_ms"][::-1]
+    write(tmp_path / "same.json", same)
+
+    def boom(*a):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        inproc(env, "check", "--baseline", base, "--result", tmp_path / "same.json", "--update-baseline")
+    assert base.read_text() == before and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_cli_bench_then_check_in_one_call(env, built, tmp_path):
+    out = tmp_path / "r.json"
+    r = inproc(env, "bench", "--target", "host", "--artifact", built.art, "--out", out, "--repeats", "80")
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads(out.read_text())
+    assert len(res["samples_ms"]) == 80 and res["arch"]["hash"] == built.arch.hash
+    r = inproc(env, "check", "--baseline", out, "--artifact", built.art, "--repeats", "80", "--junit", tmp_path / "j.xml")
+    assert r.returncode in (0, 1) and "latency check" in r.stdout  # a real A/A: pass expected, noise may vary
+    ET.parse(tmp_path / "j.xml")
+    wrong = inproc(env, "bench", "--target", "rpi4", "--artifact", built.art, "--out", tmp_path / "x.json")
+    assert wrong.returncode == 2 and "rpi4" in wrong.stderr
+    none = inproc(env, "bench", "--target", "host", "--out", tmp_path / "x.json")
+    assert none.returncode == 2 and "--artifact" in none.stderr
