@@ -961,6 +961,11 @@ def _predictor_data(db: Optional[Path], csv_file: Optional[Path], target: Option
     if bad:
         raise MoscError(f"{len(bad)} row(s) of target {target!r} hold archs outside space {sp.name!r} "
                         f"(e.g. {bad[0]}): pass the right --space")
+    odd = [f for f, a in zip(data.features, data.archs) if a is None and not (
+        f[0] in sp.enc_embed and f[4] in sp.dec_embed and f[1] in sp.enc_layers and f[5] in sp.dec_layers)]
+    if odd:
+        raise MoscError(f"{len(odd)} feature-only row(s) of target {target!r} (e.g. HAT imports) do not fit space "
+                        f"{sp.name!r} (embed dims / layer counts): pass the right --space")
     if max_rows:
         data = data.subset(range(min(max_rows, len(data))))
     return data, sp
@@ -983,7 +988,7 @@ def predictor_fit(
     csv_file: Optional[Path] = typer.Option(None, "--csv", help="A HAT latency CSV to train on (features only, 'wmt' space)."),
     target: Optional[str] = typer.Option(None, "--target", "-t", help="Target whose DB rows to use (with --csv: the name recorded; default hat:<file stem>)."),
     space: Optional[str] = typer.Option(None, "--space", "-s", help=SPACE_HELP + " Default: tiny for --db, wmt for --csv."),
-    model: str = typer.Option("hybrid", help="mlp (HAT's 10 -> 3x400 -> 1), lsq (per-component costs), gbt (xgboost) or hybrid (lsq + gbt on its residual)."),
+    model: str = typer.Option("lsq", help="lsq (robust non-negative fit of per-component costs; best on HAT's data), mlp (HAT's 10 -> 3x400 -> 1), gbt (xgboost) or hybrid (lsq + gbt on its residual)."),
     features: Optional[str] = typer.Option(None, help="hat, cost or layers (default: hat for mlp, layers when every row has an arch, else cost)."),
     seed: int = typer.Option(0, help="Seed of the 80/10/10 split and of the model."),
     refit: bool = typer.Option(True, "--refit/--no-refit", help="After scoring on the held-out split, refit on every row (the saved model)."),
@@ -1019,11 +1024,12 @@ def predictor_eval(
     p = Predictor.load(predictor)
     data, sp = _predictor_data(db, csv_file, target or (p.target if db is not None else None),
                                p.space if db is not None else None, max_rows)
-    if csv_file is not None and target is None:
-        data.target = p.target if p.target.startswith("hat:") and p.space == "wmt" else data.target
     p.check(data.target, sp.name)
     m = metrics(data.latency_ms, p.predict_features(data.features, data.archs))
     console.print(_metrics_table(f"{predictor} on {data.source}", {p.model: m}))
+    if p.meta.get("source") == data.source:
+        console.print(f"note: the predictor was fitted on these rows (in-sample); its held-out metrics: "
+                      f"{json.dumps(p.meta.get('metrics'))}")
 
 
 def _supernet_fitness(checkpoint: Path, val_sentences: int, max_tokens: int):
@@ -1049,6 +1055,44 @@ def _supernet_fitness(checkpoint: Path, val_sentences: int, max_tokens: int):
     return model.space, score
 
 
+def _feedback(run, sp, score, pred, target, latency_ms, cfg, log, db, checkpoint, backend, rounds, top_k, out):
+    """--rounds: search, measure the top K on the target (mosc.measure's Campaign), refit on the DB, repeat."""
+    from mosc.artifact_cache import ArtifactCache, ModelSource
+    from mosc.db import LatencyDB
+    from mosc.feedback import feedback_search
+    from mosc.measure import Campaign, Remote
+    from mosc.predictor import fit, read_db
+    from mosc.search import Cached
+    from mosc.targets import load_target
+
+    if db is None:
+        raise MoscError("--rounds needs --db (measured rows are added there and the predictor is refitted on them)")
+    tg = load_target(target)
+    remote = None
+    if backend == "tvm" and (tg.is_cross or tg.device_type() != "cpu"):
+        remote = Remote(tg.rpc.tracker_host, tg.rpc.tracker_port, tg.rpc.key)
+    source = ModelSource(checkpoint=checkpoint, space=sp.name, seed=cfg.seed)
+    cache = ArtifactCache(tg, source, log=log)
+    score = Cached(score)  # one loss cache across rounds
+
+    def measure(archs):
+        with LatencyDB(db) as ldb:
+            camp = Campaign(tg, backend, ldb, remote=remote, log=log, force=False)
+            camp.probe()
+            if camp.emulated:
+                raise MoscError(f"the {target} device is emulated: its timings are not speeds, nothing to refit on")
+            camp.run(archs, lambda a: cache.prepare(a, backend))
+            rows = {r.arch.hash: r.latency_ms for r in ldb.rows(target) if r.arch is not None}
+        return {a.hash: rows[a.hash] for a in archs if a.hash in rows}
+
+    def refit():
+        p = fit(read_db(db, target, sp.name), model=pred.model, features=pred.features, space=sp)
+        return p.latency
+
+    return feedback_search(lambda lat: run(sp, score, lat, latency_ms, cfg, log=log), measure, refit, pred.latency,
+                           rounds, top_k, latency_ms, log=log)
+
+
 @command(app, "search")
 def search_cmd(
     target: str = typer.Option(..., "--target", "-t", help="Target device (must match the predictor's target)."),
@@ -1069,9 +1113,13 @@ def search_cmd(
     seed: int = typer.Option(0, help="Seed of the search."),
     db: Optional[Path] = typer.Option(None, "--db", help=DB_HELP + " Measured points of --target are drawn on the plot."),
     out: Path = typer.Option(Path("search-out"), "--out", "-o", help="Output folder: best.json, pareto.csv, pareto.json, pareto.png."),
+    rounds: int = typer.Option(1, min=1, help="Search -> measure the top archs -> refit the predictor on --db -> search again, R times (1: search only)."),
+    measure_top: int = typer.Option(5, min=1, help="Archs measured per round (with --rounds > 1); the final pick is measured too."),
+    backend: str = typer.Option("torch", help="Measuring backend for --rounds: torch or ort (this machine) or tvm (the target's artifact; over RPC for cross targets)."),
 ):
     """Hardware-aware evolutionary search (HAT defaults): candidates over --latency-ms are dropped,
-    fitness = supernet validation loss (cached per arch), latency = the predictor."""
+    fitness = supernet validation loss (cached per arch), latency = the predictor. With --rounds R,
+    the top archs are measured on the target, added to --db, the predictor refitted, and the search repeated."""
     from mosc.fileio import atomic_write_json, atomic_write_text
     from mosc.predictor import Predictor, total_macs
     from mosc.search import EvoConfig, evolve, front_csv, pareto_search, plot_front
@@ -1095,14 +1143,21 @@ def search_cmd(
                     crossovers=crossovers, generations=generations, seed=seed)
     log = lambda msg: err_console.print(msg, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
     run = pareto_search if pareto else evolve
-    res = run(sp, score, pred.latency, latency_ms, cfg, log=log)
+    loop = None
+    if rounds > 1:
+        loop = _feedback(run, sp, score, pred, target, latency_ms, cfg, log, db, checkpoint, backend, rounds,
+                         measure_top, out)
+        res = loop.result
+    else:
+        res = run(sp, score, pred.latency, latency_ms, cfg, log=log)
     out.mkdir(parents=True, exist_ok=True)
     info = {"target": target, "space": sp.name, "predictor": str(predictor), "fitness": fitness,
             "checkpoint": str(checkpoint) if checkpoint else None, "val_sentences": val_sentences,
             "latency_constraint_ms": latency_ms, "mode": "pareto" if pareto else "constrained",
             "config": cfg.__dict__, "evaluated": res.evaluated, "seconds": round(res.seconds, 2)}
     atomic_write_text(out / "best.json", res.best.arch.to_json(indent=2) + "\n")
-    atomic_write_json(out / "search.json", {**info, "best": res.best.to_dict(), "history": res.history})
+    atomic_write_json(out / "search.json", {**info, "best": res.best.to_dict(), "history": res.history,
+                                            **({"feedback": loop.to_dict()} if loop else {})})
     atomic_write_json(out / "pareto.json", {**info, "front": [c.to_dict() for c in res.front]})
     atomic_write_text(out / "pareto.csv", front_csv(res.front))
     measured = []
@@ -1112,7 +1167,8 @@ def search_cmd(
         with LatencyDB(db) as ldb:
             rows = [r for r in ldb.rows(target) if r.arch is not None and sp.contains(r.arch)]
         measured = [(r.latency_ms, score(r.arch)) for r in rows]
-    plotted = plot_front(out / "pareto.png", res.front, measured, f"{target}: loss vs latency ({sp.name})", latency_ms)
+    ylabel = "validation loss (nats/token)" if fitness == "supernet" else "-log(multiply-adds): stand-in fitness"
+    plotted = plot_front(out / "pareto.png", res.front, measured, f"{target}: loss vs latency ({sp.name})", latency_ms, ylabel)
     t = Table(title=f"Pareto front ({len(res.front)} archs of {res.evaluated} scored, {res.seconds:.1f} s)")
     for c in ("arch", "predicted ms", "loss"):
         t.add_column(c, justify="right" if c != "arch" else "left")
@@ -1122,6 +1178,9 @@ def search_cmd(
     b = res.best
     console.print(f"best: {b.arch.hash}, loss {b.loss:.4f}, predicted {b.latency_ms:.3f} ms"
                   + (f" (constraint {latency_ms:g} ms)" if latency_ms else ""))
+    if loop is not None:
+        console.print(f"final pick after {rounds} rounds: predicted {loop.final.latency_ms:.3f} ms, measured "
+                      f"{loop.final_measured_ms:.3f} ms ({loop.final_error:+.1%})")
     console.print(f"[green]wrote[/] {out}/best.json, search.json, pareto.json, pareto.csv"
                   + (", pareto.png" if plotted else " (no plot: matplotlib is not installed)"))
 
