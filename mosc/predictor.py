@@ -493,3 +493,17 @@ def roofline_ms(feats: Sequence[float], sh: Shapes = Shapes(), peak_gmacs: float
     """Analytic latency prior: per component, max(MACs / peak compute, bytes / bandwidth), summed."""
     c = component_costs(feats, sh)
     return sum(max(c[f"macs_{k}"] / (peak_gmacs * 1e6), c[f"bytes_{k}"] / (bandwidth_gbs * 1e6)) for k in COMPONENTS)
+
+
+class AnalyticPrior:
+    """`latency(arch) -> ms` from roofline_ms, with the Predictor interface search uses.
+    Used for rpi4 until real measurements arrive; never fitted, always labelled."""
+
+    model = "analytic-prior"
+
+    def __init__(self, target: str, space: SearchSpace, shapes: Shapes | None = None):
+        self.target, self.space_name = target, space.name
+        self.shapes = shapes or Shapes(qkv_dim=space.qkv_dim)
+
+    def latency(self, arch: Arch) -> float:
+        return roofline_ms(arch.hat_features(), self.shapes)

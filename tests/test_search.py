@@ -163,3 +163,18 @@ def test_cli_rounds_need_db(tmp_path, predictor_file):
     r = runner.invoke(app, ["search", "-t", "synth", "-p", str(predictor_file), "--fitness", "macs", "-l", "100",
                             "--rounds", "2", "-o", str(tmp_path / "o")])
     assert r.exit_code == 2 and "--rounds needs --db" in r.output
+
+
+def test_rpi4_search_without_measurements_uses_the_labelled_prior(tmp_path):
+    from typer.testing import CliRunner
+
+    from mosc.cli import app
+
+    runner = CliRunner(env={"COLUMNS": "200"})
+    args = ["search", "--target", "rpi4", "--latency-ms", "300", "--fitness", "macs", "--generations", "2",
+            "--population", "20", "--parents", "5", "--mutations", "8", "--crossovers", "8", "-o", str(tmp_path / "s")]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "ANALYTIC PRIOR" in r.output and (tmp_path / "s" / "best.json").exists()
+    r = runner.invoke(app, [*args[:2], "xeon", *args[3:]])
+    assert r.exit_code == 2 and "--predictor is required for 'xeon'" in r.output
