@@ -538,23 +538,15 @@ def translate_cmd(
 
 @command(app, "demo")
 def demo(
-    space: str = typer.Option("tiny", "--space", "-s", help=SPACE_HELP),
-    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Folder for the demo's files."),
-    seed: int = typer.Option(0, help="Random seed."),
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Output folder (an existing run in OUT/run is resumed)."),
+    seed: int = typer.Option(0, help="Seed of training, arch sampling and the search."),
 ):
-    """The main job on a built-in default: sample an arch, collapse it in every FFN mode and check it."""
-    from mosc.fileio import atomic_write_text
-    from mosc.space import SearchSpace
+    """The main job on the built-in default (examples/tiny.toml): train a tiny MoS supernet on the
+    synthetic task, measure subnets on this machine through TVM, fit the latency predictor, search
+    under a latency budget, collapse + export + compile the winner, translate with it, summarise."""
+    from mosc.pipeline import PipelineConfig, run_pipeline
 
-    s = SearchSpace.load(space)
-    arch = s.sample(random.Random(seed))
-    arch_path = out / "arch.json"
-    atomic_write_text(arch_path, arch.to_json(indent=2) + "\n")
-    console.print(f"search space {s.name!r}: {s.size():,} archs; sampled arch {arch.hash} -> {arch_path}")
-    for mode in ("shared", "layer", "neuron"):
-        r = run_collapse(None, arch_path, out / f"subnet-{mode}", space, mode, seed)
-        _print_collapse(r)
-    console.print(f"[green]done[/]: collapsed subnets in {out}/subnet-*/ (model.safetensors + config.json)")
+    run_pipeline(PipelineConfig(seed=seed).check(), out, console)
 
 
 # ---- mosc measure / device / db (issue 5) ---------------------------------------------
@@ -1207,6 +1199,22 @@ def search_cmd(
                       f"{loop.final_measured_ms:.3f} ms ({loop.final_error:+.1%})")
     console.print(f"[green]wrote[/] {out}/best.json, search.json, pareto.json, pareto.csv"
                   + (", pareto.png" if plotted else " (no plot: matplotlib is not installed)"))
+
+
+# ---- mosc pipeline (issue 8) -----------------------------------------------------------
+
+
+@command(app, "pipeline")
+def pipeline_cmd(
+    config: Optional[Path] = typer.Option(None, "--config", help="Pipeline TOML (examples/*.toml); omitted: the built-in default."),
+    out: Path = typer.Option(Path("runs/pipeline"), "--out", "-o", help="Output folder (an existing run in OUT/run is resumed)."),
+):
+    """The main job end to end: train -> measure -> predictor -> search -> collapse/export ->
+    compile -> translate -> summary (OUT/summary.json)."""
+    from mosc.pipeline import PipelineConfig, run_pipeline
+
+    cfg = PipelineConfig.load(config) if config is not None else PipelineConfig()
+    run_pipeline(cfg, out, console)
 
 
 def main():  # console-script entry point
