@@ -39,6 +39,7 @@ from typing import Any, Callable
 import numpy as np
 
 from mosc.errors import MoscError
+from mosc.fileio import atomic_write_json, sha256_file, verify_files
 from mosc.targets import Target, load_target
 
 # ----------------------------------------------------------------------------- settings
@@ -497,7 +498,7 @@ def tune(
         except Exception as e:  # TVM raises its own error types (ScheduleError, TVMError)
             broken[i] = str(e).splitlines()[0][:200]
     if broken:
-        _write_json_atomic(db_dir / UNTUNABLE, {**_read_untunable(db_dir),
+        atomic_write_json(db_dir / UNTUNABLE, {**_read_untunable(db_dir),
                                                 **{_task_key(todo[i][0]): todo[i][0].task_name for i in broken}})
         keep = [i for i in range(len(todo)) if i not in broken]
         todo, contexts = [todo[i] for i in keep], [contexts[i] for i in keep]
@@ -539,7 +540,7 @@ def tune(
         if database.query_tuning_record(todo[i][0].dispatched[0], tvm_target, todo[i][0].task_name) is None
     }
     if failed:
-        _write_json_atomic(db_dir / UNTUNABLE, {**_read_untunable(db_dir), **failed})
+        atomic_write_json(db_dir / UNTUNABLE, {**_read_untunable(db_dir), **failed})
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -645,20 +646,6 @@ def export(ex, path: Path | str, target: Target | str) -> Path:
 
 
 # ----------------------------------------------------------------------------- artifact
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)  # readers see the old manifest or the new one, never half of one
-
-
 def compile_artifact(
     onnx_files: dict[str, Path | str],
     target: Target | str,
@@ -710,7 +697,7 @@ def compile_artifact(
         tmp = out_dir / f".{lib}.tmp.so"  # export_library needs the suffix to pick the linker mode
         export(ex, tmp, target)
         os.replace(tmp, out_dir / lib)
-        files[lib] = _sha256(out_dir / lib)
+        files[lib] = sha256_file(out_dir / lib)
         graphs[graph] = {"file": lib, **sig}
 
     manifest = {
@@ -730,7 +717,7 @@ def compile_artifact(
     if clash:
         raise MoscError(f"extra_manifest may not override {sorted(clash)}")
     manifest.update(extra)
-    _write_json_atomic(out_dir / MANIFEST, manifest)
+    atomic_write_json(out_dir / MANIFEST, manifest)
     return out_dir
 
 
@@ -754,12 +741,7 @@ def verify_artifact(art_dir: Path | str) -> dict:
     for graph in manifest["graphs"].values():
         if graph["file"] not in manifest["files"]:
             raise MoscError(f"{art_dir}: {graph['file']} has no sha256 in the manifest")
-    for name, digest in manifest["files"].items():
-        path = art_dir / name
-        if Path(name).name != name or not path.is_file():
-            raise MoscError(f"{art_dir}: {name} is missing")
-        if _sha256(path) != digest:
-            raise MoscError(f"{art_dir}: {name} does not match its sha256 in the manifest (tampered or corrupt)")
+    verify_files(art_dir, manifest["files"], "the manifest")
     return manifest
 
 

@@ -60,6 +60,18 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def verify_files(folder: str | Path, files: dict[str, str], record: str) -> None:
+    """Check every `name -> sha256` of a folder's record (a manifest); one-line MoscError on a
+    missing, misplaced, tampered or corrupt file."""
+    folder = Path(folder)
+    for name, digest in files.items():
+        path = folder / name
+        if Path(name).name != name or not path.is_file():
+            raise MoscError(f"{folder}: {name} is missing")
+        if sha256_file(path) != digest:
+            raise MoscError(f"{folder}: {name} does not match its sha256 in {record} (tampered or corrupt)")
+
+
 def save_tensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> str:
     """Write a flat {name: tensor} dict as safetensors, atomically. Returns its sha256."""
     from safetensors.torch import save

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from mosc.errors import MoscError
-from mosc.fileio import read_json, sha256_file
+from mosc.fileio import read_json, verify_files
 
 ENCODER, DECODER = "encoder", "decoder_step"
 ENC_INPUTS = ["src"]
@@ -60,12 +60,7 @@ def load_export(out_dir: str | Path) -> dict:
     meta = read_json(path, "export metadata")
     if meta.get("format") != EXPORT_FORMAT:
         raise MoscError(f"{path}: format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}")
-    for name, digest in meta["files"].items():
-        f = out_dir / name
-        if Path(name).name != name or not f.is_file():
-            raise MoscError(f"{out_dir}: {name} is missing")
-        if sha256_file(f) != digest:
-            raise MoscError(f"{out_dir}: {name} does not match its sha256 in {EXPORT_JSON} (tampered or corrupt)")
+    verify_files(out_dir, meta["files"], EXPORT_JSON)
     return meta
 
 

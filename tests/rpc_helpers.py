@@ -4,6 +4,7 @@ bounded waits, always killed (whole process group: the server forks a child per 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -95,3 +96,16 @@ def rpc_device(key: str = "testdev"):
         if server:
             server.kill()
         tracker.kill()
+
+
+def host_test_env(work: Path, protocol: dict) -> dict:
+    """CLI environment with a `host` target whose [protocol] is replaced by `protocol` (short
+    runs) and private artifact/tuning caches under `work`."""
+    tdir = work / "targets"
+    tdir.mkdir()
+    text = (REPO / "targets" / "host.toml").read_text()
+    for k, v in protocol.items():
+        text = re.sub(rf"(?m)^{k} = .*$", f"{k} = {v}", text)
+    (tdir / "host.toml").write_text(text)
+    return {**ENV, "MOSC_TARGETS_DIR": str(tdir), "MOSC_ARTIFACT_CACHE": str(work / "cache"),
+            "MOSC_TUNE_DIR": str(work / "tune"), "COLUMNS": "200"}

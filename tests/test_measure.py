@@ -7,7 +7,6 @@ the module in a private cache; a test target file gives the short protocol.
 
 import json
 import os
-import re
 import sqlite3
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import numpy as np
 import psutil
 import pytest
 
-from rpc_helpers import ENV, REPO, free_port, rpc_device, start_server, start_tracker
+from rpc_helpers import REPO, free_port, host_test_env, rpc_device, start_server, start_tracker
 
 from mosc.measure import run_protocol, summarize
 
@@ -69,14 +68,7 @@ def test_protocol_feeds_caches_back_in_order():
 def env(tmp_path_factory):
     """Environment of the CLI runs: a test target (short protocol), private caches."""
     work = tmp_path_factory.mktemp("measure")
-    tdir = work / "targets"
-    tdir.mkdir()
-    text = (REPO / "targets" / "host.toml").read_text()
-    for k, v in PROTOCOL.items():
-        text = re.sub(rf"(?m)^{k} = .*$", f"{k} = {v}", text)
-    (tdir / "host.toml").write_text(text)
-    return {**ENV, "MOSC_TARGETS_DIR": str(tdir), "MOSC_ARTIFACT_CACHE": str(work / "cache"),
-            "MOSC_TUNE_DIR": str(work / "tune"), "MOSC_LATENCY_DB": str(work / "default.db"), "COLUMNS": "200"}
+    return {**host_test_env(work, PROTOCOL), "MOSC_LATENCY_DB": str(work / "default.db")}
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ with a test double of the *timer only* (the measured samples scaled); the statis
 import copy
 import json
 import os
-import re
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -19,7 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from rpc_helpers import ENV, REPO
+from rpc_helpers import REPO, host_test_env
 
 from mosc.errors import MoscError
 
@@ -29,14 +28,7 @@ PROTOCOL = {"source_len": 8, "decoder_steps": 4, "batch": 1, "warmup": 2, "repea
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     work = tmp_path_factory.mktemp("regress")
-    tdir = work / "targets"
-    tdir.mkdir()
-    text = (REPO / "targets" / "host.toml").read_text()
-    for k, v in PROTOCOL.items():
-        text = re.sub(rf"(?m)^{k} = .*$", f"{k} = {v}", text)
-    (tdir / "host.toml").write_text(text)
-    return {**ENV, "MOSC_TARGETS_DIR": str(tdir), "MOSC_ARTIFACT_CACHE": str(work / "cache"),
-            "MOSC_TUNE_DIR": str(work / "tune"), "COLUMNS": "200", "work": str(work)}
+    return {**host_test_env(work, PROTOCOL), "work": str(work)}
 
 
 @pytest.fixture(scope="module")
