@@ -295,16 +295,14 @@ def evaluate_cmd(
 ):
     """Validation loss and corpus BLEU (sacrebleu) of the supernet at an arch (inherited weights)
     and, with --subnet, of a collapsed subnet."""
-    from mosc.data import load_corpus
     from mosc.evaluate import evaluate
     from mosc.fileio import atomic_write_json
     from mosc.space import Arch
     from mosc.subnet import load_subnet
-    from mosc.train import load_trained
+    from mosc.train import load_run_corpus, load_trained
 
     model, tok, meta = load_trained(checkpoint)
-    args = {k: v for k, v in meta.get("corpus_args", {}).items() if k != "vocab_size"}
-    data = load_corpus(meta["corpus"], tokenizer=tok, **args)
+    data = load_run_corpus(meta, tok)
     fixed = meta.get("train", {}).get("fixed_arch")
     if subnet is not None:
         target, arch, what = load_subnet(subnet), None, f"subnet {subnet}"
@@ -543,7 +541,8 @@ def demo(
 ):
     """The main job on the built-in default (examples/tiny.toml): train a tiny MoS supernet on the
     synthetic task, measure subnets on this machine through TVM, fit the latency predictor, search
-    under a latency budget, collapse + export + compile the winner, translate with it, summarise."""
+    under a latency budget, collapse + export + compile the winner, translate with it, check BLEU and
+    measured latency along the Pareto front, summarise (OUT/summary.json)."""
     from mosc.pipeline import PipelineConfig, run_pipeline
 
     run_pipeline(PipelineConfig(seed=seed).check(), out, console)
@@ -1025,26 +1024,12 @@ def predictor_eval(
 
 
 def _supernet_fitness(checkpoint: Path, val_sentences: int, max_tokens: int):
-    """arch -> validation loss of the supernet at arch on the first N validation sentences."""
-    import torch
-
-    from mosc.data import Split, eval_batches, load_corpus
-    from mosc.evaluate import logits_fn, validation_loss
-    from mosc.train import load_trained
+    """(space, arch -> validation loss of the supernet at arch on the first N validation sentences)."""
+    from mosc.evaluate import supernet_fitness
+    from mosc.train import load_run_corpus, load_trained
 
     model, tok, meta = load_trained(checkpoint)
-    model.eval()
-    args = {k: v for k, v in meta.get("corpus_args", {}).items() if k != "vocab_size"}
-    data = load_corpus(meta["corpus"], tokenizer=tok, **args)
-    v = data.val
-    n = min(val_sentences, len(v))
-    batches = eval_batches(Split(v.src_text[:n], v.tgt_text[:n], v.src[:n], v.tgt[:n]), max_tokens=max_tokens)
-
-    def score(arch) -> float:
-        with torch.no_grad():
-            return validation_loss(logits_fn(model, arch), batches)
-
-    return model.space, score
+    return model.space, supernet_fitness(model, load_run_corpus(meta, tok), val_sentences, max_tokens)
 
 
 def _feedback(run, sp, score, pred, target, latency_ms, cfg, log, db, checkpoint, backend, rounds, top_k, out):

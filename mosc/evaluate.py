@@ -183,3 +183,17 @@ def evaluate(model: Supernet | Subnet, data: ParallelData, arch: Arch | None = N
         hyps = data.tokenizer.decode_batch(ids)
         score = sacrebleu.corpus_bleu(hyps, [sp.tgt_text]).score
     return Evaluation(loss, score, len(sp), time.perf_counter() - t0, hyps)
+
+
+def supernet_fitness(model: Supernet, data: ParallelData, val_sentences: int, max_tokens: int = 4096):
+    """arch -> validation loss (nats/token) of the supernet at arch on the first N validation
+    sentences: the search's fitness (lower is better; HAT and MoS search on it too)."""
+    model.eval()
+    v = data.val
+    n = min(val_sentences, len(v))
+    batches = eval_batches(Split(v.src_text[:n], v.tgt_text[:n], v.src[:n], v.tgt[:n]), max_tokens=max_tokens)
+
+    def score(arch: Arch) -> float:
+        return validation_loss(logits_fn(model, arch), batches)
+
+    return score

@@ -476,7 +476,9 @@ class Campaign:
             del art, sess
             gc.collect()
 
-    def run(self, archs: list[Arch], prepare: Callable[[Arch], Prepared]) -> CampaignResult:
+    def run(self, archs: list[Arch], prepare: Callable[[Arch], Prepared],
+            done: Callable[[], None] | None = None) -> CampaignResult:
+        """Measure (or skip) every arch in order; `done()` is called after each one (a progress bar)."""
         res = CampaignResult()
         p = self.target.protocol
         shapes = {"batch": p.batch, "source_len": p.source_len, "decoder_steps": p.decoder_steps}
@@ -487,6 +489,8 @@ class Campaign:
             if not self.force and self.db.has(arch.hash, self.target.name, self.backend, self.key, self.emulated, shapes):
                 res.skipped.append(arch.hash)
                 self.log(f"[{i}/{len(archs)}] {arch.hash}: already in the database, skipped (--force re-measures)")
+                if done:
+                    done()
                 continue
             prep = prepare(arch)
             t0 = time.perf_counter()
@@ -506,6 +510,8 @@ class Campaign:
                      f"(encoder {s['encoder_ms']:.2f} + decoder {s['decoder_ms']:.2f}; median {s['median_ms']:.2f}, "
                      f"p90 {s['p90_ms']:.2f}, std {s['std_ms']:.2f}; {len(m.total_ms)} runs, "
                      f"{time.perf_counter() - t0:.1f} s){tag}")
+            if done:
+                done()
         return res
 
     def _row(self, arch: Arch, m: Measurement, sha: str | None, prep: Prepared) -> dict:

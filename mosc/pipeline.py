@@ -4,7 +4,8 @@ train a MoS supernet -> measure a sample of subnets on a target through TVM -> f
 predictor on those rows -> search under a latency budget (fitness: the supernet's validation
 loss) plus the loss-latency Pareto front -> collapse + export the winner -> compile it (host,
 tuned; the target; a cross target) -> translate a few validation sentences with the compiled
-artifact -> summary (printed, and summary.json in the output folder).
+artifact -> check the front (BLEU and measured latency of a few front archs and the winner,
+the winner's compiled artifact timed) -> summary (printed, and summary.json in the output folder).
 
 Every stage is a call into the library; this module only wires them together, times them and
 prints what happened. A `PipelineConfig` is a flat TOML file (see examples/*.toml); every key
@@ -19,6 +20,7 @@ import shutil
 import statistics
 import time
 import tomllib
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -36,10 +38,11 @@ class PipelineConfig:
     space: str = "tiny"  # search space: built-in name or a .toml path
     mode: str = "neuron"  # FFN mode: shared (HAT), layer or neuron (MoS)
     experts: int = 2  # m: experts per FFN matrix (MoS modes)
-    train_steps: int = 160  # optimizer updates, ~3 min on 2 cores (an existing run folder is resumed)
+    train_steps: int = 600  # optimizer updates, ~2 min on 2 cores (an existing run folder is resumed)
     train_max_tokens: int = 1024  # padded tokens per batch
-    train_lr: float = 1e-3  # peak learning rate
-    train_warmup: int = 40  # linear warm-up updates
+    train_lr: float = 3e-3  # peak learning rate (high: the synthetic task is small and clean)
+    train_warmup: int = 60  # linear warm-up updates
+    train_dropout: float = 0.1  # residual dropout at the largest embed dim (0.3 suits real data)
     seed: int = 0  # seed of training, arch sampling and the search
     # -- latency measurement (stage 2) ------------------------------------------------------
     target: str = "host"  # device measured and searched for (a name in targets/)
@@ -62,7 +65,7 @@ class PipelineConfig:
     mutation_prob: float = 0.3  # per-gene mutation probability (HAT: 0.3)
     generations: int = 10  # generations (HAT: 30)
     pareto: bool = True  # also run NSGA-II for the whole loss-latency front
-    bleu_archs: int = 3  # front archs whose BLEU is computed for the summary (0 = none)
+    bleu_archs: int = 4  # front archs checked for the summary: BLEU + measured latency (0 = only the winner)
     bleu_sentences: int = 100  # validation sentences for those BLEU scores
     # -- compile (stage 6) ------------------------------------------------------------------
     compile_tune: bool = True  # tune the host artifact with MetaSchedule
@@ -132,6 +135,18 @@ class _Stages:
             self.console.print(f"[dim]{name}: {self.times[name]:.1f} s[/]")
 
 
+@contextmanager
+def _bar(console: Console, what: str, total: int):
+    """A progress bar over one stage's items; lines printed meanwhile appear above it.
+    Yields advance(): call it once per item done."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as prog:
+        task = prog.add_task(what, total=total)
+        yield lambda: prog.advance(task)
+
+
 def _target(name: str, cfg: PipelineConfig):
     """The target with the config's protocol and RPC overrides applied."""
     from mosc.measure import parse_hostport
@@ -158,7 +173,6 @@ def _remote_for(tg, cfg: PipelineConfig):
 
 def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, console: Console | None = None) -> dict:
     """Run every stage into out_dir; returns (and writes to out_dir/summary.json) the summary."""
-    from mosc.cli import _supernet_fitness
     from mosc.fileio import atomic_write_json
 
     cfg.check()
@@ -195,7 +209,8 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, console: Console | No
             if ck is not None:
                 log(f"resuming {run_dir} from step {done}")
             res = train(run_dir, corpus=cfg.corpus, space=cfg.space, mode=cfg.mode, cfg=tc,
-                        model_overrides={"n_experts": cfg.experts}, corpus_args=corpus_args, resume=ck is not None)
+                        model_overrides={"n_experts": cfg.experts, "dropout": cfg.train_dropout},
+                        corpus_args=corpus_args, resume=ck is not None)
             r = {"steps": res.steps, "resumed": ck is not None, "final_loss": res.final_loss,
                  "tokens_per_s": res.tokens_per_s}
         model, tok, meta = load_trained(run_dir)
@@ -206,35 +221,46 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, console: Console | No
     s["train"] = st.run("train", f"train a {cfg.mode} supernet ({cfg.space} space, {cfg.corpus} corpus)", train_stage)
 
     # 2. measure ----------------------------------------------------------------------------
-    def measure_stage():
-        from mosc.artifact_cache import ArtifactCache, ModelSource, load_space, sample_archs
+    remote = _remote_for(tg, cfg)
+
+    def measure(archs: list, what: str) -> tuple:
+        """Measure archs on the target through TVM into the pipeline's latency DB (archs already
+        there are skipped); returns (campaign result, device key, {arch hash: latency ms})."""
+        from mosc.artifact_cache import ArtifactCache, ModelSource
         from mosc.db import LatencyDB
         from mosc.measure import Campaign
 
         source = ModelSource(checkpoint=run_dir, space=cfg.space, mode=cfg.mode, seed=cfg.seed)
-        sp = load_space(source)
-        archs = sample_archs(sp, cfg.measure_archs, cfg.seed)
-        remote = _remote_for(tg, cfg)
-        label = (f"tuned ({cfg.measure_trials} trials each)" if cfg.measure_tune else
-                 "UNTUNED builds (--no-tune: tuning-database records only; absolute times are pessimistic)")
-        p = tg.protocol
-        log(f"measuring {len(archs)} archs on {tg.name} through TVM, {label}; protocol: batch {p.batch}, source "
-            f"{p.source_len}, {p.decoder_steps} decoder steps, {p.warmup} warm-up + {p.repeats} timed runs")
+        # Untuned measurement builds read an empty tuning database, not the machine's: otherwise
+        # schedules tuned later (the winner's, another run's) would leak into some rows only.
         cache = ArtifactCache(tg, source, root=out / "artifacts", tune=cfg.measure_tune, trials=cfg.measure_trials,
-                              tune_db=tune_db, log=log)
-        with LatencyDB(db_path) as ldb:
+                              tune_db=tune_db if cfg.measure_tune else out / "tune-db-empty", log=log)
+        with LatencyDB(db_path) as ldb, _bar(console, what, len(archs)) as advance:
             camp = Campaign(tg, "tvm", ldb, remote=remote, log=log, source="mosc pipeline")
             camp.probe()
             if camp.emulated:
                 raise MoscError(f"the {tg.name} device is emulated: its timings are not speeds, nothing to fit on")
-            res = camp.run(archs, lambda a: cache.prepare(a, "tvm"))
+            res = camp.run(archs, lambda a: cache.prepare(a, "tvm"), done=advance)
             rows = {r.arch.hash: r.latency_ms for r in ldb.rows(tg.name) if r.arch is not None}
-        measured = {a.hash: rows[a.hash] for a in archs if a.hash in rows}
+        return res, camp.key, {a.hash: rows[a.hash] for a in archs if a.hash in rows}
+
+    measure_label = (f"tuned ({cfg.measure_trials} trials each)" if cfg.measure_tune else
+                     "UNTUNED builds (no schedules: absolute times are pessimistic, the ranking is what counts)")
+
+    def measure_stage():
+        from mosc.artifact_cache import ModelSource, load_space, sample_archs
+
+        sp = load_space(ModelSource(checkpoint=run_dir))
+        archs = sample_archs(sp, cfg.measure_archs, cfg.seed)
+        p = tg.protocol
+        log(f"measuring {len(archs)} archs on {tg.name} through TVM, {measure_label}; protocol: batch {p.batch}, "
+            f"source {p.source_len}, {p.decoder_steps} decoder steps, {p.warmup} warm-up + {p.repeats} timed runs")
+        res, key, measured = measure(archs, f"measuring on {tg.name}")
         lat = sorted(measured.values())
         log(f"measured {len(res.measured)} new, {len(res.skipped)} already in {db_path}; "
             f"latency {lat[0]:.2f}..{lat[-1]:.2f} ms, median {statistics.median(lat):.2f} ms")
         return {"archs": len(archs), "new": len(res.measured), "skipped": len(res.skipped), "tuned": cfg.measure_tune,
-                "label": label, "db": str(db_path), "device_key": camp.key, "latency_ms": measured,
+                "label": measure_label, "db": str(db_path), "device_key": key, "latency_ms": measured,
                 "median_ms": statistics.median(lat)}
 
     s["measure"] = st.run("measure", f"measure {cfg.measure_archs} subnets on {tg.name} (TVM)", measure_stage)
@@ -267,22 +293,28 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, console: Console | No
     def search_stage():
         from mosc.search import Cached, EvoConfig, evolve, front_csv, pareto_search, plot_front
 
-        sp, score = _supernet_fitness(run_dir, cfg.val_sentences, 4096)
-        score = Cached(score)  # shared by both searches
+        from mosc.evaluate import supernet_fitness
+        from mosc.train import load_run_corpus, load_trained
+
+        model, tok, meta = load_trained(run_dir)
+        sp = model.space
+        score = Cached(supernet_fitness(model, load_run_corpus(meta, tok), cfg.val_sentences))  # shared by both searches
         budget = cfg.latency_budget_ms or s["measure"]["median_ms"]
         ec = EvoConfig(population=cfg.population, parents=min(cfg.parents, cfg.population), mutations=cfg.mutations,
                        crossovers=cfg.crossovers, mutation_prob=cfg.mutation_prob, generations=cfg.generations,
                        seed=cfg.seed)
         log(f"budget {budget:.2f} ms ({'configured' if cfg.latency_budget_ms else 'median measured latency'}); "
             f"fitness: supernet validation loss on {cfg.val_sentences} sentences")
-        res = evolve(sp, score, pred.latency, budget, ec, log=log)
-        front = res.front
-        if cfg.pareto:
-            log("NSGA-II for the loss-latency front:")
-            front = pareto_search(sp, score, pred.latency, None, ec, log=log).front
-            fits = [c for c in front if c.latency_ms <= budget and c.loss < res.best.loss]
-            if fits:  # NSGA-II found a lower-loss arch that also meets the budget: it wins
-                res.best = min(fits, key=lambda c: (c.loss, c.latency_ms))
+        with _bar(console, "search generations", cfg.generations * (2 if cfg.pareto else 1)) as advance:
+            step = lambda msg: (log(msg), advance())  # noqa: E731  (evolve logs once per generation)
+            res = evolve(sp, score, pred.latency, budget, ec, log=step)
+            front = res.front
+            if cfg.pareto:
+                log("NSGA-II for the loss-latency front:")
+                front = pareto_search(sp, score, pred.latency, None, ec, log=step).front
+                fits = [c for c in front if c.latency_ms <= budget and c.loss < res.best.loss]
+                if fits:  # NSGA-II found a lower-loss arch that also meets the budget: it wins
+                    res.best = min(fits, key=lambda c: (c.loss, c.latency_ms))
         d = out / "search"
         d.mkdir(exist_ok=True)
         from mosc.fileio import atomic_write_text
@@ -377,16 +409,15 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, console: Console | No
     # 7. translate --------------------------------------------------------------------------
     def translate_stage():
         from mosc.compile import load_artifact, read_manifest
-        from mosc.data import SubwordTokenizer, load_corpus
-        from mosc.train import load_trained
+        from mosc.data import SubwordTokenizer
+        from mosc.train import load_run_corpus, load_trained
         from mosc.translate import artifact_backend, translate_ids
 
         art_dir = Path(s["compile"]["host"]["path"])
         model = read_manifest(art_dir)["model"]
         tok = SubwordTokenizer.from_json(model["tokenizer"])
         _, _, meta = load_trained(run_dir)
-        args = {k: v for k, v in meta.get("corpus_args", {}).items() if k != "vocab_size"}
-        val = load_corpus(meta["corpus"], tokenizer=tok, **args).val
+        val = load_run_corpus(meta, tok).val
         n = min(cfg.translate_sentences, len(val))
         backend = artifact_backend(load_artifact(art_dir))
         t0 = time.perf_counter()
@@ -403,33 +434,42 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, console: Console | No
 
     s["translate"] = st.run("translate", "translate with the compiled host artifact", translate_stage)
 
-    # 8. summary ----------------------------------------------------------------------------
-    def summary_stage():
-        from mosc.data import load_corpus
+    # 8. check the front ------------------------------------------------------------------
+    def check_stage():
         from mosc.evaluate import evaluate
-        from mosc.train import load_trained
+        from mosc.train import load_run_corpus, load_trained
 
+        picks = front_picks(front, best, cfg.bleu_archs)
         model, tok, meta = load_trained(run_dir)
-        args = {k: v for k, v in meta.get("corpus_args", {}).items() if k != "vocab_size"}
-        data = load_corpus(meta["corpus"], tokenizer=tok, **args)
-        measured = s["measure"]["latency_ms"]
-        k = cfg.bleu_archs
-        picks = set()
-        if k > 0 and front:  # spread the BLEU evaluations along the front, always the best
-            idx = [round(i * (len(front) - 1) / max(k - 1, 1)) for i in range(min(k, len(front)))]
-            picks = {front[i].arch.hash for i in idx}
-        picks.add(best.arch.hash)
+        data = load_run_corpus(meta, tok)
+        n = min(cfg.bleu_sentences, len(data.val))
+        bleu = {}
+        with _bar(console, "BLEU", len(picks)) as advance:
+            for c in picks:
+                bleu[c.arch.hash] = evaluate(model, data, c.arch, split="val", max_sentences=n).bleu
+                log(f"{c.arch.hash}: BLEU {bleu[c.arch.hash]:.2f} on {n} validation sentences, loss {c.loss:.4f}, "
+                    f"predicted {c.latency_ms:.2f} ms")
+                advance()
+        log(f"measuring the {len(picks)} checked archs on {tg.name} (like the sample: {measure_label})")
+        _, _, measured = measure([c.arch for c in picks], f"measuring on {tg.name}")
+        measured = {**s["measure"]["latency_ms"], **measured}
         rows = []
         for c in front + ([best] if best.arch.hash not in {c.arch.hash for c in front} else []):
-            bleu = None
-            if c.arch.hash in picks and k > 0:
-                bleu = evaluate(model, data, c.arch, split="val", max_sentences=cfg.bleu_sentences).bleu
-            rows.append({"arch_hash": c.arch.hash, "loss": c.loss, "bleu": bleu, "predicted_ms": c.latency_ms,
-                         "measured_ms": measured.get(c.arch.hash), "winner": c.arch.hash == best.arch.hash})
+            rows.append({"arch_hash": c.arch.hash, "loss": c.loss, "bleu": bleu.get(c.arch.hash),
+                         "predicted_ms": c.latency_ms, "measured_ms": measured.get(c.arch.hash),
+                         "winner": c.arch.hash == best.arch.hash})
         rows.sort(key=lambda r: r["predicted_ms"])
-        return rows
+        errs = [abs(r["predicted_ms"] / r["measured_ms"] - 1) for r in rows if r["bleu"] is not None and r["measured_ms"]]
+        log(f"predicted vs measured on the checked archs: mean error {statistics.mean(errs):.1%}, max {max(errs):.1%}")
+        # the deployment artifact of the winner (tuned when compile_tune), timed with the same protocol
+        art = s["compile"][tg.name]
+        stats = _time_artifact(Path(art["path"]), tg, remote)
+        log(f"winner's compiled {tg.name} artifact ({'tuned, %d trials' % art['trials'] if art['tuned'] else 'untuned'}): "
+            f"{stats['latency_ms']:.2f} ms (median {stats['median_ms']:.2f}, p90 {stats['p90_ms']:.2f})")
+        return rows, {"path": art["path"], "tuned": art["tuned"], "trials": art["trials"], **{
+            k: stats[k] for k in ("latency_ms", "median_ms", "p90_ms", "std_ms")}}
 
-    s["front"] = st.run("summary", "summary", summary_stage)
+    s["front"], s["winner_artifact"] = st.run("check", "check the front: BLEU and measured latency", check_stage)
     s["stage_seconds"] = st.times
     s["total_seconds"] = round(time.perf_counter() - t_all, 2)
     s["artifacts"] = {"run": str(run_dir), "latency_db": str(db_path), "predictor": s["predictor"]["path"],
@@ -440,6 +480,33 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, console: Console | No
     atomic_write_json(out / "summary.json", s)
     print_summary(s, console)
     return s
+
+
+def front_picks(front: list, best, k: int) -> list:
+    """k archs spread evenly along the front (by predicted latency), plus the winner."""
+    picks = {}
+    if k > 0 and front:
+        for i in range(min(k, len(front))):
+            c = front[round(i * (len(front) - 1) / max(k - 1, 1))]
+            picks[c.arch.hash] = c
+    picks[best.arch.hash] = best
+    return sorted(picks.values(), key=lambda c: c.latency_ms)
+
+
+def _time_artifact(art_dir: Path, tg, remote) -> dict:
+    """Stats of one compiled artifact under the target's protocol (locally, or over RPC)."""
+    import gc
+
+    from mosc.compile import load_artifact, read_manifest
+    from mosc.measure import connect, measure_tvm
+
+    sess = connect(remote) if remote is not None else None
+    try:
+        art = load_artifact(art_dir, read_manifest(art_dir).get("device", "cpu"), session=sess)
+        return measure_tvm(art, tg.protocol).stats
+    finally:
+        art = sess = None
+        gc.collect()  # an RPC session ends when its last handle is freed
 
 
 def _arch_of(sp, h: str, run_dir: Path, cfg: PipelineConfig):
@@ -463,15 +530,31 @@ def next_commands(cfg: PipelineConfig, out: Path) -> list[str]:
     ]
 
 
+SHOWN_FRONT_ROWS = 12  # longer fronts are thinned in the printed table (all rows: search/pareto.csv)
+
+
 def print_summary(s: dict, console: Console) -> None:
-    t = Table(title=f"Pareto front on {s['config']['target']} (* = winner under {s['search']['budget_ms']:.2f} ms)")
+    rows = s["front"]
+    if len(rows) > SHOWN_FRONT_ROWS:  # keep the checked archs, spread the rest evenly
+        checked = [i for i, r in enumerate(rows) if r["bleu"] is not None or r["winner"]]
+        spread = [round(i * (len(rows) - 1) / (SHOWN_FRONT_ROWS - 1)) for i in range(SHOWN_FRONT_ROWS)]
+        keep = sorted(set(checked) | set(spread[:max(SHOWN_FRONT_ROWS - len(checked), 2)]) | {len(rows) - 1})
+        rows = [rows[i] for i in keep]
+    shown = f"{len(rows)} of {len(s['front'])} archs, " if len(rows) < len(s["front"]) else ""
+    t = Table(title=f"Pareto front on {s['config']['target']} ({shown}* = winner under {s['search']['budget_ms']:.2f} ms)",
+              caption=f"measured: {'tuned' if s['measure']['tuned'] else 'untuned'} TVM builds, the target's protocol; "
+                      f"BLEU: greedy, {s['config']['bleu_sentences']} validation sentences")
     for c in ("arch", "val loss", "BLEU", "predicted ms", "measured ms"):
         t.add_column(c, justify="left" if c == "arch" else "right")
-    for r in s["front"]:
+    for r in rows:
         t.add_row(("* " if r["winner"] else "  ") + r["arch_hash"], f"{r['loss']:.4f}",
                   "-" if r["bleu"] is None else f"{r['bleu']:.2f}", f"{r['predicted_ms']:.2f}",
                   "-" if r["measured_ms"] is None else f"{r['measured_ms']:.2f}")
     console.print(t)
+    w = s.get("winner_artifact")
+    if w:
+        console.print(f"winner's deployment artifact ({'tuned, %d trials' % w['trials'] if w['tuned'] else 'untuned'}): "
+                      f"{w['latency_ms']:.2f} ms measured ({w['path']})", highlight=False)
     a = Table("artifact", "where", title="files")
     for k, v in s["artifacts"].items():
         a.add_row(k, v)

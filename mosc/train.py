@@ -170,6 +170,12 @@ def load_trained(path: str | Path) -> tuple[Supernet, SubwordTokenizer, dict]:
     return model, SubwordTokenizer.from_json(meta["tokenizer"]), meta
 
 
+def load_run_corpus(meta: dict, tokenizer: SubwordTokenizer) -> ParallelData:
+    """The corpus a checkpoint was trained on (same files/synthetic settings), with its tokenizer."""
+    args = {k: v for k, v in meta.get("corpus_args", {}).items() if k != "vocab_size"}
+    return load_corpus(meta["corpus"], tokenizer=tokenizer, **args)
+
+
 # ---- the loop ---------------------------------------------------------------------------
 
 
@@ -223,7 +229,7 @@ def train(
         fixed = Arch.from_dict(tr["fixed_arch"]) if tr["fixed_arch"] else None
         corpus_args = {k: v for k, v in meta.get("corpus_args", {}).items() if k != "vocab_size"}
         if data is None:
-            data = load_corpus(corpus, tokenizer=tokenizer, **corpus_args)
+            data = load_run_corpus(meta, tokenizer)
         start = tr["step"]
     else:
         s = SearchSpace.load(space)
