@@ -10,14 +10,17 @@ keeps them in
 
 (root: $MOSC_ARTIFACT_CACHE or ~/.cache/mosc/artifacts). A folder is reused when its
 export.json / manifest.json verify (sha256s) and name the same arch; anything else is
-rebuilt. Imports torch (lazily, when something has to be built).
+rebuilt. One process builds a folder at a time (an flock on <folder>/.lock): several
+`mosc measure` processes may share a cache. Imports torch (lazily, when something has to be built).
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -115,6 +118,15 @@ class ArtifactCache:
 
         return collapse(self.supernet(), arch)
 
+    @contextmanager
+    def _locked(self, arch: Arch):
+        """Hold the arch folder's lock: a second process waits, then finds the build done."""
+        d = self.folder(arch)
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / ".lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when f closes
+            yield
+
     def export_dir(self, arch: Arch) -> Path:
         from mosc.translate import load_export
 
@@ -133,6 +145,10 @@ class ArtifactCache:
 
     def artifact(self, arch: Arch) -> tuple[Path, bool]:
         """(artifact folder, whether it was reused)."""
+        with self._locked(arch):
+            return self._artifact(arch)
+
+    def _artifact(self, arch: Arch) -> tuple[Path, bool]:
         from mosc import compile as C
 
         d = self.folder(arch) / "art"
@@ -164,7 +180,8 @@ class ArtifactCache:
                           "tuning_records": m["tuning"]["database"].get("records")})
             return Prepared(artifact=art, notes=notes)
         if backend == "ort":
-            return Prepared(export_dir=self.export_dir(arch), notes=notes)
+            with self._locked(arch):
+                return Prepared(export_dir=self.export_dir(arch), notes=notes)
         if backend == "torch":
             import torch
 

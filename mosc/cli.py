@@ -17,6 +17,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mosc.errors import MoscError
@@ -45,7 +46,8 @@ def command(typer_app: typer.Typer, *args, **kwargs):
             try:
                 return fn(*a, **kw)
             except MoscError as e:
-                err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True)
+                # the message is plain text: "[rpc]" in it must print, not be taken as markup
+                err_console.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False, soft_wrap=True)
                 raise typer.Exit(2)
 
         return typer_app.command(*args, **kwargs)(wrapper)
@@ -334,11 +336,20 @@ def targets_cmd():
     from mosc.targets import list_targets, load_target, targets_dir
 
     t = Table("name", "TVM target", "cross compiler", "description", title=f"targets in {targets_dir()}")
+    broken = []
     for name in list_targets():
-        tg = load_target(name)
+        try:  # one broken file must not hide the others
+            tg = load_target(name)
+            tg.tvm_target()  # an unknown tag or mcpu is an error here too, not at compile time
+        except MoscError as e:
+            broken.append(str(e))
+            t.add_row(name, "-", "-", "[red]BROKEN[/] (below)")
+            continue
         spec = tg.tvm_target_spec if isinstance(tg.tvm_target_spec, str) else json.dumps(tg.tvm_target_spec)
-        t.add_row(name, spec, tg.cross_compiler or "-", tg.description)
+        t.add_row(name, escape(spec), tg.cross_compiler or "-", escape(tg.description))
     console.print(t)
+    if broken:
+        raise MoscError(f"{len(broken)} broken target file(s): " + " | ".join(broken))
 
 
 def _load_subnet_source(subnet: Optional[Path], checkpoint: Optional[Path], arch_file: Optional[Path]):

@@ -315,19 +315,22 @@ def _cross_export(cross_compiler: str):
     return export
 
 
-def check_tracker(target: Target, timeout_s: float = 2.0) -> None:
-    """MoscError (one line) unless the target's RPC tracker accepts a TCP connection."""
-    import socket
+def check_tracker(target: Target, timeout_s: float = 5.0) -> None:
+    """MoscError (one line) unless the target's RPC tracker answers like a tracker and a device
+    with the target's key is registered: MetaSchedule's runner would otherwise wait forever
+    (no such key) or fail every trial (no tracker)."""
+    from mosc.measure import registered_keys, tracker_summary
 
-    host, port = target.rpc.tracker_host, target.rpc.tracker_port
+    host, port, key = target.rpc.tracker_host, target.rpc.tracker_port, target.rpc.key
     try:
-        socket.create_connection((host, port), timeout=timeout_s).close()
-    except OSError as e:
-        raise MoscError(
-            f"tuning for {target.name} measures on the device, but no RPC tracker answers at {host}:{port} "
-            f"({e.strerror or e}); start the tracker and the device's RPC server (key {target.rpc.key!r}), "
-            "or compile with --no-tune"
-        ) from None
+        keys = registered_keys(tracker_summary(host, port, timeout_s))
+    except ConnectionError as e:
+        raise MoscError(f"tuning for {target.name} measures on the device, but {e}; start the tracker and the "
+                        f"device's RPC server (key {key!r}), or compile with --no-tune") from None
+    if key not in keys:
+        raise MoscError(f"tuning for {target.name} measures on the device, but no device with key {key!r} is "
+                        f"registered at the tracker {host}:{port} (registered: {', '.join(keys) or 'none'}); "
+                        "start `mosc device serve --key ...` on it, or compile with --no-tune")
 
 
 def rpc_runner(target: Target):
@@ -362,7 +365,7 @@ def _progress_callback(total: int, enabled: bool):
     from tvm.ir.utils import derived_object
     from tvm.s_tir import meta_schedule as ms
 
-    state = {"measured": 0, "task_ids": set()}
+    state = {"measured": 0, "task_ids": set(), "ok": 0, "first_error": None}
     bar = None
     if enabled:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -376,6 +379,12 @@ def _progress_callback(total: int, enabled: bool):
         def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
             state["measured"] += len(measure_candidates)
             state["task_ids"].add(int(task_id))
+            for b, r in zip(builder_results, runner_results):  # a failed run still counts as a trial
+                err = b.error_msg or r.error_msg
+                if err is None:
+                    state["ok"] += 1
+                elif state["first_error"] is None:
+                    state["first_error"] = " ".join(str(err).split())[:300]
             if bar is not None:
                 name = task_scheduler.tasks_[task_id].ctx.task_name
                 bar.update(bar_task, completed=min(state["measured"], total), description=name)
@@ -530,8 +539,13 @@ def tune(
     finally:
         if bar is not None:
             bar.stop()
-    report.tuned = len(state["task_ids"])
     report.trials = state["measured"]
+    if state["measured"] and not state["ok"]:
+        # Not one candidate ran: the device (or the local runner) is broken, not the tasks.
+        # Blacklisting them would make every later compile skip them even once it works.
+        raise MoscError(f"every one of {state['measured']} tuning trials failed on {target.name} "
+                        f"(first error: {state['first_error']}); nothing was recorded; check the device "
+                        f"(`mosc device list`) or compile with --no-tune")
     # Tasks that were measured and still have no record would be retried by every compile:
     # remember them. Here that is the embedding `take` (mode="fast": no bounds check), most
     # likely because MetaSchedule's runner feeds it random, out-of-range indices.
@@ -541,6 +555,8 @@ def tune(
     }
     if failed:
         atomic_write_json(db_dir / UNTUNABLE, {**_read_untunable(db_dir), **failed})
+    report.tuned = len(state["task_ids"]) - len(failed)
+    report.untunable += len(failed)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -694,7 +710,7 @@ def compile_artifact(
         ex = build(mod, target, db_dir, use_database=tune or (db_dir / "database_tuning_record.json").is_file())
         cuda.add(cuda_kernels(ex))
         lib = f"{graph}.so"
-        tmp = out_dir / f".{lib}.tmp.so"  # export_library needs the suffix to pick the linker mode
+        tmp = out_dir / f".{lib}.{os.getpid()}.tmp.so"  # export_library picks the linker by the suffix
         export(ex, tmp, target)
         os.replace(tmp, out_dir / lib)
         files[lib] = sha256_file(out_dir / lib)

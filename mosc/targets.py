@@ -88,9 +88,9 @@ class Target:
         """The `tvm.target.Target` (with its host attached) for this device."""
         import tvm  # lazy
 
-        target = tvm.target.Target(self.resolved_spec())
+        target = _tvm_target(self.resolved_spec(), self.name, "tvm_target")
         if self.host:
-            host = tvm.target.Target(self.host)
+            host = _tvm_target(self.host, self.name, "host")
             if host.host is not None:  # a tag such as the Pi's carries its own host: drop it
                 host = tvm.target.Target({k: v for k, v in host.export().items() if k != "host"})
             target = tvm.target.Target(target, host=host)
@@ -103,6 +103,25 @@ class Target:
         """TVM device name the artifact runs on: "cpu" or "cuda" (imports tvm for tags)."""
         kind = self.tvm_target().kind.name
         return "cpu" if kind == "llvm" else kind
+
+
+def _tvm_target(spec: str | dict, name: str, key: str):
+    """tvm.target.Target(spec), with TVM's errors (unknown tag or kind, an mcpu LLVM does not
+    know: TVM would only log it and build for a generic CPU) as one-line MoscErrors."""
+    import tvm
+
+    if isinstance(spec, dict) and spec.get("kind") == "llvm" and "mcpu" in spec:  # check before TVM logs it
+        from tvm.target import codegen
+
+        triple = str(spec.get("mtriple") or codegen.llvm_get_system_triple())
+        if not codegen.llvm_is_valid_cpu(str(spec["mcpu"]), triple):
+            raise MoscError(f"target {name}: {key} has mcpu {spec['mcpu']!r}, which LLVM does not know for {triple}")
+    try:
+        return tvm.target.Target(spec)
+    except Exception as e:  # noqa: BLE001  (TVM raises ValueError / TVMError with long text)
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise MoscError(f"target {name}: {key} {spec!r} is not a TVM target ({first}); "
+                        "see tvm.target.list_tags()") from None
 
 
 def list_targets() -> list[str]:
@@ -124,7 +143,7 @@ def _section(cls, raw: Any, where: str):
         # ints are acceptable where floats are expected (p50_tol = 0 is fine)
         ok = isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int))
         if not ok or isinstance(value, bool) != isinstance(default, bool):
-            raise MoscError(f"{where}: {name} must be a {type(default).__name__}, got {value!r}")
+            raise MoscError(f"{where}: {name} must be {type(default).__name__}, got {value!r}")
         values[name] = type(default)(value)
     return cls(**values)
 
@@ -141,7 +160,7 @@ def load_target(name: str) -> Target:
     try:
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise MoscError(f"{where}: malformed TOML ({e}); valid targets: {', '.join(valid)}") from None
+        raise MoscError(f"{where}: malformed TOML ({e})") from None
 
     sections = {"rpc": Rpc, "protocol": Protocol, "regression": Regression}
     top = {"description", "tvm_target", "host", "cross_compiler", *sections}

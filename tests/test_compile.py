@@ -5,6 +5,7 @@ and a decoder step with several inputs and outputs (token, K/V caches, memory ->
 new caches). Numerics are checked against onnxruntime on the same ONNX files.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -264,3 +265,31 @@ def test_tuning_database_is_reused(tmp_path):
     np.testing.assert_allclose(C.load_artifact(out).run("linear", [x])[0], _ort(onnx_path, {"x": x})[0], atol=ATOL)
     print(f"\ntuning {first.trials} trials over {first.tasks} task(s): {t_first:.1f} s; "
           f"warm compile {json.loads((out / 'manifest.json').read_text())['compile_seconds']} s")
+
+
+def test_tuning_a_remote_target_needs_a_real_tracker_with_the_key(tmp_path):
+    """A port that accepts TCP but is no tracker, and a tracker without the key: one line each,
+    before any trial (MetaSchedule would fail every trial, or wait forever)."""
+    import socket
+    import threading
+
+    from rpc_helpers import start_tracker
+
+    from mosc.compile import check_tracker
+    from mosc.targets import Rpc, load_target
+
+    rpi4 = load_target("rpi4")
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    threading.Thread(target=lambda: [srv.accept()[0].close() for _ in range(3)], daemon=True).start()
+    fake = dataclasses.replace(rpi4, rpc=Rpc("127.0.0.1", srv.getsockname()[1], "rpi4"))
+    with pytest.raises(MoscError, match="does not answer like an RPC tracker|dropped the connection"):
+        check_tracker(fake)
+    srv.close()
+    tracker, port = start_tracker()
+    try:
+        with pytest.raises(MoscError, match="no device with key 'rpi4' is registered"):
+            check_tracker(dataclasses.replace(rpi4, rpc=Rpc("127.0.0.1", port, "rpi4")))
+    finally:
+        tracker.kill()

@@ -72,6 +72,35 @@ def test_env_dir_and_malformed_files(tmp_path, monkeypatch):
     ok = load_target("ok")
     assert isinstance(ok, Target) and ok.rpc.key == "k" and ok.protocol.repeats == 50  # defaults
     for name, pattern in [("broken", "malformed TOML"), ("typo", "unknown key.*repeat"),
-                          ("badtype", "repeats must be a int"), ("nokind", "with a 'kind'")]:
+                          ("badtype", "repeats must be int"), ("nokind", "with a 'kind'")]:
         with pytest.raises(MoscError, match=pattern):
             load_target(name)
+
+
+def test_unknown_tvm_tag_and_mcpu_are_one_line_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOSC_TARGETS_DIR", str(tmp_path))
+    _write(tmp_path, "badtag", 'description = "x"\ntvm_target = "nvidia/jetson-orin-nanoo"\n')
+    _write(tmp_path, "badcpu", 'description = "x"\ntvm_target = { kind = "llvm", mtriple = "aarch64-linux-gnu", '
+                               'mcpu = "cortex-a78x" }\n')
+    _write(tmp_path, "goodcpu", 'description = "x"\ntvm_target = { kind = "llvm", mtriple = "aarch64-linux-gnu", '
+                                'mcpu = "cortex-a78ae" }\ncross_compiler = "aarch64-linux-gnu-gcc"\n')
+    for name, pattern in [("badtag", "is not a TVM target"), ("badcpu", "mcpu 'cortex-a78x', which LLVM does not know")]:
+        with pytest.raises(MoscError, match=pattern) as e:
+            load_target(name).tvm_target()
+        assert "\n" not in str(e.value)
+    assert str(load_target("goodcpu").tvm_target().attrs["mcpu"]) == "cortex-a78ae"
+
+
+def test_targets_cli_lists_good_files_and_names_broken_ones(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from mosc.cli import app
+
+    monkeypatch.setenv("MOSC_TARGETS_DIR", str(tmp_path))
+    monkeypatch.setenv("COLUMNS", "200")
+    _write(tmp_path, "ok", 'description = "fine"\ntvm_target = "llvm"\n')
+    _write(tmp_path, "typo", 'description = "x"\ntvm_target = "llvm"\n[rpc]\nport = 1\n')
+    r = CliRunner().invoke(app, ["targets"])
+    assert r.exit_code == 2
+    assert "fine" in r.output and "BROKEN" in r.output
+    assert "typo.toml [rpc]: unknown key(s) port" in r.output  # "[rpc]" printed, not eaten as markup
