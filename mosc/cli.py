@@ -440,6 +440,8 @@ def compile_cmd(
     trials: int = typer.Option(256, min=0, help="MetaSchedule trial budget for tasks the tuning database lacks."),
     tune: bool = typer.Option(True, "--tune/--no-tune", help="Tune (default) or build with what the database already holds."),
     db: Optional[Path] = typer.Option(None, help="Tuning database folder (default: ~/.cache/mosc/tune/<target>)."),
+    tracker: Optional[str] = typer.Option(None, help="RPC tracker HOST:PORT where tuning measures a cross/GPU target (default: the target's \\[rpc])."),
+    key: Optional[str] = typer.Option(None, help="Device key at the tracker (default: the target's \\[rpc] key)."),
     batch: Optional[int] = typer.Option(None, min=1, help=SHAPE_OPTS["batch"] + " One-step path only."),
     source_len: Optional[int] = typer.Option(None, min=1, help=SHAPE_OPTS["source_len"] + " One-step path only."),
     cache_len: Optional[int] = typer.Option(None, min=1, help=SHAPE_OPTS["cache_len"] + " One-step path only."),
@@ -452,7 +454,7 @@ def compile_cmd(
     from mosc.targets import load_target
     from mosc.translate import load_export, onnx_files
 
-    tg = load_target(target)
+    tg = load_target(target).with_rpc(tracker, key)
     C.require_cross_compiler(tg)
     if sum(x is not None for x in (onnx_dir, subnet, checkpoint)) != 1:
         raise MoscError("give exactly one of --onnx-dir DIR, --subnet DIR or --checkpoint RUN --arch a.json")
@@ -610,8 +612,8 @@ def measure_cmd(
     archs = [_load_arch(arch_file, sp)] if arch_file else sample_archs(sp, sample, seed)
     remote = None
     if backend == "tvm" and (tracker or key or tg.is_cross or tg.device_type() != "cpu"):
-        host, port = parse_hostport(tracker) if tracker else (tg.rpc.tracker_host, tg.rpc.tracker_port)
-        remote = Remote(host, port, key or tg.rpc.key, session_timeout=timeout)
+        tg = tg.with_rpc(tracker, key)  # tuning new artifacts (--tune) uses the same device
+        remote = Remote(tg.rpc.tracker_host, tg.rpc.tracker_port, tg.rpc.key, session_timeout=timeout)
     elif backend != "tvm" and (tracker or key):
         raise MoscError(f"--backend {backend} measures on this machine; --tracker/--key are for the tvm backend")
     db_path = _db_path(db)

@@ -49,7 +49,7 @@ import numpy as np
 
 from mosc.errors import MoscError
 from mosc.space import Arch
-from mosc.targets import Protocol, Target
+from mosc.targets import Protocol, Target, parse_hostport  # noqa: F401  (parse_hostport: re-exported)
 
 ENCODER, DECODER = "encoder", "decoder_step"
 BOS_ID = 1
@@ -247,13 +247,6 @@ class Remote:
     @property
     def addr(self) -> str:
         return f"{self.host}:{self.port}"
-
-
-def parse_hostport(text: str, what: str = "--tracker") -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise MoscError(f"{what} must be HOST:PORT (e.g. 127.0.0.1:9190), got {text!r}")
-    return host, int(port)
 
 
 def _tracker_socket(host: str, port: int, timeout: float) -> socket.socket:

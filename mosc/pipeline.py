@@ -149,18 +149,13 @@ def _bar(console: Console, what: str, total: int):
 
 def _target(name: str, cfg: PipelineConfig):
     """The target with the config's protocol and RPC overrides applied."""
-    from mosc.measure import parse_hostport
-    from mosc.targets import Rpc, load_target
+    from mosc.targets import load_target
 
-    tg = load_target(name)
+    tg = load_target(name).with_rpc(cfg.tracker or None, cfg.key or None)
     p = tg.protocol
     proto = dataclasses.replace(p, warmup=cfg.measure_warmup if cfg.measure_warmup >= 0 else p.warmup,
                                 repeats=cfg.measure_repeats or p.repeats)
-    rpc = tg.rpc
-    if cfg.tracker or cfg.key:
-        host, port = parse_hostport(cfg.tracker, "tracker") if cfg.tracker else (rpc.tracker_host, rpc.tracker_port)
-        rpc = Rpc(tracker_host=host, tracker_port=port, key=cfg.key or rpc.key)
-    return dataclasses.replace(tg, protocol=proto, rpc=rpc)
+    return dataclasses.replace(tg, protocol=proto)
 
 
 def _remote_for(tg, cfg: PipelineConfig):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -99,10 +99,25 @@ class Target:
             target = tvm.target.Target(target, host=tvm.target.Target({"kind": "llvm"}))
         return target
 
+    def with_rpc(self, tracker: str | None = None, key: str | None = None) -> Target:
+        """This target with its [rpc] tracker ("HOST:PORT") and/or key replaced (None: keep);
+        what `--tracker/--key` do, so tuning and measuring reach the same device."""
+        if not tracker and not key:
+            return self
+        host, port = parse_hostport(tracker) if tracker else (self.rpc.tracker_host, self.rpc.tracker_port)
+        return replace(self, rpc=Rpc(tracker_host=host, tracker_port=port, key=key or self.rpc.key))
+
     def device_type(self) -> str:
         """TVM device name the artifact runs on: "cpu" or "cuda" (imports tvm for tags)."""
         kind = self.tvm_target().kind.name
         return "cpu" if kind == "llvm" else kind
+
+
+def parse_hostport(text: str, what: str = "--tracker") -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise MoscError(f"{what} must be HOST:PORT (e.g. 127.0.0.1:9190), got {text!r}")
+    return host, int(port)
 
 
 def _tvm_target(spec: str | dict, name: str, key: str):
