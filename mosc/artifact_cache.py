@@ -161,7 +161,7 @@ class ArtifactCache:
         from mosc.translate import load_export, onnx_files
 
         meta = load_export(onnx)
-        what = f"tuning up to {self.trials or C.DEFAULT_TRIALS} trials" if self.tune else "no tuning (--no-tune)"
+        what = f"tuning up to {self.trials or C.DEFAULT_TRIALS} trials" if self.tune else "no tuning: --no-tune"
         self.log(f"  compiling arch {arch.hash} for {self.target.name} ({what})")
         model = {k: meta.get(k) for k in ("arch", "arch_hash", "shapes", "bos_id", "eos_id", "pad_id", "param_count")}
         model["source"] = self.source.describe()

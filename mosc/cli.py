@@ -261,7 +261,7 @@ def train_cmd(
     save_every: int = typer.Option(500, help="Checkpoint every N updates (and at the end)."),
     log_every: int = typer.Option(20, help="Updates between log lines (log.jsonl, progress bar)."),
     seed: int = typer.Option(0, help="Seed for init, arch sampling, dropout and batch order."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out where it stopped, with the run's own settings (only --steps is read; a larger --steps stretches the cosine schedule)."),
 ):
     """Train a MoS supernet (sandwich rule) or, with --arch, one standalone arch. Works under
     `torchrun --nproc_per_node N` for data-parallel training (gloo)."""
@@ -280,7 +280,8 @@ def train_cmd(
     r = train(out, corpus=corpus, space=space, mode=mode, cfg=cfg, model_overrides=overrides, corpus_args=corpus_args,
               arch=arch, resume=resume)
     if r.checkpoint != r.run:
-        console.print(f"[green]trained[/] {r.steps} updates in {r.seconds:.0f} s, {r.tokens_per_s:,.0f} target tokens/s, "
+        console.print(f"[green]trained[/] {r.steps - r.start_step} updates"
+                      f"{f' (steps {r.start_step}->{r.steps})' if r.start_step else ''} in {r.seconds:.0f} s, {r.tokens_per_s:,.0f} target tokens/s, "
                       f"last loss {r.final_loss:.3f}; checkpoint: {r.checkpoint}")
 
 
@@ -480,8 +481,9 @@ def compile_cmd(
     t = Table("", "value", title=f"artifact {out} for {tg.name}")
     t.add_row("TVM target", m["tvm_target"])
     if r:
-        t.add_row("tuning tasks", f"{r['tasks']} ({r['cached']} cached, {r['tuned']} tuned, "
-                                  f"{r.get('untunable', 0)} untunable: left unscheduled)")
+        t.add_row("tuning tasks", f"{r['tasks']} ({r['cached']} cached, {r['tuned']} tuned; left unscheduled: "
+                                  f"{r.get('untried', 0)} without a trial (raise --trials), "
+                                  f"{r.get('untunable', 0)} untunable)")
         t.add_row("trials measured", str(r["trials"]))
         t.add_row("tuning time", f"{r['seconds']:.1f} s")
     else:
@@ -493,7 +495,7 @@ def compile_cmd(
     t.add_row("compile time", f"{m['compile_seconds']:.1f} s")
     console.print(t)
     if r:
-        print(f"tuning report: tasks={r['tasks']} cached={r['cached']} tuned={r['tuned']} "
+        print(f"tuning report: tasks={r['tasks']} cached={r['cached']} tuned={r['tuned']} untried={r.get('untried', 0)} "
               f"untunable={r.get('untunable', 0)} trials={r['trials']} seconds={r['seconds']:.1f}")
     console.print(f"[green]compiled[/] {out}")
 
@@ -945,7 +947,7 @@ app.add_typer(predictor_app, name="predictor")
 
 
 def _predictor_data(db: Optional[Path], csv_file: Optional[Path], target: Optional[str], space: Optional[str],
-                    max_rows: Optional[int] = None):
+                    max_rows: Optional[int] = None, backend: Optional[str] = None):
     """(Dataset, SearchSpace) from --db/--target or --csv."""
     from mosc.predictor import read_db, read_hat_csv
     from mosc.space import SearchSpace
@@ -960,7 +962,7 @@ def _predictor_data(db: Optional[Path], csv_file: Optional[Path], target: Option
     if target is None:
         raise MoscError("--db needs --target T")
     sp = SearchSpace.load(space or "tiny")
-    data = read_db(db, target, sp.name)
+    data = read_db(db, target, sp.name, backend=backend)
     bad = [a.hash for a in data.archs if a is not None and not sp.contains(a)]
     if bad:
         raise MoscError(f"{len(bad)} row(s) of target {target!r} hold archs outside space {sp.name!r} "
@@ -997,12 +999,13 @@ def predictor_fit(
     seed: int = typer.Option(0, help="Seed of the 80/10/10 split and of the model."),
     refit: bool = typer.Option(True, "--refit/--no-refit", help="After scoring on the held-out split, refit on every row (the saved model)."),
     max_rows: Optional[int] = typer.Option(None, help="Use only the first N rows (quick runs)."),
+    backend: Optional[str] = typer.Option(None, help="Use the DB rows of this backend (tvm, ort, torch, hat-pytorch); needed when the target has several."),
 ):
     """Fit a latency predictor for one target: held-out metrics (seeded 80/10/10 split) are
     printed and stored in the file with the target, space, features and training rows."""
     from mosc.predictor import fit, fit_eval
 
-    data, sp = _predictor_data(db, csv_file, target, space, max_rows)
+    data, sp = _predictor_data(db, csv_file, target, space, max_rows, backend)
     p, m = fit_eval(data, model=model, features=features, seed=seed, space=sp)
     if refit:
         split, metrics = p.meta["split"], p.meta["metrics"]
@@ -1021,13 +1024,14 @@ def predictor_eval(
     csv_file: Optional[Path] = typer.Option(None, "--csv", help="A HAT latency CSV to score on."),
     target: Optional[str] = typer.Option(None, "--target", "-t", help="Target of the rows (must match the predictor's)."),
     max_rows: Optional[int] = typer.Option(None, help="Score only the first N rows."),
+    backend: Optional[str] = typer.Option(None, help="Use the DB rows of this backend (tvm, ort, torch, hat-pytorch); needed when the target has several."),
 ):
     """Score a predictor on every row of a DB target or a HAT CSV (RMSE, MAPE, ±10%, Kendall tau)."""
     from mosc.predictor import Predictor, metrics
 
     p = Predictor.load(predictor)
     data, sp = _predictor_data(db, csv_file, target or (p.target if db is not None else None),
-                               p.space if db is not None else None, max_rows)
+                               p.space if db is not None else None, max_rows, backend)
     p.check(data.target, sp.name)
     m = metrics(data.latency_ms, p.predict_features(data.features, data.archs))
     console.print(_metrics_table(f"{predictor} on {data.source}", {p.model: m}))
@@ -1072,14 +1076,14 @@ def _feedback(run, sp, score, pred, target, latency_ms, cfg, log, db, checkpoint
             if camp.emulated:
                 raise MoscError(f"the {target} device is emulated: its timings are not speeds, nothing to refit on")
             camp.run(archs, lambda a: cache.prepare(a, backend))
-            rows = {r.arch.hash: r.latency_ms for r in ldb.rows(target) if r.arch is not None}
+            rows = {r.arch.hash: r.latency_ms for r in ldb.rows(target, backend=backend) if r.arch is not None}
         return {a.hash: rows[a.hash] for a in archs if a.hash in rows}
 
     def refit():
         if isinstance(pred, AnalyticPrior):  # measurements have arrived: the prior gives way to a fit
-            p = fit(read_db(db, target, sp.name), space=sp)
+            p = fit(read_db(db, target, sp.name, backend=backend), space=sp)
         else:
-            p = fit(read_db(db, target, sp.name), model=pred.model, features=pred.features, space=sp)
+            p = fit(read_db(db, target, sp.name, backend=backend), model=pred.model, features=pred.features, space=sp)
         return p.latency
 
     return feedback_search(lambda lat: run(sp, score, lat, latency_ms, cfg, log=log), measure, refit, pred.latency,

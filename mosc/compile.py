@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -354,6 +355,7 @@ class TuneReport:
     tasks: int = 0  # distinct tuning tasks in the graphs
     cached: int = 0  # of which already had a record in the database
     tuned: int = 0  # of which were tuned in this call
+    untried: int = 0  # of which got no trial (budget spent first): left unscheduled this time
     trials: int = 0  # candidates measured in this call
     untunable: int = 0  # tasks MetaSchedule cannot schedule (left unscheduled; see UNTUNABLE)
     seconds: float = 0.0
@@ -463,6 +465,7 @@ def tune(
     report.cached = len(all_tasks) - len(todo) - len(known_bad)
     report.task_names = [t.task_name for t, _ in todo]
     if not todo or trials <= 0:
+        report.untried = len(todo)
         report.seconds = time.perf_counter() - t0
         return report
 
@@ -473,8 +476,9 @@ def tune(
             runner = ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S)
     _import_tensor_intrinsics(tvm_target)
     num_cores = int(tvm_target.attrs.get("num-cores", 0) or len(os.sched_getaffinity(0)))
-    # Spread the budget so that every task gets at least one round (a task without a record
-    # stays unscheduled, and slow): at most TRIALS_PER_ITER per round, at least 2.
+    # Spread the budget so that every task gets a round when it can (a task without a record
+    # stays unscheduled, and slow): at most TRIALS_PER_ITER per round, at least 2. With fewer
+    # than 2 trials per new task some tasks get none: the report counts them as `untried`.
     per_iter = max(2, min(TRIALS_PER_ITER, trials // len(todo)))
     f_export = _cross_export(target.cross_compiler) if target.is_cross else None
     if BUILDER == "inprocess":
@@ -557,6 +561,7 @@ def tune(
         atomic_write_json(db_dir / UNTUNABLE, {**_read_untunable(db_dir), **failed})
     report.tuned = len(state["task_ids"]) - len(failed)
     report.untunable += len(failed)
+    report.untried = len(todo) - len(state["task_ids"])
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -828,6 +833,13 @@ def load_artifact(art_dir: Path | str, device: str = "cpu", session=None) -> Art
             session.upload(str(path))
             lib = session.load_module(entry["file"])
         else:
-            lib = tvm.runtime.load_module(str(path))
+            try:
+                lib = tvm.runtime.load_module(str(path))
+            except Exception as e:  # noqa: BLE001  (TVM's error for a foreign .so says "No such file")
+                raise MoscError(
+                    f"{path} cannot be loaded on this machine ({platform.machine()}): the artifact was compiled for "
+                    f"target {manifest.get('target')!r}; run it there (or over RPC: mosc measure/bench --tracker)"
+                    + ("" if "cannot open shared object" in str(e) else f" [{str(e).strip().splitlines()[-1][:200]}]")
+                ) from None
         vms[graph] = VirtualMachine(lib, dev)
     return Artifact(art_dir, manifest, vms, dev)

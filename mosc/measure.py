@@ -374,6 +374,23 @@ class Prepared:
     notes: dict = field(default_factory=dict)  # recorded in the row's `extra`
 
 
+NOISY_STD = 0.15  # std above this fraction of the median: the runs did not agree
+NOISY_SKEW = 0.05  # trimmed mean this far from the median: two modes (load came and went)
+
+
+def noisy(stats: dict) -> str | None:
+    """Why a measurement looks disturbed (another process on the device), or None."""
+    med = stats["median_ms"]
+    if med <= 0:
+        return None
+    why = []
+    if stats["std_ms"] > NOISY_STD * med:
+        why.append(f"std {stats['std_ms'] / med:.0%} of the median")
+    if abs(stats["trimmed_mean_ms"] - med) > NOISY_SKEW * med:
+        why.append(f"trimmed mean {stats['trimmed_mean_ms'] / med - 1:+.0%} off the median")
+    return ", ".join(why) or None
+
+
 @dataclass
 class CampaignResult:
     measured: list[dict] = field(default_factory=list)  # rows written
@@ -496,6 +513,9 @@ class Campaign:
                 raise MoscError(f"arch {arch.hash}: graphs have shapes {m.shapes}, the {self.target.name} protocol "
                                 f"says {shapes} (stale artifact? rebuild it)")
             row = self._row(arch, m, sha, prep)
+            noise = noisy(m.stats)
+            if noise:
+                row["extra"]["noisy"] = noise
             row["id"] = self.db.insert(row)  # committed now: a later failure loses nothing
             res.measured.append(row)
             s = m.stats
@@ -503,6 +523,9 @@ class Campaign:
                      f"(encoder {s['encoder_ms']:.2f} + decoder {s['decoder_ms']:.2f}; median {s['median_ms']:.2f}, "
                      f"p90 {s['p90_ms']:.2f}, std {s['std_ms']:.2f}; {len(m.total_ms)} runs, "
                      f"{time.perf_counter() - t0:.1f} s){tag}")
+            if noise:
+                self.log(f"  warning: noisy measurement ({noise}); is something else running? "
+                         "`--force` re-measures (the row is kept, marked noisy in its extra)")
             if done:
                 done()
         return res

@@ -236,7 +236,7 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, console: Console | No
             if camp.emulated:
                 raise MoscError(f"the {tg.name} device is emulated: its timings are not speeds, nothing to fit on")
             res = camp.run(archs, lambda a: cache.prepare(a, "tvm"), done=advance)
-            rows = {r.arch.hash: r.latency_ms for r in ldb.rows(tg.name) if r.arch is not None}
+            rows = {r.arch.hash: r.latency_ms for r in ldb.rows(tg.name, backend="tvm") if r.arch is not None}
         return res, camp.key, {a.hash: rows[a.hash] for a in archs if a.hash in rows}
 
     measure_label = (f"tuned ({cfg.measure_trials} trials each)" if cfg.measure_tune else
@@ -266,7 +266,7 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, console: Console | No
         from mosc.predictor import fit, fit_eval, read_db
 
         sp = load_space(ModelSource(checkpoint=run_dir))
-        data = read_db(db_path, tg.name, sp.name)
+        data = read_db(db_path, tg.name, sp.name, backend="tvm")
         metrics = None
         if len(data) >= 10:  # enough rows for a held-out split
             _, metrics = fit_eval(data, model=cfg.predictor, seed=cfg.seed, space=sp)
@@ -378,8 +378,9 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, console: Console | No
                                extra_manifest={"model": model})
             m = C.read_manifest(d)
             r = m["tuning"]["report"]
-            log(f"  {m['compile_seconds']:.1f} s" + (f"; {r['tasks']} tasks, {r['tuned']} tuned, {r['cached']} cached, "
-                                                    f"{r['trials']} trials" if r else ""))
+            log(f"  {m['compile_seconds']:.1f} s" + (f"; {r['tasks']} tasks: {r['cached']} cached, {r['tuned']} tuned, "
+                                                    f"{r.get('untried', 0)} without a trial; {r['trials']} trials"
+                                                    if r else ""))
             return {"path": str(d), "tuned": tune, "trials": trials if tune else 0,
                     "compile_seconds": m["compile_seconds"]}
 

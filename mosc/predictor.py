@@ -155,18 +155,27 @@ def read_hat_csv(path: str | Path, target: str | None = None, max_rows: int | No
                    target or f"hat:{path.stem}", "wmt")
 
 
-def read_db(path: str | Path, target: str, space: str, include_emulated: bool = False) -> Dataset:
-    """The latency DB's rows for one target (real measurements only unless asked)."""
+def read_db(path: str | Path, target: str, space: str, include_emulated: bool = False,
+            backend: str | None = None) -> Dataset:
+    """The latency DB's rows for one target and one backend (real measurements only unless asked).
+    backend None: whichever backend the target's rows have; rows of several backends (tvm and
+    ort timings of the same arch differ) are an error that names them."""
     from mosc.db import LatencyDB
 
     path = Path(path)
     if not path.exists():
         raise MoscError(f"no latency database at {path}")
     with LatencyDB(path) as db:
-        rows = db.rows(target, include_emulated=include_emulated)
+        if backend is None:
+            found = sorted({r["backend"] for r in db.query(target, include_emulated=include_emulated)})
+            if len(found) > 1:
+                raise MoscError(f"latency database {path} has rows of several backends for target {target!r} "
+                                f"({', '.join(found)}): pick one with --backend")
+        rows = db.rows(target, backend=backend, include_emulated=include_emulated)
     if not rows:
         raise MoscError(f"latency database {path} has no {'' if include_emulated else 'real (non-emulated) '}"
-                        f"rows for target {target!r}: measure some archs first (mosc measure) or import HAT's CSV")
+                        f"rows for target {target!r}{f' and backend {backend!r}' if backend else ''}: measure some "
+                        "archs first (mosc measure) or import HAT's CSV")
     return Dataset(np.array([r.features for r in rows], float), [r.arch for r in rows],
                    np.array([r.latency_ms for r in rows], float), f"db:{path}", target, space)
 

@@ -123,7 +123,10 @@ def bench(target, artifact: str | Path, arch=None, *, repeats: int | None = None
             art = load_artifact(artifact, manifest.get("device", "cpu"))
             dev = None
         else:
-            sess = connect(remote)
+            try:
+                sess = connect(remote)
+            except ConnectionError as e:  # tracker down, key not registered, device busy
+                raise MoscError(f"cannot reach device {remote.key!r} via tracker {remote.addr}: {e}") from None
             dev = device_info(sess)
             art = load_artifact(artifact, manifest.get("device", "cpu"), session=sess)
         m = measure(art, protocol)

@@ -29,6 +29,9 @@ import math
 import os
 import random
 import shutil
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -179,6 +182,31 @@ def load_run_corpus(meta: dict, tokenizer: SubwordTokenizer) -> ParallelData:
 # ---- the loop ---------------------------------------------------------------------------
 
 
+class _FinishUpdateOnCtrlC:
+    """The first Ctrl-C only sets `requested`: the loop finishes the update it is in, saves and
+    stops, so the checkpoint's batch position and RNGs match its weights (an update cut in
+    half would leave the iterator and RNGs one update ahead). A second Ctrl-C stops at once.
+    Single process, main thread only; elsewhere Ctrl-C interrupts as usual."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self._old = None
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self._old)  # the next Ctrl-C is a plain KeyboardInterrupt
+
+    def __enter__(self):
+        if self.enabled:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self.enabled and not self.requested:
+            signal.signal(signal.SIGINT, self._old)
+
+
 @dataclass
 class TrainResult:
     run: Path
@@ -188,6 +216,7 @@ class TrainResult:
     tokens_per_s: float  # target tokens of data per second (each token seen by every sandwich arch)
     seconds: float
     history: list[dict] = field(default_factory=list)
+    start_step: int = 0  # where this call began (> 0 when it resumed)
 
 
 def train(
@@ -276,10 +305,11 @@ def train(
                     TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
                     TimeElapsedColumn(), TimeRemainingColumn(), disable=not show, transient=False)
     what = "standalone " + fixed.hash if fixed else f"{model.cfg.ffn_mode.value} supernet"
+    ckpt_step = start
     try:
-        with prog:
+        with _FinishUpdateOnCtrlC(world == 1) as ctrl_c, prog:
             task = prog.add_task("train", total=cfg.steps, completed=start, what=what, loss="-", tps="-")
-            while step < cfg.steps:
+            while step < cfg.steps and not ctrl_c.requested:
                 batch = next(stream)
                 archs = archs_for_update(model.space, arch_rng, cfg.sandwich_random, fixed)
                 for g in opt.param_groups:
@@ -305,10 +335,17 @@ def train(
                     prog.update(task, loss=f"{rec['loss']:.3f}", tps=f"{tps:,.0f}")
                 prog.update(task, completed=step)
                 if rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps):
-                    ckpt = save_checkpoint(run, step, model, opt, names, data_meta, cfg, arch_rng, batches, fixed)
+                    save_checkpoint(run, step, model, opt, names, data_meta, cfg, arch_rng, batches, fixed)
+                    ckpt_step = step
+        if ctrl_c.requested:
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
-        if rank == 0 and step > start:  # keep what was done: resume continues from here
+        if rank == 0 and step > ckpt_step:  # keep what was done: resume continues from here
             save_checkpoint(run, step, model, opt, names, data_meta, cfg, arch_rng, batches, fixed)
+        if rank == 0:
+            saved = latest_checkpoint(run) if run.exists() else None
+            print(f"interrupted at step {step}: " + (f"checkpoint {saved}; `mosc train -o {run} --steps {cfg.steps} "
+                  "--resume` continues it" if saved else "nothing saved yet"), file=sys.stderr)
         raise
     seconds = time.perf_counter() - t_start
     if world > 1:  # every rank applied the same averaged gradients: weights must agree bit for bit
@@ -322,4 +359,4 @@ def train(
             raise MoscError("data-parallel ranks diverged: their weights differ after training")
         dist.barrier()
     return TrainResult(run, latest_checkpoint(run) if rank == 0 else run, step, last,
-                       tok_count / max(seconds, 1e-9), seconds, history)
+                       tok_count / max(seconds, 1e-9), seconds, history, start)

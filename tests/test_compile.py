@@ -282,7 +282,14 @@ def test_tuning_a_remote_target_needs_a_real_tracker_with_the_key(tmp_path):
     srv = socket.socket()
     srv.bind(("127.0.0.1", 0))
     srv.listen()
-    threading.Thread(target=lambda: [srv.accept()[0].close() for _ in range(3)], daemon=True).start()
+    def accept_and_close():  # a TCP port that is not a tracker
+        try:
+            while True:
+                srv.accept()[0].close()
+        except OSError:  # srv closed: done
+            pass
+
+    threading.Thread(target=accept_and_close, daemon=True).start()
     fake = dataclasses.replace(rpi4, rpc=Rpc("127.0.0.1", srv.getsockname()[1], "rpi4"))
     with pytest.raises(MoscError, match="does not answer like an RPC tracker|dropped the connection"):
         check_tracker(fake)

@@ -154,4 +154,10 @@ def test_cli_refuses_feature_rows_of_another_space(tmp_path):
                    "features": [512, 6, 1024, 4, 512, 3, 2048, 4, 4, 1], "latency_ms": 100.0})
     r = runner.invoke(app, ["predictor", "fit", "--db", str(tmp_path / "lat.db"), "--target", "synth",
                             "--out", str(tmp_path / "p.json")])
+    assert r.exit_code == 2 and "several backends for target 'synth' (hat-pytorch, torch)" in r.output
+    r = runner.invoke(app, ["predictor", "fit", "--db", str(tmp_path / "lat.db"), "--target", "synth",
+                            "--backend", "hat-pytorch", "--out", str(tmp_path / "p.json")])
     assert r.exit_code == 2 and "do not fit space 'tiny'" in r.output
+    r = runner.invoke(app, ["predictor", "fit", "--db", str(tmp_path / "lat.db"), "--target", "synth",
+                            "--backend", "torch", "--out", str(tmp_path / "p.json")])
+    assert r.exit_code == 0, r.output  # one backend's rows: fine

@@ -181,3 +181,33 @@ def test_distillation_runs_and_differs(tmp_path, data):
     assert all(map(lambda r: r["loss"] == r["loss"], dist.history))  # finite, not NaN
     a, b = weights(plain.run), weights(dist.run)
     assert not all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ctrl_c_mid_update_then_resume_is_bit_for_bit(tmp_path, data, monkeypatch, capsys):
+    """Ctrl-C arriving in the middle of update 4 (after its batch and archs were drawn): the
+    update finishes, is saved, and --resume gives exactly the weights of an uninterrupted run."""
+    import os
+    import signal
+
+    import mosc.train as T
+
+    full = train(tmp_path / "full", data=data, cfg=cfg(), progress=False)
+    real, calls = T.update_loss, {"n": 0}
+
+    def interrupted(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # delivered now, while this update is running
+        return real(*a, **kw)
+
+    monkeypatch.setattr(T, "update_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "part", data=data, cfg=cfg(), progress=False)
+    assert (tmp_path / "part" / "latest").read_text().strip() == "step_0000004"
+    assert "interrupted at step 4" in capsys.readouterr().err
+    monkeypatch.setattr(T, "update_loss", real)
+    resumed = train(tmp_path / "part", data=data, cfg=cfg(), resume=True, progress=False)
+    assert resumed.steps == full.steps == 6 and resumed.start_step == 4
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "part")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
