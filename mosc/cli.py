@@ -983,7 +983,9 @@ def _metrics_table(title: str, rows: dict) -> Table:
         t.add_column(c, justify="right" if c != "model" else "left")
     for name, m in rows.items():
         t.add_row(name, str(m["n"]), f"{m['rmse_ms']:.3f}", f"{m['mape']:.2%}", f"{m['within_10pct']:.1%}",
-                  f"{m['kendall_tau']:.3f}")
+                  "-" if m["kendall_tau"] is None else f"{m['kendall_tau']:.3f}")
+    if any(m["n"] < 10 for m in rows.values()):
+        t.caption = "fewer than 10 rows scored: these numbers say little (measure more archs)"
     return t
 
 

@@ -268,7 +268,7 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, console: Console | No
         sp = load_space(ModelSource(checkpoint=run_dir))
         data = read_db(db_path, tg.name, sp.name, backend="tvm")
         metrics = None
-        if len(data) >= 10:  # enough rows for a held-out split
+        if len(data) >= 50:  # a 10% held-out split of at least 5 rows
             _, metrics = fit_eval(data, model=cfg.predictor, seed=cfg.seed, space=sp)
         p = fit(data, model=cfg.predictor, seed=cfg.seed, space=sp)
         path = out / "predictor.json"
@@ -277,7 +277,7 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, console: Console | No
 
         fit_m = score(data.latency_ms, p.predict_features(data.features, data.archs))
         log(f"{cfg.predictor} predictor on {len(data)} rows ({p.features} features): in-sample MAPE "
-            f"{fit_m['mape']:.1%}, Kendall tau {fit_m['kendall_tau']:.2f}"
+            f"{fit_m['mape']:.1%}, Kendall tau {fit_m['kendall_tau'] or float('nan'):.2f}"
             + (f"; held-out MAPE {metrics['mape']:.1%}" if metrics else " (too few rows for a held-out split)"))
         return p, {"path": str(path), "model": cfg.predictor, "features": p.features, "rows": len(data),
                    "in_sample": fit_m, "held_out": metrics}

@@ -325,9 +325,10 @@ def metrics(y: np.ndarray, p: np.ndarray) -> dict:
 
     y, p = np.asarray(y, float), np.asarray(p, float)
     rel = np.abs(p - y) / y
-    tau = kendalltau(y, p).statistic if len(y) > 1 else float("nan")
+    tau = float(kendalltau(y, p).statistic) if len(y) > 1 else float("nan")
     return {"rmse_ms": float(np.sqrt(np.mean((p - y) ** 2))), "mape": float(np.mean(rel)),
-            "within_10pct": float(np.mean(rel <= 0.10)), "kendall_tau": float(tau), "n": int(len(y))}
+            "within_10pct": float(np.mean(rel <= 0.10)),
+            "kendall_tau": None if math.isnan(tau) else tau, "n": int(len(y))}  # None: fewer than 2 rows (JSON-safe)
 
 
 # --------------------------------------------------------------------------- predictor
