@@ -487,8 +487,10 @@ def compile_cmd(
         t.add_row("trials measured", str(r["trials"]))
         t.add_row("tuning time", f"{r['seconds']:.1f} s")
     else:
-        t.add_row("tuning", "skipped (--no-tune): " + ("database records applied" if m["tuning"]["database"]["records"]
-                                                     else "no records, unscheduled CPU code is slow"))
+        t.add_row("tuning", "skipped (--no-tune): " + (
+            "database records applied" if m["tuning"]["database"]["records"] else
+            "no records: TVM's default GPU schedules" if m["device"] != "cpu" else
+            "no records, unscheduled CPU code is slow"))
     t.add_row("database", f"{m['tuning']['database']['path']} ({m['tuning']['database']['records']} records)")
     for f in m["files"]:
         t.add_row(f, f"{(art / f).stat().st_size / 1e6:.1f} MB")
