@@ -1216,7 +1216,7 @@ def pipeline_cmd(
     out: Path = typer.Option(Path("runs/pipeline"), "--out", "-o", help="Output folder (an existing run in OUT/run is resumed)."),
 ):
     """The main job end to end: train -> measure -> predictor -> search -> collapse/export ->
-    compile -> translate -> summary (OUT/summary.json)."""
+    compile -> translate -> check the front (BLEU, measured latency) -> summary (OUT/summary.json)."""
     from mosc.pipeline import PipelineConfig, run_pipeline
 
     cfg = PipelineConfig.load(config) if config is not None else PipelineConfig()
