@@ -605,7 +605,7 @@ def measure_cmd(
     at once, and a re-run skips archs already measured."""
     from mosc.artifact_cache import ArtifactCache, ModelSource, load_space, sample_archs
     from mosc.db import LatencyDB
-    from mosc.measure import Campaign, Remote, parse_hostport
+    from mosc.measure import Campaign, Remote
     from mosc.targets import load_target
 
     tg = load_target(target)
@@ -783,11 +783,11 @@ BENCH_ARCH_HELP = "Measure this arch JSON: its artifact is built (or reused) in 
 def _bench_result(target, artifact, arch_file, checkpoint, space, seed, tune, trials, tune_db, cache, repeats,
                   tracker, key, log) -> dict:
     """Measure (artifact folder or arch JSON) with the target's protocol -> a mosc bench result dict."""
-    from mosc.measure import Remote, parse_hostport
+    from mosc.measure import Remote
     from mosc.regress import bench
     from mosc.targets import load_target
 
-    tg = load_target(target)
+    tg = load_target(target).with_rpc(tracker, key)  # building with --tune measures on the same device
     if (artifact is None) == (arch_file is None):
         raise MoscError("give --artifact DIR or --arch ARCH.json")
     arch = None
@@ -802,8 +802,7 @@ def _bench_result(target, artifact, arch_file, checkpoint, space, seed, tune, tr
         raise MoscError("--checkpoint goes with --arch (an artifact folder already holds its weights)")
     remote = None
     if tracker or key or tg.is_cross:
-        host, port = parse_hostport(tracker) if tracker else (tg.rpc.tracker_host, tg.rpc.tracker_port)
-        remote = Remote(host, port, key or tg.rpc.key)
+        remote = Remote(tg.rpc.tracker_host, tg.rpc.tracker_port, tg.rpc.key)
     p = tg.protocol
     log(f"benchmarking {artifact} for {tg.name} on {'this machine' if remote is None else remote.key + ' via ' + remote.addr}: "
         f"{p.warmup} warm-up + {repeats or p.repeats} timed runs (source {p.source_len}, {p.decoder_steps} steps)")
