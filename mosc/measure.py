@@ -268,21 +268,33 @@ def _tracker_socket(host: str, port: int, timeout: float) -> socket.socket:
     return sock
 
 
-def tracker_summary(host: str, port: int, timeout: float = CONNECT_TIMEOUT_S) -> dict:
-    """The tracker's summary (queue_info, server_info); ConnectionError when it does not answer."""
+def _tracker_request(host: str, port: int, message: list, timeout: float, wait: Callable[[], None] | None = None):
+    """Send one message to the tracker and return its answer; ConnectionError on any failure.
+    wait(): called about once a second while no answer has come (it raises to give up)."""
+    import select
+
     from tvm.rpc import base
 
     sock = _tracker_socket(host, port, timeout)
     try:
-        base.sendjson(sock, [base.TrackerCode.SUMMARY])
-        value = base.recvjson(sock)
+        base.sendjson(sock, message)
+        if wait is not None:
+            while not select.select([sock], [], [], 1.0)[0]:
+                wait()
+        return base.recvjson(sock)
     except ConnectionError:
         raise
     except OSError as e:
         raise ConnectionError(f"RPC tracker at {host}:{port} dropped the connection ({e})") from None
     finally:
         sock.close()
-    return value[1]
+
+
+def tracker_summary(host: str, port: int, timeout: float = CONNECT_TIMEOUT_S) -> dict:
+    """The tracker's summary (queue_info, server_info); ConnectionError when it does not answer."""
+    from tvm.rpc import base
+
+    return _tracker_request(host, port, [base.TrackerCode.SUMMARY], timeout)[1]
 
 
 def registered_keys(summary: dict) -> list[str]:
@@ -298,8 +310,6 @@ def connect(remote: Remote):
     any more (it dropped), and after remote.request_timeout at most. A request abandoned
     this way is harmless: the tracker skips requests whose connection is closed.
     """
-    import select
-
     from tvm.rpc import base
     from tvm.rpc.client import connect as rpc_connect
 
@@ -309,23 +319,17 @@ def connect(remote: Remote):
             raise ConnectionError(f"no device with key {remote.key!r} is registered at the tracker {remote.addr} "
                                   f"(registered: {', '.join(keys) or 'none'})")
 
+    deadline = time.monotonic() + remote.request_timeout
+
+    def still_waiting():
+        if time.monotonic() > deadline:
+            raise ConnectionError(f"no free device {remote.key!r} at {remote.addr} within "
+                                  f"{remote.request_timeout:g} s (busy with another client?)")
+        check_registered()  # the device dropped while we waited: stop waiting
+
     check_registered()
-    sock = _tracker_socket(remote.host, remote.port, CONNECT_TIMEOUT_S)
-    try:
-        base.sendjson(sock, [base.TrackerCode.REQUEST, remote.key, "", 1])
-        deadline = time.monotonic() + remote.request_timeout
-        while not select.select([sock], [], [], 1.0)[0]:
-            if time.monotonic() > deadline:
-                raise ConnectionError(f"no free device {remote.key!r} at {remote.addr} within "
-                                      f"{remote.request_timeout:g} s (busy with another client?)")
-            check_registered()  # the device dropped while we waited: stop waiting
-        value = base.recvjson(sock)
-    except ConnectionError:
-        raise
-    except OSError as e:
-        raise ConnectionError(f"RPC tracker at {remote.addr} dropped the connection ({e})") from None
-    finally:
-        sock.close()
+    value = _tracker_request(remote.host, remote.port, [base.TrackerCode.REQUEST, remote.key, "", 1],
+                             CONNECT_TIMEOUT_S, wait=still_waiting)
     if value[0] != base.TrackerCode.SUCCESS:
         raise ConnectionError(f"RPC tracker at {remote.addr} answered {value!r}")
     url, port, matchkey = value[1]

@@ -459,7 +459,9 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, console: Console | No
         log(f"predicted vs measured on the checked archs: mean error {statistics.mean(errs):.1%}, max {max(errs):.1%}")
         # the deployment artifact of the winner (tuned when compile_tune), timed with the same protocol
         art = s["compile"][tg.name]
-        stats = _time_artifact(Path(art["path"]), tg, remote)
+        from mosc.regress import bench
+
+        stats = bench(tg, art["path"], remote=remote)["stats"]  # mosc bench's measurement, local or RPC
         log(f"winner's compiled {tg.name} artifact ({'tuned, %d trials' % art['trials'] if art['tuned'] else 'untuned'}): "
             f"{stats['latency_ms']:.2f} ms (median {stats['median_ms']:.2f}, p90 {stats['p90_ms']:.2f})")
         return rows, {"path": art["path"], "tuned": art["tuned"], "trials": art["trials"], **{
@@ -487,22 +489,6 @@ def front_picks(front: list, best, k: int) -> list:
             picks[c.arch.hash] = c
     picks[best.arch.hash] = best
     return sorted(picks.values(), key=lambda c: c.latency_ms)
-
-
-def _time_artifact(art_dir: Path, tg, remote) -> dict:
-    """Stats of one compiled artifact under the target's protocol (locally, or over RPC)."""
-    import gc
-
-    from mosc.compile import load_artifact, read_manifest
-    from mosc.measure import connect, measure_tvm
-
-    sess = connect(remote) if remote is not None else None
-    try:
-        art = load_artifact(art_dir, read_manifest(art_dir).get("device", "cpu"), session=sess)
-        return measure_tvm(art, tg.protocol).stats
-    finally:
-        art = sess = None
-        gc.collect()  # an RPC session ends when its last handle is freed
 
 
 def _arch_of(sp, h: str, run_dir: Path, cfg: PipelineConfig):
