@@ -54,12 +54,12 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mosc import compile as C  # noqa: E402
-from mosc.export import Shapes, export_subnet  # noqa: E402
+from mosc.compiler import compile as C  # noqa: E402
+from mosc.nn.export import Shapes, export_subnet  # noqa: E402
 from mosc.space import Arch, SearchSpace  # noqa: E402
-from mosc.subnet import Subnet, SubnetConfig  # noqa: E402
-from mosc.targets import load_target  # noqa: E402
-from mosc.translate import load_export, onnx_files  # noqa: E402
+from mosc.nn.subnet import Subnet, SubnetConfig  # noqa: E402
+from mosc.compiler.targets import load_target  # noqa: E402
+from mosc.contract import load_export, onnx_files  # noqa: E402
 
 BOS = 1
 VOCAB = 8000

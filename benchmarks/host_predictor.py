@@ -26,16 +26,16 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from mosc.predictor import fit, fit_eval, metrics, read_db  # noqa: E402
+from mosc.search.predictor import fit, fit_eval, metrics, read_db  # noqa: E402
 
 MODELS = ("lsq", "gbt", "hybrid", "mlp")
 
 
 def measure(work: Path, n: int, seed: int) -> dict:
-    from mosc.artifact_cache import ArtifactCache, ModelSource, load_space, sample_archs
-    from mosc.db import LatencyDB
-    from mosc.measure import Campaign
-    from mosc.targets import load_target
+    from mosc.jobs.artifacts import ArtifactCache, ModelSource, load_space, sample_archs
+    from mosc.device.db import LatencyDB
+    from mosc.device.measure import Campaign
+    from mosc.compiler.targets import load_target
 
     tg = load_target("host")
     source = ModelSource(space="tiny", mode="neuron", seed=seed)
@@ -76,7 +76,7 @@ def main() -> None:
     m = measure(a.work, a.archs, a.seed)
     sp = SearchSpace.load("tiny")
     data = read_db(a.work / "latency.db", "host", "tiny", backend="tvm")
-    from mosc.db import LatencyDB
+    from mosc.device.db import LatencyDB
 
     with LatencyDB(a.work / "latency.db") as db:
         rows = db.query("host", backend="tvm")

@@ -51,12 +51,13 @@ def main() -> None:
 
     from rpc_helpers import rpc_device
 
-    from mosc.artifact_cache import ArtifactCache, ModelSource, sample_archs
-    from mosc.compile import load_artifact
-    from mosc.db import LatencyDB
-    from mosc.measure import Campaign, Remote, measure_tvm
+    from mosc.jobs.artifacts import ArtifactCache, ModelSource, sample_archs
+    from mosc.compiler.compile import load_artifact
+    from mosc.device.db import LatencyDB
+    from mosc.device.measure import Campaign, measure_tvm
+    from mosc.rpc import Remote
     from mosc.space import SearchSpace
-    from mosc.targets import load_target
+    from mosc.compiler.targets import load_target
 
     console = Console()
     target = load_target("host")

@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mosc.predictor import fit, metrics, read_hat_csv, roofline_ms, split_indices  # noqa: E402
+from mosc.search.predictor import fit, metrics, read_hat_csv, roofline_ms, split_indices  # noqa: E402
 
 FILES = {"raspberrypi": "wmt14ende_cpu_raspberrypi_all.csv", "xeon": "wmt14ende_cpu_xeon_all.csv",
          "titanxp": "wmt14ende_gpu_titanxp_all.csv"}

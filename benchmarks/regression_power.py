@@ -58,12 +58,12 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",") if int(s) <= args.runs]
     con = Console()
 
-    from mosc.artifact_cache import ArtifactCache, ModelSource
-    from mosc.compile import load_artifact
-    from mosc.measure import measure_tvm
+    from mosc.jobs.artifacts import ArtifactCache, ModelSource
+    from mosc.compiler.compile import load_artifact
+    from mosc.device.measure import measure_tvm
     from mosc.regress import compare, environment
     from mosc.space import Arch, SearchSpace
-    from mosc.targets import load_target
+    from mosc.compiler.targets import load_target
 
     tg = load_target("host")
     arch = SearchSpace.load("tiny").validate(Arch.load(args.arch))

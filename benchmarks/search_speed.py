@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from mosc.predictor import Dataset, Shapes, component_costs, fit  # noqa: E402
-from mosc.search import Cached, EvoConfig, evolve, pareto_search  # noqa: E402
+from mosc.search.predictor import Dataset, Shapes, component_costs, fit  # noqa: E402
+from mosc.search.evolve import Cached, EvoConfig, evolve, pareto_search  # noqa: E402
 from mosc.space import SearchSpace  # noqa: E402
 
 SP = SearchSpace.load("tiny")

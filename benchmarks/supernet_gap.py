@@ -29,13 +29,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mosc.data import load_corpus  # noqa: E402
-from mosc.evaluate import evaluate  # noqa: E402
+from mosc.nn.data import load_corpus  # noqa: E402
+from mosc.nn.evaluate import evaluate  # noqa: E402
 from mosc.fileio import atomic_write_json  # noqa: E402
 from mosc.space import SearchSpace  # noqa: E402
-from mosc.subnet import analytic_param_count, collapse  # noqa: E402
+from mosc.nn.subnet import analytic_param_count, collapse  # noqa: E402
 from mosc.fileio import latest_checkpoint  # noqa: E402
-from mosc.train import TrainConfig, load_trained, train  # noqa: E402
+from mosc.nn.train import TrainConfig, load_trained, train  # noqa: E402
 
 MODES = ("shared", "layer", "neuron")
 

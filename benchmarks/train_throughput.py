@@ -25,11 +25,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mosc.data import BatchIterator, load_corpus, shared_data_dir  # noqa: E402
+from mosc.nn.data import BatchIterator, load_corpus, shared_data_dir  # noqa: E402
 from mosc.fileio import atomic_write_json  # noqa: E402
-from mosc.model import Supernet, SupernetConfig  # noqa: E402
+from mosc.nn.model import Supernet, SupernetConfig  # noqa: E402
 from mosc.space import SearchSpace  # noqa: E402
-from mosc.train import TrainConfig, archs_for_update, update_loss  # noqa: E402
+from mosc.nn.train import TrainConfig, archs_for_update, update_loss  # noqa: E402
 
 MODES = ("shared", "layer", "neuron")
 

@@ -176,9 +176,9 @@ def collapse_cmd(
 def run_collapse(checkpoint, arch_file, out, space, mode, seed) -> dict:
     import torch
 
-    from mosc.model import FFNMode, Supernet, SupernetConfig, count_parameters, load_supernet
+    from mosc.nn.model import FFNMode, Supernet, SupernetConfig, count_parameters, load_supernet
     from mosc.space import SearchSpace
-    from mosc.subnet import analytic_param_count, collapse, save_subnet
+    from mosc.nn.subnet import analytic_param_count, collapse, save_subnet
 
     ck_meta = {}
     if checkpoint is not None:
@@ -266,7 +266,7 @@ def train_cmd(
     """Train a MoS supernet (sandwich rule) or, with --arch, one standalone arch. Works under
     `torchrun --nproc_per_node N` for data-parallel training (gloo)."""
     from mosc.space import Arch
-    from mosc.train import TrainConfig, train
+    from mosc.nn.train import TrainConfig, train
 
     cfg = TrainConfig(steps=steps, max_tokens=max_tokens, lr=lr, warmup=warmup, sandwich_random=sandwich_random,
                       distill=distill, save_every=save_every, log_every=log_every, seed=seed)
@@ -298,11 +298,11 @@ def evaluate_cmd(
 ):
     """Validation loss and corpus BLEU (sacrebleu) of the supernet at an arch (inherited weights)
     and, with --subnet, of a collapsed subnet."""
-    from mosc.evaluate import evaluate
+    from mosc.nn.evaluate import evaluate
     from mosc.fileio import atomic_write_json
     from mosc.space import Arch
-    from mosc.subnet import load_subnet
-    from mosc.train import load_run_corpus, load_trained
+    from mosc.nn.subnet import load_subnet
+    from mosc.nn.train import load_run_corpus, load_trained
 
     model, tok, meta = load_trained(checkpoint)
     data = load_run_corpus(meta, tok)
@@ -334,7 +334,7 @@ TARGET_HELP = "Target device: a file name in targets/ (see `mosc targets`)."
 @command(app, "targets")
 def targets_cmd():
     """List the deployment targets (targets/*.toml) with their TVM target and description."""
-    from mosc.targets import list_targets, load_target, targets_dir
+    from mosc.compiler.targets import list_targets, load_target, targets_dir
 
     t = Table("name", "TVM target", "cross compiler", "description", title=f"targets in {targets_dir()}")
     broken = []
@@ -361,15 +361,15 @@ def _load_subnet_source(subnet: Optional[Path], checkpoint: Optional[Path], arch
         if arch_file is not None:
             raise MoscError("--arch goes with --checkpoint; a --subnet folder already has its arch")
         from mosc.fileio import read_json
-        from mosc.subnet import load_subnet
+        from mosc.nn.subnet import load_subnet
 
         sub = load_subnet(subnet)
         meta = read_json(subnet / "config.json", "subnet config")
         return sub, meta.get("tokenizer"), f"subnet {subnet}"
     if arch_file is None:
         raise MoscError("--checkpoint needs --arch a.json (the architecture to collapse and export)")
-    from mosc.model import load_supernet
-    from mosc.subnet import collapse
+    from mosc.nn.model import load_supernet
+    from mosc.nn.subnet import collapse
     from mosc.fileio import resolve_checkpoint
 
     ckpt = resolve_checkpoint(checkpoint)
@@ -379,7 +379,7 @@ def _load_subnet_source(subnet: Optional[Path], checkpoint: Optional[Path], arch
 
 
 def run_export(subnet, checkpoint, arch_file, out, target, batch, source_len, cache_len, check=True) -> dict:
-    from mosc.export import Shapes, export_subnet
+    from mosc.nn.export import Shapes, export_subnet
 
     shapes = Shapes.from_target(target, batch, source_len, cache_len)  # unknown target: one line
     sub, tok_json, source = _load_subnet_source(subnet, checkpoint, arch_file)
@@ -451,9 +451,9 @@ def compile_cmd(
     per-target database) into a verifiable artifact folder."""
     import tempfile
 
-    from mosc import compile as C
-    from mosc.targets import load_target
-    from mosc.translate import load_export, onnx_files
+    from mosc.compiler import compile as C
+    from mosc.compiler.targets import load_target
+    from mosc.contract import load_export, onnx_files
 
     tg = load_target(target).with_rpc(tracker, key)
     C.require_cross_compiler(tg)
@@ -512,8 +512,8 @@ def translate_cmd(
 ):
     """Translate with a compiled artifact: tokenize, run the TVM encoder and decoder steps
     (greedy, fixed-size KV cache), detokenize."""
-    from mosc.compile import load_artifact, read_manifest
-    from mosc.translate import artifact_backend, translate_ids
+    from mosc.compiler.compile import load_artifact, read_manifest
+    from mosc.runtime import artifact_backend, translate_ids
 
     if (text is None) == (file is None):
         raise MoscError("give --text SENTENCE (repeatable) or --file FILE")
@@ -527,7 +527,7 @@ def translate_cmd(
             raise MoscError(f"cannot read {file} ({e.strerror})") from None
     else:
         sentences = [s for s in text]
-    from mosc.data import SubwordTokenizer
+    from mosc.nn.data import SubwordTokenizer
 
     tok = SubwordTokenizer.load(tokenizer) if tokenizer else (
         SubwordTokenizer.from_json(model["tokenizer"]) if model.get("tokenizer") else None)
@@ -575,9 +575,9 @@ DB_HELP = "Latency database file (default: $MOSC_LATENCY_DB or ~/.cache/mosc/lat
 
 
 def _db_path(db: Optional[Path]) -> Path:
-    from mosc.measure import default_db_path
+    from mosc import env
 
-    return db or default_db_path()
+    return db or env.latency_db_path()
 
 
 @command(app, "measure")
@@ -603,10 +603,11 @@ def measure_cmd(
     """Measure latency with HAT's protocol (encoder + N incremental decoder steps, warm-up, repeats,
     trimmed mean) locally or on a device over TVM RPC; every arch's row is committed to the database
     at once, and a re-run skips archs already measured."""
-    from mosc.artifact_cache import ArtifactCache, ModelSource, load_space, sample_archs
-    from mosc.db import LatencyDB
-    from mosc.measure import Campaign, Remote
-    from mosc.targets import load_target
+    from mosc.jobs.artifacts import ArtifactCache, ModelSource, load_space, sample_archs
+    from mosc.device.db import LatencyDB
+    from mosc.device.measure import Campaign
+    from mosc.rpc import Remote
+    from mosc.compiler.targets import load_target
 
     tg = load_target(target)
     if (arch_file is None) == (sample is None):
@@ -651,7 +652,7 @@ def device_tracker(
     port: int = typer.Option(9190, help="TCP port."),
 ):
     """Run a TVM RPC tracker in the foreground (Ctrl-C stops it)."""
-    from mosc.device import run_tracker
+    from mosc.device.server import run_tracker
 
     run_tracker(host, port)
 
@@ -664,8 +665,8 @@ def device_serve(
     port: int = typer.Option(9091, help="First TCP port to try; the next free one up to +100 is taken."),
 ):
     """Run a TVM RPC server on this machine, registered with a tracker (foreground)."""
-    from mosc.device import run_server
-    from mosc.measure import parse_hostport
+    from mosc.device.server import run_server
+    from mosc.rpc import parse_hostport
 
     th, tp = parse_hostport(tracker)
     run_server(th, tp, key, host, port)
@@ -684,13 +685,14 @@ def device_emulate(
     are marked emulated=1 everywhere: they check function, not speed."""
     import os
 
-    from mosc.device import emulate_command
-    from mosc.measure import parse_hostport
-    from mosc.targets import load_target
+    from mosc import env
+    from mosc.device.server import emulate_command
+    from mosc.rpc import parse_hostport
+    from mosc.compiler.targets import load_target
 
     tg = load_target(target)
     th, tp = parse_hostport(tracker)
-    work = Path.home() / ".cache" / "mosc" / "emulate" / target
+    work = env.emulate_workdir(target)
     try:
         argv, env = emulate_command(target, th, tp, key or tg.rpc.key, host, port, work, root)
     except SystemExit as e:
@@ -702,7 +704,7 @@ def device_emulate(
 @command(device_app, "list")
 def device_list(tracker: str = typer.Option("127.0.0.1:9190", help="Tracker HOST:PORT.")):
     """Show the devices registered with a tracker."""
-    from mosc.measure import parse_hostport, tracker_summary
+    from mosc.rpc import parse_hostport, tracker_summary
 
     th, tp = parse_hostport(tracker)
     try:
@@ -725,7 +727,7 @@ def db_import_hat(
     force: bool = typer.Option(False, "--force", help="Replace the rows of a file already imported."),
 ):
     """Import HAT's published measurements: features only (no full arch), backend hat-pytorch."""
-    from mosc.db import LatencyDB
+    from mosc.device.db import LatencyDB
 
     with LatencyDB(_db_path(db)) as ldb:
         n = ldb.import_hat_csv(csv_file, target, force=force)
@@ -744,7 +746,7 @@ def db_export(
     real_only: bool = typer.Option(False, "--real-only", help="Leave out emulated rows."),
 ):
     """Write the database (or one target's rows) as CSV, HAT's feature columns included."""
-    from mosc.db import LatencyDB
+    from mosc.device.db import LatencyDB
 
     with LatencyDB(_db_path(db)) as ldb:
         n = ldb.export_csv(out, target=target, include_emulated=not real_only)
@@ -754,7 +756,7 @@ def db_export(
 @command(db_app, "stats")
 def db_stats(db: Optional[Path] = typer.Option(None, "--db", help=DB_HELP)):
     """Summarise the database: rows per target, backend, device and emulated flag."""
-    from mosc.db import LatencyDB
+    from mosc.device.db import LatencyDB
 
     path = _db_path(db)
     if not path.exists():
@@ -783,16 +785,16 @@ BENCH_ARCH_HELP = "Measure this arch JSON: its artifact is built (or reused) in 
 def _bench_result(target, artifact, arch_file, checkpoint, space, seed, tune, trials, tune_db, cache, repeats,
                   tracker, key, log) -> dict:
     """Measure (artifact folder or arch JSON) with the target's protocol -> a mosc bench result dict."""
-    from mosc.measure import Remote
+    from mosc.rpc import Remote
     from mosc.regress import bench
-    from mosc.targets import load_target
+    from mosc.compiler.targets import load_target
 
     tg = load_target(target).with_rpc(tracker, key)  # building with --tune measures on the same device
     if (artifact is None) == (arch_file is None):
         raise MoscError("give --artifact DIR or --arch ARCH.json")
     arch = None
     if arch_file is not None:
-        from mosc.artifact_cache import ArtifactCache, ModelSource, load_space
+        from mosc.jobs.artifacts import ArtifactCache, ModelSource, load_space
 
         source = ModelSource(checkpoint=checkpoint, space=space, seed=seed)
         arch = _load_arch(arch_file, load_space(source))
@@ -950,7 +952,7 @@ app.add_typer(predictor_app, name="predictor")
 def _predictor_data(db: Optional[Path], csv_file: Optional[Path], target: Optional[str], space: Optional[str],
                     max_rows: Optional[int] = None, backend: Optional[str] = None):
     """(Dataset, SearchSpace) from --db/--target or --csv."""
-    from mosc.predictor import read_db, read_hat_csv
+    from mosc.search.predictor import read_db, read_hat_csv
     from mosc.space import SearchSpace
 
     if (db is None) == (csv_file is None):
@@ -1006,7 +1008,7 @@ def predictor_fit(
 ):
     """Fit a latency predictor for one target: held-out metrics (seeded 80/10/10 split) are
     printed and stored in the file with the target, space, features and training rows."""
-    from mosc.predictor import fit, fit_eval
+    from mosc.search.predictor import fit, fit_eval
 
     data, sp = _predictor_data(db, csv_file, target, space, max_rows, backend)
     p, m = fit_eval(data, model=model, features=features, seed=seed, space=sp)
@@ -1030,7 +1032,7 @@ def predictor_eval(
     backend: Optional[str] = typer.Option(None, help="Use the DB rows of this backend (tvm, ort, torch, hat-pytorch); needed when the target has several."),
 ):
     """Score a predictor on every row of a DB target or a HAT CSV (RMSE, MAPE, ±10%, Kendall tau)."""
-    from mosc.predictor import Predictor, metrics
+    from mosc.search.predictor import Predictor, metrics
 
     p = Predictor.load(predictor)
     data, sp = _predictor_data(db, csv_file, target or (p.target if db is not None else None),
@@ -1045,22 +1047,23 @@ def predictor_eval(
 
 def _supernet_fitness(checkpoint: Path, val_sentences: int, max_tokens: int):
     """(space, arch -> validation loss of the supernet at arch on the first N validation sentences)."""
-    from mosc.evaluate import supernet_fitness
-    from mosc.train import load_run_corpus, load_trained
+    from mosc.nn.evaluate import supernet_fitness
+    from mosc.nn.train import load_run_corpus, load_trained
 
     model, tok, meta = load_trained(checkpoint)
     return model.space, supernet_fitness(model, load_run_corpus(meta, tok), val_sentences, max_tokens)
 
 
 def _feedback(run, sp, score, pred, target, latency_ms, cfg, log, db, checkpoint, backend, rounds, top_k, out):
-    """--rounds: search, measure the top K on the target (mosc.measure's Campaign), refit on the DB, repeat."""
-    from mosc.artifact_cache import ArtifactCache, ModelSource
-    from mosc.db import LatencyDB
-    from mosc.feedback import feedback_search
-    from mosc.measure import Campaign, Remote
-    from mosc.predictor import AnalyticPrior, fit, read_db
-    from mosc.search import Cached
-    from mosc.targets import load_target
+    """--rounds: search, measure the top K on the target (mosc.device.measure's Campaign), refit on the DB, repeat."""
+    from mosc.jobs.artifacts import ArtifactCache, ModelSource
+    from mosc.device.db import LatencyDB
+    from mosc.search.feedback import feedback_search
+    from mosc.device.measure import Campaign
+    from mosc.rpc import Remote
+    from mosc.search.predictor import AnalyticPrior, fit, read_db
+    from mosc.search.evolve import Cached
+    from mosc.compiler.targets import load_target
 
     if db is None:
         raise MoscError("--rounds needs --db (measured rows are added there and the predictor is refitted on them)")
@@ -1096,13 +1099,13 @@ def _feedback(run, sp, score, pred, target, latency_ms, cfg, log, db, checkpoint
 def _prior_for(target: str, sp, db):
     """The clearly labelled analytic prior that stands in for a predictor on rpi4 until real
     measurements exist (then: fit one with `mosc predictor fit`)."""
-    from mosc.predictor import AnalyticPrior
+    from mosc.search.predictor import AnalyticPrior
 
     if target != "rpi4":
         raise MoscError(f"--predictor is required for {target!r} (fit one with: mosc predictor fit --db DB --target {target}); "
                         "only rpi4 has an analytic prior")
     if db is not None and Path(db).exists():
-        from mosc.db import LatencyDB
+        from mosc.device.db import LatencyDB
 
         with LatencyDB(db) as ldb:
             n = len(ldb.rows(target))
@@ -1142,8 +1145,8 @@ def search_cmd(
     fitness = supernet validation loss (cached per arch), latency = the predictor. With --rounds R,
     the top archs are measured on the target, added to --db, the predictor refitted, and the search repeated."""
     from mosc.fileio import atomic_write_json, atomic_write_text
-    from mosc.predictor import Predictor, total_macs
-    from mosc.search import EvoConfig, evolve, front_csv, pareto_search, plot_front
+    from mosc.search.predictor import Predictor, total_macs
+    from mosc.search.evolve import EvoConfig, evolve, front_csv, pareto_search, plot_front
     from mosc.space import SearchSpace
 
     if latency_ms is None and not pareto:
@@ -1183,7 +1186,7 @@ def search_cmd(
     atomic_write_text(out / "pareto.csv", front_csv(res.front))
     measured = []
     if db is not None and Path(db).exists():
-        from mosc.db import LatencyDB
+        from mosc.device.db import LatencyDB
 
         with LatencyDB(db) as ldb:
             rows = [r for r in ldb.rows(target) if r.arch is not None and sp.contains(r.arch)]

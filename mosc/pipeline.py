@@ -15,7 +15,6 @@ is optional and an unknown key or a wrong type is a one-line MoscError.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import statistics
 import time
@@ -149,7 +148,7 @@ def _bar(console: Console, what: str, total: int):
 
 def _target(name: str, cfg: PipelineConfig):
     """The target with the config's protocol and RPC overrides applied."""
-    from mosc.targets import load_target
+    from mosc.compiler.targets import load_target
 
     tg = load_target(name).with_rpc(cfg.tracker or None, cfg.key or None)
     p = tg.protocol
@@ -159,7 +158,7 @@ def _target(name: str, cfg: PipelineConfig):
 
 
 def _remote_for(tg, cfg: PipelineConfig):
-    from mosc.measure import Remote
+    from mosc.rpc import Remote
 
     if cfg.tracker or cfg.key or tg.is_cross or tg.device_type() != "cpu":
         return Remote(tg.rpc.tracker_host, tg.rpc.tracker_port, tg.rpc.key)
@@ -185,7 +184,7 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, console: Console | No
     # 1. train ------------------------------------------------------------------------------
     def train_stage():
         from mosc.fileio import latest_checkpoint
-        from mosc.train import TrainConfig, load_trained, train
+        from mosc.nn.train import TrainConfig, load_trained, train
 
         tc = TrainConfig(steps=cfg.train_steps, max_tokens=cfg.train_max_tokens, lr=cfg.train_lr,
                          warmup=cfg.train_warmup, save_every=max(cfg.train_steps // 2, 1), seed=cfg.seed,
@@ -221,9 +220,9 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, console: Console | No
     def measure(archs: list, what: str) -> tuple:
         """Measure archs on the target through TVM into the pipeline's latency DB (archs already
         there are skipped); returns (campaign result, device key, {arch hash: latency ms})."""
-        from mosc.artifact_cache import ArtifactCache, ModelSource
-        from mosc.db import LatencyDB
-        from mosc.measure import Campaign
+        from mosc.jobs.artifacts import ArtifactCache, ModelSource
+        from mosc.device.db import LatencyDB
+        from mosc.device.measure import Campaign
 
         source = ModelSource(checkpoint=run_dir, space=cfg.space, mode=cfg.mode, seed=cfg.seed)
         # Untuned measurement builds read an empty tuning database, not the machine's: otherwise
@@ -243,7 +242,7 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, console: Console | No
                      "UNTUNED builds (no schedules: absolute times are pessimistic, the ranking is what counts)")
 
     def measure_stage():
-        from mosc.artifact_cache import ModelSource, load_space, sample_archs
+        from mosc.jobs.artifacts import ModelSource, load_space, sample_archs
 
         sp = load_space(ModelSource(checkpoint=run_dir))
         archs = sample_archs(sp, cfg.measure_archs, cfg.seed)
@@ -262,8 +261,8 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, console: Console | No
 
     # 3. predictor --------------------------------------------------------------------------
     def predictor_stage():
-        from mosc.artifact_cache import ModelSource, load_space
-        from mosc.predictor import fit, fit_eval, read_db
+        from mosc.jobs.artifacts import ModelSource, load_space
+        from mosc.search.predictor import fit, fit_eval, read_db
 
         sp = load_space(ModelSource(checkpoint=run_dir))
         data = read_db(db_path, tg.name, sp.name, backend="tvm")
@@ -273,7 +272,7 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, console: Console | No
         p = fit(data, model=cfg.predictor, seed=cfg.seed, space=sp)
         path = out / "predictor.json"
         p.save(path)
-        from mosc.predictor import metrics as score
+        from mosc.search.predictor import metrics as score
 
         fit_m = score(data.latency_ms, p.predict_features(data.features, data.archs))
         log(f"{cfg.predictor} predictor on {len(data)} rows ({p.features} features): in-sample MAPE "
@@ -286,10 +285,10 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, console: Console | No
 
     # 4. search -----------------------------------------------------------------------------
     def search_stage():
-        from mosc.search import Cached, EvoConfig, evolve, front_csv, pareto_search, plot_front
+        from mosc.search.evolve import Cached, EvoConfig, evolve, front_csv, pareto_search, plot_front
 
-        from mosc.evaluate import supernet_fitness
-        from mosc.train import load_run_corpus, load_trained
+        from mosc.nn.evaluate import supernet_fitness
+        from mosc.nn.train import load_run_corpus, load_trained
 
         model, tok, meta = load_trained(run_dir)
         sp = model.space
@@ -331,9 +330,9 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, console: Console | No
 
     # 5. collapse + export ------------------------------------------------------------------
     def export_stage():
-        from mosc.export import Shapes, export_subnet
-        from mosc.model import load_supernet
-        from mosc.subnet import collapse, save_subnet
+        from mosc.nn.export import Shapes, export_subnet
+        from mosc.nn.model import load_supernet
+        from mosc.nn.subnet import collapse, save_subnet
 
         supernet, meta = load_supernet(run_dir)
         sub = collapse(supernet, best.arch)
@@ -358,9 +357,9 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, console: Console | No
 
     # 6. compile ----------------------------------------------------------------------------
     def compile_stage():
-        from mosc import compile as C
-        from mosc.export import Shapes
-        from mosc.translate import load_export, onnx_files
+        from mosc.compiler import compile as C
+        from mosc.nn.export import Shapes
+        from mosc.contract import load_export, onnx_files
 
         arts = {}
 
@@ -404,10 +403,10 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, console: Console | No
 
     # 7. translate --------------------------------------------------------------------------
     def translate_stage():
-        from mosc.compile import load_artifact, read_manifest
-        from mosc.data import SubwordTokenizer
-        from mosc.train import load_run_corpus, load_trained
-        from mosc.translate import artifact_backend, translate_ids
+        from mosc.compiler.compile import load_artifact, read_manifest
+        from mosc.nn.data import SubwordTokenizer
+        from mosc.nn.train import load_run_corpus, load_trained
+        from mosc.runtime import artifact_backend, translate_ids
 
         art_dir = Path(s["compile"]["host"]["path"])
         model = read_manifest(art_dir)["model"]
@@ -432,8 +431,8 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, console: Console | No
 
     # 8. check the front ------------------------------------------------------------------
     def check_stage():
-        from mosc.evaluate import evaluate
-        from mosc.train import load_run_corpus, load_trained
+        from mosc.nn.evaluate import evaluate
+        from mosc.nn.train import load_run_corpus, load_trained
 
         picks = front_picks(front, best, cfg.bleu_archs)
         model, tok, meta = load_trained(run_dir)
@@ -493,7 +492,7 @@ def front_picks(front: list, best, k: int) -> list:
 
 def _arch_of(sp, h: str, run_dir: Path, cfg: PipelineConfig):
     """The sampled arch with hash h (measured archs are the seeded sample)."""
-    from mosc.artifact_cache import sample_archs
+    from mosc.jobs.artifacts import sample_archs
 
     cache = _arch_of.__dict__.setdefault("cache", {})
     key = (sp.name, cfg.measure_archs, cfg.seed)

@@ -99,9 +99,10 @@ def bench(target, artifact: str | Path, arch=None, *, repeats: int | None = None
     import gc
     from dataclasses import replace
 
-    from mosc.compile import load_artifact, verify_artifact
+    from mosc.compiler.compile import load_artifact, verify_artifact
     from mosc.fileio import sha256_file
-    from mosc.measure import connect, device_info, measure_tvm, summarize
+    from mosc.device.measure import measure_tvm, summarize
+    from mosc.rpc import connect, device_info
 
     artifact = Path(artifact)
     manifest = verify_artifact(artifact)

@@ -61,16 +61,16 @@ class Proc:
 
 def start_tracker(port: int | None = None) -> tuple[Proc, int]:
     port = port or free_port()
-    proc = Proc([sys.executable, "-m", "mosc.device", "tracker", "--port", str(port)])
+    proc = Proc([sys.executable, "-m", "mosc.device.server", "tracker", "--port", str(port)])
     proc.wait_line("listening", 30)
     return proc, port
 
 
 def start_server(tracker_port: int, key: str, argv: list[str] | None = None, env: dict | None = None,
                  timeout: float = 60) -> Proc:
-    from mosc.measure import registered_keys, tracker_summary
+    from mosc.rpc import registered_keys, tracker_summary
 
-    argv = argv or [sys.executable, "-m", "mosc.device", "serve", "--tracker", f"127.0.0.1:{tracker_port}",
+    argv = argv or [sys.executable, "-m", "mosc.device.server", "serve", "--tracker", f"127.0.0.1:{tracker_port}",
                     "--key", key, "--port", str(free_port())]
     proc = Proc(argv, env)
     deadline = time.monotonic() + timeout

@@ -66,7 +66,7 @@ def test_collapse_prints_counts_and_diff(tmp_path):
 def test_collapse_from_checkpoint(tmp_path):
     import torch
 
-    from mosc.model import Supernet, SupernetConfig, save_supernet
+    from mosc.nn.model import Supernet, SupernetConfig, save_supernet
     from mosc.space import SearchSpace
 
     torch.manual_seed(0)
@@ -150,12 +150,12 @@ def test_tuning_a_remote_target_needs_its_tracker(tmp_path, monkeypatch):
     """rpi4 tuning measures on the Pi through the RPC tracker; none running: one line, before any work."""
     import shutil
 
-    from mosc import compile as C
+    from mosc.compiler import compile as C
 
     if not shutil.which("aarch64-linux-gnu-gcc"):
         pytest.skip("aarch64-linux-gnu-gcc not installed")
     monkeypatch.setattr(C, "import_onnx", lambda *a, **k: pytest.fail("should refuse before importing"))
-    from mosc.targets import Rpc, load_target
+    from mosc.compiler.targets import Rpc, load_target
     import dataclasses
 
     t = dataclasses.replace(load_target("rpi4"), rpc=Rpc("127.0.0.1", 1, "rpi4"))  # nothing listens on port 1

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from mosc.errors import MoscError
-from mosc.model import FFNMode, Supernet, SupernetConfig, count_parameters, load_supernet, save_supernet
+from mosc.nn.model import FFNMode, Supernet, SupernetConfig, count_parameters, load_supernet, save_supernet
 from mosc.space import Arch, SearchSpace
-from mosc.evaluate import FullDecoder, beam_search
-from mosc.subnet import analytic_param_count, collapse, load_subnet, save_subnet
+from mosc.nn.evaluate import FullDecoder, beam_search
+from mosc.nn.subnet import analytic_param_count, collapse, load_subnet, save_subnet
 
 MODES = [m.value for m in FFNMode]
 

@@ -1,4 +1,4 @@
-"""mosc.compile with real TVM builds of tiny ONNX graphs (made here with torch.onnx.export).
+"""mosc.compiler.compile with real TVM builds of tiny ONNX graphs (made here with torch.onnx.export).
 
 Two graphs shaped like the real ones: an encoder (embedding + one transformer-ish block)
 and a decoder step with several inputs and outputs (token, K/V caches, memory -> logits,
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mosc import compile as C
+from mosc.compiler import compile as C
 from mosc.errors import MoscError
 
 V, D, S, L = 64, 32, 8, 8  # vocab, width, source length, KV cache length
@@ -111,7 +111,7 @@ def _ort(path, feeds):
 
 # ----------------------------------------------------------------------------- tests
 def test_compile_does_not_import_torch_or_tvm():
-    code = "import sys, mosc.compile, mosc.targets; assert 'torch' not in sys.modules and 'tvm' not in sys.modules"
+    code = "import sys, mosc.compiler.compile, mosc.compiler.targets; assert 'torch' not in sys.modules and 'tvm' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
@@ -210,7 +210,7 @@ def test_rpi4_cross_build(rpi4_artifact):
 _QEMU_RUN = """
 import sys, numpy as np
 sys.path.insert(0, sys.argv[1])
-from mosc.compile import load_artifact
+from mosc.compiler.compile import load_artifact
 art = load_artifact(sys.argv[2])
 feeds = dict(np.load(sys.argv[3]))
 np.savez(sys.argv[4], *art.run(sys.argv[5], feeds))
@@ -275,8 +275,8 @@ def test_tuning_a_remote_target_needs_a_real_tracker_with_the_key(tmp_path):
 
     from rpc_helpers import start_tracker
 
-    from mosc.compile import check_tracker
-    from mosc.targets import Rpc, load_target
+    from mosc.compiler.compile import check_tracker
+    from mosc.compiler.targets import Rpc, load_target
 
     rpi4 = load_target("rpi4")
     srv = socket.socket()

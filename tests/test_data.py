@@ -1,4 +1,4 @@
-"""mosc.data: readers, synthetic task, tokenizer, batching. Fast (a few seconds)."""
+"""mosc.nn.data: readers, synthetic task, tokenizer, batching. Fast (a few seconds)."""
 
 import gzip
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mosc.data import (
+from mosc.nn.data import (
     BOS_ID,
     EOS_ID,
     PAD_ID,
@@ -55,7 +55,7 @@ def test_synthetic_splits_disjoint_and_stable():
 
 
 def test_synthetic_transformation():
-    from mosc.data import _Language
+    from mosc.nn.data import _Language
 
     lang = _Language(SMALL)
     det = {s: forms for s, forms in lang.dets}

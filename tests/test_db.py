@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mosc.cli import app
-from mosc.db import HAT_BACKEND, LatencyDB
+from mosc.device.db import HAT_BACKEND, LatencyDB
 from mosc.errors import MoscError
 from mosc.space import HAT_FEATURE_NAMES, SearchSpace
 

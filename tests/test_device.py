@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -15,7 +14,7 @@ import pytest
 
 from rpc_helpers import ENV, REPO, Proc, free_port, start_server, start_tracker
 
-from mosc.measure import Remote, connect, device_info, registered_keys, tracker_summary
+from mosc.rpc import Remote, connect, device_info
 
 ARM64_ROOT = Path(os.environ.get("MOSC_ARM64_ROOT") or Path.home() / ".cache/mosc/arm64-root")
 CLI = "from mosc.cli import app; app()"
@@ -89,7 +88,7 @@ def test_emulated_rpi4_measurement_is_marked(tmp_path):
         if emu:
             emu.kill()
         tracker.kill()
-    from mosc.db import LatencyDB
+    from mosc.device.db import LatencyDB
 
     with LatencyDB(db) as ldb:
         (row,) = ldb.query("rpi4", include_emulated=True)

@@ -15,7 +15,6 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -51,7 +50,7 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok():
-    from mosc.data import SubwordTokenizer, synthetic_pairs
+    from mosc.nn.data import SubwordTokenizer, synthetic_pairs
 
     src, tgt = synthetic_pairs(1500)
     return SubwordTokenizer.train(src + tgt, vocab_size=400)
@@ -60,7 +59,7 @@ def tok():
 @pytest.fixture(scope="module")
 def subnet_dir(work, tok):
     """A checkpoint as `mosc train` writes it (weights + tokenizer), collapsed by the CLI."""
-    from mosc.model import Supernet, SupernetConfig, save_supernet
+    from mosc.nn.model import Supernet, SupernetConfig, save_supernet
     from mosc.space import SearchSpace
 
     space = SearchSpace.load("tiny")
@@ -79,7 +78,7 @@ def subnet_dir(work, tok):
 
 @pytest.fixture(scope="module")
 def sub(subnet_dir):
-    from mosc.subnet import load_subnet
+    from mosc.nn.subnet import load_subnet
 
     return load_subnet(subnet_dir)
 
@@ -99,7 +98,7 @@ def host_artifact(work, export_dir):
 
 
 def torch_greedy(sub, rows: list[list[int]]) -> list[list[int]]:
-    from mosc.translate import pad_source
+    from mosc.runtime import pad_source
 
     out = []
     for ids in rows:
@@ -116,7 +115,7 @@ def random_sources(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
 # ----------------------------------------------------------------------------- export + ORT
 def test_export_folder(export_dir, sub, tok):
     from mosc.fileio import sha256_file
-    from mosc.translate import load_export
+    from mosc.contract import load_export
 
     meta = load_export(export_dir)
     assert meta["shapes"] == {"batch": 1, "source_len": S, "cache_len": T}
@@ -147,8 +146,8 @@ def test_export_graph_is_static_and_scatter_free(export_dir):
 
 
 def test_ort_parity_and_greedy_match_torch(export_dir, sub, tok):
-    from mosc.export import check_parity
-    from mosc.translate import ort_backend, translate_ids
+    from mosc.nn.export import check_parity
+    from mosc.runtime import ort_backend, translate_ids
 
     p = check_parity(sub, export_dir, seed=7)
     assert max(p["encoder_max_abs_diff"], p["decoder_step_max_abs_diff"]) <= 1e-4 and p["greedy_tokens_equal"]
@@ -159,7 +158,7 @@ def test_ort_parity_and_greedy_match_torch(export_dir, sub, tok):
 
 def test_export_shape_flags_and_batch(work, sub, tok):
     """Flags override the target's shapes; a batch-2 graph decodes rows independently."""
-    from mosc.translate import ort_backend, translate_ids
+    from mosc.runtime import ort_backend, translate_ids
 
     out = work / "onnx-b2"
     invoke("export", "--checkpoint", work / "ck", "--arch", work / "arch.json", "--batch", 2, "--source-len", 12,
@@ -168,7 +167,7 @@ def test_export_shape_flags_and_batch(work, sub, tok):
     assert meta["shapes"] == {"batch": 2, "source_len": 12, "cache_len": 10}
     rows = [r[:12] for r in random_sources(3, tok.vocab_size, seed=3)]
     got, _ = translate_ids(ort_backend(out), rows, BOS, EOS, PAD)
-    from mosc.translate import pad_source
+    from mosc.runtime import pad_source
 
     ref = sub.translate(torch.from_numpy(pad_source(rows[:2], 2, 12, PAD)[0]), BOS, EOS, max_len=10)
     ref += sub.translate(torch.from_numpy(pad_source(rows[2:], 1, 12, PAD)[0]), BOS, EOS, max_len=10)
@@ -177,8 +176,8 @@ def test_export_shape_flags_and_batch(work, sub, tok):
 
 def test_parity_failure_raises(export_dir, sub):
     """A subnet whose weights differ from the exported ones fails the check with one line."""
-    from mosc.export import check_parity
-    from mosc.subnet import Subnet
+    from mosc.nn.export import check_parity
+    from mosc.nn.subnet import Subnet
 
     other = Subnet(sub.cfg).eval()
     with torch.no_grad():
@@ -190,8 +189,8 @@ def test_parity_failure_raises(export_dir, sub):
 
 # ----------------------------------------------------------------------------- TVM (host)
 def test_tvm_artifact_greedy_matches_torch(host_artifact, sub, tok):
-    from mosc.compile import load_artifact
-    from mosc.translate import artifact_backend, translate_ids
+    from mosc.compiler.compile import load_artifact
+    from mosc.runtime import artifact_backend, translate_ids
 
     m = json.loads((host_artifact / "manifest.json").read_text())
     assert m["model"]["arch_hash"] == sub.arch.hash and m["model"]["tokenizer"] == tok.to_json()
@@ -239,8 +238,8 @@ _QEMU_TRANSLATE = """
 import json, sys
 import numpy as np
 sys.path.insert(0, sys.argv[1])
-from mosc.compile import load_artifact
-from mosc.translate import artifact_backend, translate_ids
+from mosc.compiler.compile import load_artifact
+from mosc.runtime import artifact_backend, translate_ids
 art = load_artifact(sys.argv[2])
 m = art.manifest["model"]
 rows = json.loads(open(sys.argv[3]).read())
@@ -254,8 +253,8 @@ open(sys.argv[4], "w").write(json.dumps(out))
 @pytest.mark.skipif(not (ARM64_ROOT / "opt/mosc-site/.mosc-wheels-done").exists() or not shutil.which("qemu-aarch64"),
                     reason=f"no arm64 root at {ARM64_ROOT} or no qemu-aarch64 (run scripts/setup_arm64_root.sh)")
 def test_rpi4_artifact_translates_under_qemu(export_dir, sub, tok, work, tmp_path):
-    from mosc.compile import compile_artifact
-    from mosc.translate import load_export, onnx_files
+    from mosc.compiler.compile import compile_artifact
+    from mosc.contract import load_export, onnx_files
 
     meta = load_export(export_dir)
     art = compile_artifact(onnx_files(export_dir, meta), "rpi4", work / "art-rpi4", tune=False, db_dir=tmp_path / "db",
@@ -281,8 +280,8 @@ def test_outputs_are_not_trivial(sub, tok):
 
 def test_compile_one_step_from_subnet(subnet_dir, sub, tok, work):
     """`mosc compile --subnet` exports (with shape flags) and compiles in one call."""
-    from mosc.compile import load_artifact
-    from mosc.translate import artifact_backend, pad_source
+    from mosc.compiler.compile import load_artifact
+    from mosc.runtime import artifact_backend, pad_source
 
     out = work / "art-one-step"
     r = invoke("compile", "-t", "host", "--subnet", subnet_dir, "--source-len", 12, "--cache-len", 8, "--no-tune",
@@ -292,7 +291,7 @@ def test_compile_one_step_from_subnet(subnet_dir, sub, tok, work):
     assert m["model"]["shapes"] == {"batch": 1, "source_len": 12, "cache_len": 8}
     assert m["graphs"]["decoder_step"]["inputs"][2]["shape"][2] == 8
     rows = [r[:12] for r in random_sources(2, tok.vocab_size, seed=9)]
-    from mosc.translate import greedy
+    from mosc.runtime import greedy
 
     backend = artifact_backend(load_artifact(out))
     for ids in rows:

@@ -20,7 +20,7 @@ import pytest
 
 from rpc_helpers import REPO, free_port, host_test_env, rpc_device, start_server, start_tracker
 
-from mosc.measure import run_protocol, summarize
+from mosc.device.measure import run_protocol, summarize
 
 N_SAMPLE = 2  # archs of `--sample 2 --seed 0` (built once for the module: ~12 s each on busy cores)
 CLI = "from mosc.cli import app; app()"  # `mosc ...` in a subprocess, with this interpreter
@@ -29,7 +29,7 @@ PROTOCOL = {"source_len": 8, "decoder_steps": 4, "batch": 1, "warmup": 1, "repea
 
 # ----------------------------------------------------------------------------- pure functions
 def test_module_does_not_import_torch_or_tvm():
-    code = "import sys, mosc.measure, mosc.db, mosc.device; print(sorted(m for m in ('torch', 'tvm') if m in sys.modules))"
+    code = "import sys, mosc.device.measure, mosc.device.db, mosc.device.server; print(sorted(m for m in ('torch', 'tvm') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]"
 
@@ -76,9 +76,9 @@ def archs(env):
     """The archs of `--sample N_SAMPLE --seed 0`, with their artifacts and exports built into the cache."""
     os.environ.update({k: env[k] for k in ("MOSC_TARGETS_DIR", "MOSC_ARTIFACT_CACHE")})
     try:
-        from mosc.artifact_cache import ArtifactCache, ModelSource, sample_archs
+        from mosc.jobs.artifacts import ArtifactCache, ModelSource, sample_archs
         from mosc.space import SearchSpace
-        from mosc.targets import load_target
+        from mosc.compiler.targets import load_target
 
         archs = sample_archs(SearchSpace.load("tiny"), N_SAMPLE, 0)
         cache = ArtifactCache(load_target("host"), ModelSource(), tune=False,
@@ -147,9 +147,9 @@ def test_measure_local_records_everything(env, archs, tmp_path):
 
 
 def test_measure_torch_backend(env, archs, tmp_path):
-    from mosc.artifact_cache import ArtifactCache, ModelSource
-    from mosc.measure import measure_torch
-    from mosc.targets import Protocol
+    from mosc.jobs.artifacts import ArtifactCache, ModelSource
+    from mosc.device.measure import measure_torch
+    from mosc.compiler.targets import Protocol
 
     sub = ArtifactCache.__new__(ArtifactCache)
     sub.source, sub._supernet = ModelSource(), None
@@ -159,9 +159,10 @@ def test_measure_torch_backend(env, archs, tmp_path):
 
 def test_rpc_matches_local_path(env, archs):
     """The same measure_tvm over RPC; the device says it is not emulated."""
-    from mosc.compile import load_artifact
-    from mosc.measure import Remote, connect, device_info, measure_tvm
-    from mosc.targets import Protocol
+    from mosc.compiler.compile import load_artifact
+    from mosc.device.measure import measure_tvm
+    from mosc.rpc import Remote, connect, device_info
+    from mosc.compiler.targets import Protocol
 
     art_dir = next(Path(env["MOSC_ARTIFACT_CACHE"]).glob(f"host/{archs[0].hash}-*/art"))
     p = Protocol(**{**PROTOCOL, "repeats": 10})

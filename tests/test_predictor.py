@@ -10,9 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from mosc.cli import app
-from mosc.db import LatencyDB
+from mosc.device.db import LatencyDB
 from mosc.errors import MoscError
-from mosc.predictor import (COST_NAMES, Dataset, Predictor, Shapes, component_costs, featurize, fit, fit_eval,
+from mosc.search.predictor import (COST_NAMES, Dataset, Predictor, Shapes, component_costs, featurize, fit, fit_eval,
                             metrics, read_db, read_hat_csv, split_indices)
 from mosc.space import SearchSpace
 

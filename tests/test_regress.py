@@ -36,9 +36,9 @@ def built(env):
     """(target, arch, artifact dir), built once."""
     os.environ.update({k: env[k] for k in ("MOSC_TARGETS_DIR", "MOSC_ARTIFACT_CACHE")})
     try:
-        from mosc.artifact_cache import ArtifactCache, ModelSource
+        from mosc.jobs.artifacts import ArtifactCache, ModelSource
         from mosc.space import SearchSpace
-        from mosc.targets import load_target
+        from mosc.compiler.targets import load_target
 
         tg = load_target("host")
         arch = SearchSpace.load("tiny").smallest()
@@ -59,7 +59,7 @@ def baseline(built):
 
 def scaled_timer(factor):
     """A test double of the timer only: the real measurement, every sample scaled by factor."""
-    from mosc.measure import Measurement, measure_tvm
+    from mosc.device.measure import Measurement, measure_tvm
 
     def measure(art, protocol):
         m = measure_tvm(art, protocol)
@@ -93,7 +93,7 @@ def test_module_does_not_import_torch_or_tvm():
 
 
 def test_statistic_matches_summarize():
-    from mosc.measure import summarize
+    from mosc.device.measure import summarize
     from mosc.regress import statistic
 
     x = np.random.default_rng(0).lognormal(1, 0.2, 97)

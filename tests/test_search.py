@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from mosc.cli import app
 from mosc.errors import MoscError
-from mosc.predictor import Shapes, component_costs, fit, read_db
-from mosc.search import (Cached, EvoConfig, crowding, evolve, non_dominated_sort, pareto_front, pareto_search)
+from mosc.search.predictor import Shapes, component_costs, fit, read_db
+from mosc.search.evolve import (Cached, EvoConfig, crowding, evolve, non_dominated_sort, pareto_front, pareto_search)
 from mosc.space import SearchSpace
 
 TINY = SearchSpace.load("tiny")
@@ -79,7 +79,7 @@ def test_pareto_search_front_is_non_dominated_and_spans_latency():
 
 @pytest.fixture()
 def predictor_file(tmp_path):
-    from mosc.db import LatencyDB
+    from mosc.device.db import LatencyDB
 
     rng = random.Random(0)
     archs = list({a.hash: a for a in (TINY.sample(rng) for _ in range(60))}.values())
@@ -125,13 +125,13 @@ def test_search_world_imports_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys, mosc.search, mosc.predictor; "
+    code = ("import sys, mosc.search.evolve, mosc.search.predictor; "
             "bad = [m for m in ('torch', 'tvm') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_feedback_rounds_measure_refit_and_report():
-    from mosc.feedback import feedback_search
+    from mosc.search.feedback import feedback_search
 
     device = lambda a: latency(a) * 1.3  # noqa: E731  the real device is 30% slower than the first predictor
     measured, refits = [], []

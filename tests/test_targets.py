@@ -1,11 +1,11 @@
-"""mosc.targets: the target files in targets/ and their loader (pure Python but for tvm_target())."""
+"""mosc.compiler.targets: the target files in targets/ and their loader (pure Python but for tvm_target())."""
 
 import dataclasses
 
 import pytest
 
 from mosc.errors import MoscError
-from mosc.targets import Target, list_targets, load_target
+from mosc.compiler.targets import Target, list_targets, load_target
 
 SHIPPED = ["host", "nvidia", "rpi4", "xeon"]
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mosc.data import SyntheticConfig, load_corpus
+from mosc.nn.data import SyntheticConfig, load_corpus
 from mosc.errors import MoscError
-from mosc.evaluate import CachedDecoder, FullDecoder, beam_search, evaluate, logits_fn
+from mosc.nn.evaluate import CachedDecoder, FullDecoder, beam_search, evaluate, logits_fn
 from mosc.fileio import load_tensors
 from mosc.space import SearchSpace
-from mosc.subnet import collapse
-from mosc.train import TrainConfig, archs_for_update, load_trained, train
+from mosc.nn.subnet import collapse
+from mosc.nn.train import TrainConfig, archs_for_update, load_trained, train
 
 BIN = Path(sys.executable).parent
 SMALL = SyntheticConfig(n_train=300, n_val=30, n_test=30)
@@ -85,7 +85,7 @@ def test_standalone_trains_only_its_slices(tmp_path, data):
     model, tok, meta = load_trained(r.run)
     assert meta["train"]["fixed_arch"] == arch.to_dict()
     torch.manual_seed(0)  # the same init the run started from
-    from mosc.model import Supernet, SupernetConfig
+    from mosc.nn.model import Supernet, SupernetConfig
 
     init = Supernet(SupernetConfig(**{**meta["config"]}))
     # Layers the arch does not use never change; the used slice does.
@@ -189,7 +189,7 @@ def test_ctrl_c_mid_update_then_resume_is_bit_for_bit(tmp_path, data, monkeypatc
     import os
     import signal
 
-    import mosc.train as T
+    import mosc.nn.train as T
 
     full = train(tmp_path / "full", data=data, cfg=cfg(), progress=False)
     real, calls = T.update_loss, {"n": 0}

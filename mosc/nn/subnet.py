@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from mosc.errors import MoscError
 from mosc.fileio import load_model_dir, save_model_dir
-from mosc.model import Supernet, attention, causal_bias, padding_bias, sinusoidal_positions
+from mosc.nn.model import Supernet, attention, causal_bias, padding_bias, sinusoidal_positions
 from mosc.space import Arch
 
 

@@ -39,22 +39,18 @@ from typing import Any, Callable
 
 import numpy as np
 
+from mosc import env
 from mosc.errors import MoscError
 from mosc.fileio import atomic_write_json, sha256_file, verify_files
-from mosc.targets import Target, load_target
+from mosc.compiler.targets import Target, load_target
 
 # ----------------------------------------------------------------------------- settings
 DEFAULT_TRIALS = 256  # global trial budget of one compile; ~300 took a d=512 model to torch speed
 TRIALS_PER_TASK = 64  # cap per task: matmuls keep improving, small ops exhaust their space at 1
 TRIALS_PER_ITER = 32  # candidates built+measured per round (TVM's 64 is coarse for small budgets)
-# Candidates evolved (and scored by the cost model) per round. TVM's 512 suits rounds of 64
-# measured candidates; ours are smaller, and on 2 busy cores a 512 round costs ~10 s.
-SEARCH_POPULATION = int(os.environ.get("MOSC_SEARCH_POPULATION", 128))
 MODULE_EQUALITY = "structural"  # how the database matches workloads across models
-BUILDER = os.environ.get("MOSC_TUNE_BUILDER", "inprocess")  # or "local": LocalBuilder workers
 BUILD_TIMEOUT_S = 60.0  # per candidate build in a tuning worker
 RUN_TIMEOUT_S = 30.0  # per candidate measurement
-TUNE_CACHE = Path(os.environ.get("MOSC_TUNE_DIR") or Path.home() / ".cache" / "mosc" / "tune")
 MANIFEST = "manifest.json"
 ARTIFACT_FORMAT = "mosc-artifact/1"
 
@@ -183,7 +179,7 @@ def default_db_dir(target: Target) -> Path:
     spec = target.tvm_target_spec
     if isinstance(spec, dict) and "auto" in spec.values():
         slug += "-" + str(target.resolved_spec().get("mcpu", "generic"))
-    return TUNE_CACHE / slug
+    return env.tune_root() / slug
 
 
 def open_database(db_dir: Path | str):
@@ -320,7 +316,7 @@ def check_tracker(target: Target, timeout_s: float = 5.0) -> None:
     """MoscError (one line) unless the target's RPC tracker answers like a tracker and a device
     with the target's key is registered: MetaSchedule's runner would otherwise wait forever
     (no such key) or fail every trial (no tracker)."""
-    from mosc.measure import registered_keys, tracker_summary
+    from mosc.rpc import registered_keys, tracker_summary
 
     host, port, key = target.rpc.tracker_host, target.rpc.tracker_port, target.rpc.key
     try:
@@ -484,7 +480,7 @@ def tune(
     # left unscheduled): one random schedule is often worse than none.
     per_iter = max(2, min(TRIALS_PER_ITER, trials // len(todo)))
     f_export = _cross_export(target.cross_compiler) if target.is_cross else None
-    if BUILDER == "inprocess":
+    if env.tune_builder() == "inprocess":
         builder = _inprocess_builder(f_export)
     else:
         builder = _fast_builder(len(os.sched_getaffinity(0)), f_export)
@@ -497,7 +493,7 @@ def tune(
     contexts = [
         ms.TuneContext(
             mod=task.dispatched[0], target=task.target, space_generator="post-order-apply",
-            search_strategy=ms.search_strategy.EvolutionarySearch(population_size=SEARCH_POPULATION),
+            search_strategy=ms.search_strategy.EvolutionarySearch(population_size=env.tune_search_population()),
             task_name=task.task_name, logger=logger,
             rand_state=rand, num_threads=num_cores,
         ).clone()

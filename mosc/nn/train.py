@@ -39,10 +39,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mosc.data import PAD_ID, BatchIterator, ParallelData, SubwordTokenizer, load_corpus
+from mosc.nn.data import PAD_ID, BatchIterator, ParallelData, SubwordTokenizer, load_corpus
 from mosc.errors import MoscError
 from mosc.fileio import atomic_write_text, latest_checkpoint, load_tensors, save_tensors
-from mosc.model import FFNMode, Supernet, SupernetConfig, load_supernet, save_supernet
+from mosc.nn.model import FFNMode, Supernet, SupernetConfig, load_supernet, save_supernet
 from mosc.space import Arch, SearchSpace
 
 

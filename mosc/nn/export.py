@@ -2,7 +2,7 @@
 
     export_subnet(sub, out_dir, shapes)   encoder.onnx, decoder_step.onnx, export.json
     check_parity(sub, out_dir)            max |torch - onnxruntime| per graph, greedy tokens
-    load_export(out_dir)                  export.json with every file's sha256 verified (mosc.translate)
+    load_export(out_dir)                  export.json with every file's sha256 verified (mosc.contract)
 
 The graphs are `Subnet.encode` and `Subnet.decode_step` (see mosc/subnet.py) with static
 shapes: batch B, source length S, KV-cache length T (defaults: a target's [protocol],
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import time
 import warnings
@@ -35,12 +34,12 @@ import torch
 
 from mosc.errors import MoscError
 from mosc.fileio import atomic_write_json, sha256_file
-from mosc.subnet import Subnet
-from mosc.translate import (DEC_INPUTS, DEC_OUTPUTS, DECODER, ENC_INPUTS, ENC_OUTPUTS, ENCODER, EXPORT_FORMAT, EXPORT_JSON,
-                            greedy, load_export, onnx_files, ort_backend)
+from mosc.nn.subnet import Subnet
+from mosc.contract import (BOS_ID, DEC_INPUTS, DEC_OUTPUTS, DECODER, ENC_INPUTS, ENC_OUTPUTS, ENCODER, EOS_ID, EXPORT_FORMAT,
+                           EXPORT_JSON, load_export)
+from mosc.runtime import greedy, ort_backend
 
 ATOL = 1e-4  # max |torch - onnxruntime| accepted (fp32; typical: ~2e-6)
-BOS_ID, EOS_ID = 1, 2  # mosc.data's ids (not imported: data pulls in tokenizers)
 
 
 @dataclass(frozen=True)
@@ -58,7 +57,7 @@ class Shapes:
     def from_target(cls, target, batch: int | None = None, source_len: int | None = None,
                     cache_len: int | None = None) -> Shapes:
         """A target's [protocol] shapes (a Target or a target name), each overridable."""
-        from mosc.targets import Target, load_target
+        from mosc.compiler.targets import Target, load_target
 
         p = (target if isinstance(target, Target) else load_target(target)).protocol
         return cls(batch or p.batch, source_len or p.source_len, cache_len or p.decoder_steps)

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mosc.data import BOS_ID, EOS_ID, PAD_ID, ParallelData, Split, eval_batches
-from mosc.model import Supernet
+from mosc.nn.data import BOS_ID, EOS_ID, PAD_ID, ParallelData, Split, eval_batches
+from mosc.nn.model import Supernet
 from mosc.space import Arch
-from mosc.subnet import Subnet
+from mosc.nn.subnet import Subnet
 
 
 def logits_fn(model: Supernet | Subnet, arch: Arch | None = None):

@@ -3,7 +3,7 @@
 `mosc measure` needs, per arch: a TVM artifact (backend tvm), an ONNX export (backend ort)
 or a collapsed Subnet (backend torch). `ArtifactCache.prepare(arch, backend)` makes them
 from a supernet (a checkpoint, or a seeded randomly initialised supernet of a space: latency
-does not depend on weight values) with mosc.export + mosc.compile.compile_artifact, and
+does not depend on weight values) with mosc.nn.export + mosc.compile.compile_artifact, and
 keeps them in
 
     <root>/<target>/<arch hash>-b<B>s<S>t<T>-<weights>-<tuned|notune>/{onnx,art}/
@@ -18,21 +18,17 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import os
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from mosc import env
 from mosc.errors import MoscError
-from mosc.measure import Prepared
+from mosc.device.measure import Prepared
 from mosc.space import Arch, SearchSpace
-from mosc.targets import Target
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MOSC_ARTIFACT_CACHE") or Path.home() / ".cache" / "mosc" / "artifacts")
+from mosc.compiler.targets import Target
 
 
 @dataclass(frozen=True)
@@ -89,7 +85,7 @@ def sample_archs(space: SearchSpace, n: int, seed: int) -> list[Arch]:
 class ArtifactCache:
     def __init__(self, target: Target, source: ModelSource, *, root: Path | None = None, tune: bool = True,
                  trials: int | None = None, tune_db: Path | None = None, log: Callable[[str], None] = print):
-        self.target, self.source, self.root = target, source, Path(root or cache_root())
+        self.target, self.source, self.root = target, source, Path(root or env.artifact_cache_root())
         self.tune, self.trials, self.tune_db, self.log = tune, trials, tune_db, log
         self._supernet = None
         self._tag = source.tag()
@@ -103,7 +99,7 @@ class ArtifactCache:
         if self._supernet is None:
             import torch
 
-            from mosc.model import Supernet, SupernetConfig, load_supernet
+            from mosc.nn.model import Supernet, SupernetConfig, load_supernet
 
             if self.source.checkpoint is not None:
                 self._supernet, _ = load_supernet(self.source.checkpoint)
@@ -114,7 +110,7 @@ class ArtifactCache:
         return self._supernet
 
     def subnet(self, arch: Arch):
-        from mosc.subnet import collapse
+        from mosc.nn.subnet import collapse
 
         return collapse(self.supernet(), arch)
 
@@ -128,7 +124,7 @@ class ArtifactCache:
             yield
 
     def export_dir(self, arch: Arch) -> Path:
-        from mosc.translate import load_export
+        from mosc.contract import load_export
 
         d = self.folder(arch) / "onnx"
         try:
@@ -136,7 +132,7 @@ class ArtifactCache:
                 return d
         except MoscError:
             pass
-        from mosc.export import Shapes, export_subnet
+        from mosc.nn.export import Shapes, export_subnet
 
         self.log(f"  exporting arch {arch.hash} to ONNX ({d})")
         export_subnet(self.subnet(arch), d, Shapes.from_target(self.target), check=False,
@@ -149,7 +145,7 @@ class ArtifactCache:
             return self._artifact(arch)
 
     def _artifact(self, arch: Arch) -> tuple[Path, bool]:
-        from mosc import compile as C
+        from mosc.compiler import compile as C
 
         d = self.folder(arch) / "art"
         try:
@@ -158,7 +154,7 @@ class ArtifactCache:
         except MoscError:
             pass
         onnx = self.export_dir(arch)
-        from mosc.translate import load_export, onnx_files
+        from mosc.contract import load_export, onnx_files
 
         meta = load_export(onnx)
         what = f"tuning up to {self.trials or C.DEFAULT_TRIALS} trials" if self.tune else "no tuning: --no-tune"
@@ -173,7 +169,7 @@ class ArtifactCache:
         notes = {"weights": self.source.describe()}
         if backend == "tvm":
             art, reused = self.artifact(arch)
-            from mosc.compile import read_manifest
+            from mosc.compiler.compile import read_manifest
 
             m = read_manifest(art)
             notes.update({"artifact": str(art), "artifact_reused": reused, "tuned": m["tuning"]["tuned"],

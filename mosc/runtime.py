@@ -1,4 +1,4 @@
-"""Greedy translation over the two deployed graphs, with any backend (numpy in, numpy out).
+"""The deployed model run with any backend: the greedy loop over its two graphs (numpy in, numpy out).
 
 The deployed model is two static graphs (see mosc/subnet.py):
     encoder(src [B, S])  -> cross_k, cross_v [L, B, M, Q], cross_bias [L, B, 1, 1, M]
@@ -21,16 +21,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from mosc.contract import DECODER, ENCODER, load_export
 from mosc.errors import MoscError
-from mosc.fileio import read_json, verify_files
-
-ENCODER, DECODER = "encoder", "decoder_step"
-ENC_INPUTS = ["src"]
-ENC_OUTPUTS = ["cross_k", "cross_v", "cross_bias"]
-DEC_INPUTS = ["token", "pos", "self_k", "self_v", "cross_k", "cross_v", "cross_bias"]
-DEC_OUTPUTS = ["logits", "new_self_k", "new_self_v"]  # ONNX outputs cannot reuse input names
-EXPORT_JSON = "export.json"  # written by mosc.export next to the .onnx files
-EXPORT_FORMAT = "mosc-export/1"
 
 Fn = Callable[[list[np.ndarray]], list[np.ndarray]]
 
@@ -48,27 +40,6 @@ class Backend:
     @property
     def cache_len(self) -> int:
         return self.cache_shape[2]
-
-
-# ----------------------------------------------------------------------------- export folder
-def load_export(out_dir: str | Path) -> dict:
-    """export.json of an export folder, after checking every ONNX file against its sha256."""
-    out_dir = Path(out_dir)
-    path = out_dir / EXPORT_JSON
-    if not path.is_file():
-        raise MoscError(f"{out_dir} is not an export folder (no {EXPORT_JSON}; make one with `mosc export`)")
-    meta = read_json(path, "export metadata")
-    if meta.get("format") != EXPORT_FORMAT:
-        raise MoscError(f"{path}: format {meta.get('format')!r}, expected {EXPORT_FORMAT!r}")
-    verify_files(out_dir, meta["files"], EXPORT_JSON)
-    return meta
-
-
-def onnx_files(out_dir: str | Path, meta: dict | None = None) -> dict[str, Path]:
-    """graph name -> ONNX path, in the order compile_artifact should build them."""
-    meta = meta or load_export(out_dir)
-    return {g: Path(out_dir) / meta["graphs"][g]["file"] for g in (ENCODER, DECODER)}
-
 
 
 # ----------------------------------------------------------------------------- backends
@@ -97,7 +68,7 @@ def ort_backend(export_dir, meta: dict | None = None) -> Backend:
 
 
 def artifact_backend(art) -> Backend:
-    """A loaded TVM artifact (mosc.compile.Artifact) with the encoder and decoder_step graphs."""
+    """A loaded TVM artifact (mosc.compiler.artifact.Artifact) with the encoder and decoder_step graphs."""
     missing = {ENCODER, DECODER} - set(art.graphs)
     if missing:
         raise MoscError(f"{art.dir}: artifact lacks graph(s) {sorted(missing)}: not a translation model")

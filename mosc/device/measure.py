@@ -28,7 +28,7 @@ and are timed with time.perf_counter around each call (same loop, same statistic
 
 Device world: imports numpy and (inside functions) tvm, never torch (except
 `measure_torch`, which needs it). Building artifacts for archs is the caller's job
-(mosc.artifact_cache, torch world); a Campaign gets a `prepare(arch)` callback.
+(mosc.jobs.artifacts, torch world); a Campaign gets a `prepare(arch)` callback.
 """
 
 from __future__ import annotations
@@ -36,10 +36,7 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
-import platform
 import socket
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,23 +44,15 @@ from typing import Any, Callable
 
 import numpy as np
 
+from mosc.contract import BOS_ID, DECODER, ENCODER
 from mosc.errors import MoscError
 from mosc.space import Arch
-from mosc.targets import Protocol, Target, parse_hostport  # noqa: F401  (parse_hostport: re-exported)
+from mosc.compiler.targets import Protocol, Target
+from mosc.rpc import Remote, connect, device_info, host_info
 
-ENCODER, DECODER = "encoder", "decoder_step"
-BOS_ID = 1
 TRIES = 3  # attempts per arch before giving up (connect, upload, load, measure)
 BACKOFF_S = 0.5  # first pause between attempts; doubles each time
-CONNECT_TIMEOUT_S = 3.0  # TCP connect / tracker answer
-REQUEST_TIMEOUT_S = 30.0  # waiting for a free server of the key at the tracker
-SESSION_TIMEOUT_S = 600.0  # a session (one arch) longer than this is killed by the server
 BACKENDS = ("tvm", "ort", "torch")
-DEVICE_INFO_FUNC = "mosc.device_info"  # registered by `mosc device serve/emulate` (mosc.device)
-
-
-def default_db_path() -> Path:
-    return Path(os.environ.get("MOSC_LATENCY_DB") or Path.home() / ".cache" / "mosc" / "latency.db")
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -190,7 +179,7 @@ def _host_timed(fn):
 
 def measure_ort(export_dir: str | Path, protocol: Protocol) -> Measurement:
     """The protocol with ONNX Runtime (CPU) on an export folder, in this process."""
-    from mosc.translate import ort_backend
+    from mosc.runtime import ort_backend
 
     be = ort_backend(export_dir)
     src = _source(be.batch, be.source_len)
@@ -231,129 +220,6 @@ def measure_torch(sub, protocol: Protocol, batch: int, source_len: int, steps: i
     return Measurement([e + d for e, d in zip(enc, dec)], enc, dec, protocol.warmup, protocol.trim,
                        {"batch": batch, "source_len": source_len, "decoder_steps": steps},
                        f"torch eager ({torch.get_num_threads()} threads), time.perf_counter per graph call")
-
-
-# ----------------------------------------------------------------------------- RPC
-@dataclass(frozen=True)
-class Remote:
-    """Where the device is: a tracker address and the device key registered there."""
-
-    host: str
-    port: int
-    key: str
-    session_timeout: float = SESSION_TIMEOUT_S
-    request_timeout: float = REQUEST_TIMEOUT_S
-
-    @property
-    def addr(self) -> str:
-        return f"{self.host}:{self.port}"
-
-
-def _tracker_socket(host: str, port: int, timeout: float) -> socket.socket:
-    from tvm.rpc import base
-
-    try:
-        sock = socket.create_connection((host, port), timeout=timeout)
-    except OSError as e:
-        raise ConnectionError(f"no RPC tracker answers at {host}:{port} ({e.strerror or e})") from None
-    try:
-        sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
-        magic = struct.unpack("<i", base.recvall(sock, 4))[0]
-    except OSError as e:
-        sock.close()
-        raise ConnectionError(f"{host}:{port} does not answer like an RPC tracker ({e})") from None
-    if magic != base.RPC_TRACKER_MAGIC:
-        sock.close()
-        raise ConnectionError(f"{host}:{port} is not an RPC tracker")
-    return sock
-
-
-def _tracker_request(host: str, port: int, message: list, timeout: float, wait: Callable[[], None] | None = None):
-    """Send one message to the tracker and return its answer; ConnectionError on any failure.
-    wait(): called about once a second while no answer has come (it raises to give up)."""
-    import select
-
-    from tvm.rpc import base
-
-    sock = _tracker_socket(host, port, timeout)
-    try:
-        base.sendjson(sock, message)
-        if wait is not None:
-            while not select.select([sock], [], [], 1.0)[0]:
-                wait()
-        return base.recvjson(sock)
-    except ConnectionError:
-        raise
-    except OSError as e:
-        raise ConnectionError(f"RPC tracker at {host}:{port} dropped the connection ({e})") from None
-    finally:
-        sock.close()
-
-
-def tracker_summary(host: str, port: int, timeout: float = CONNECT_TIMEOUT_S) -> dict:
-    """The tracker's summary (queue_info, server_info); ConnectionError when it does not answer."""
-    from tvm.rpc import base
-
-    return _tracker_request(host, port, [base.TrackerCode.SUMMARY], timeout)[1]
-
-
-def registered_keys(summary: dict) -> list[str]:
-    return sorted({s["key"].removeprefix("server:") for s in summary.get("server_info", [])
-                   if s.get("key", "").startswith("server:")})
-
-
-def connect(remote: Remote):
-    """An RPC session on a device of remote.key, with bounded waits.
-
-    TVM's TrackerSession retries a refused tracker for 60 s and waits for a free device
-    forever; here the wait is polled: it ends as soon as no device of the key is registered
-    any more (it dropped), and after remote.request_timeout at most. A request abandoned
-    this way is harmless: the tracker skips requests whose connection is closed.
-    """
-    from tvm.rpc import base
-    from tvm.rpc.client import connect as rpc_connect
-
-    def check_registered():
-        keys = registered_keys(tracker_summary(remote.host, remote.port))
-        if remote.key not in keys:
-            raise ConnectionError(f"no device with key {remote.key!r} is registered at the tracker {remote.addr} "
-                                  f"(registered: {', '.join(keys) or 'none'})")
-
-    deadline = time.monotonic() + remote.request_timeout
-
-    def still_waiting():
-        if time.monotonic() > deadline:
-            raise ConnectionError(f"no free device {remote.key!r} at {remote.addr} within "
-                                  f"{remote.request_timeout:g} s (busy with another client?)")
-        check_registered()  # the device dropped while we waited: stop waiting
-
-    check_registered()
-    value = _tracker_request(remote.host, remote.port, [base.TrackerCode.REQUEST, remote.key, "", 1],
-                             CONNECT_TIMEOUT_S, wait=still_waiting)
-    if value[0] != base.TrackerCode.SUCCESS:
-        raise ConnectionError(f"RPC tracker at {remote.addr} answered {value!r}")
-    url, port, matchkey = value[1]
-    return rpc_connect(url, port, matchkey, remote.session_timeout)
-
-
-def device_info(session=None) -> dict:
-    """What the device says about itself (machine, emulated, ...). Locally: this machine.
-    A stock TVM RPC server (not `mosc device serve`) has no such function: {} then."""
-    if session is None:
-        return host_info()
-    try:
-        return json.loads(session.get_function(DEVICE_INFO_FUNC)())
-    except Exception:  # noqa: BLE001  (the function is missing on a stock server)
-        return {}
-
-
-def host_info() -> dict:
-    """This machine, as recorded with each measurement."""
-    emulated = os.environ.get("MOSC_EMULATED") == "1"
-    return {"hostname": socket.gethostname(), "machine": platform.machine(), "system": platform.system(),
-            "release": platform.release(), "python": platform.python_version(),
-            "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "emulated": emulated}
 
 
 def _one_line(e: BaseException) -> str:
@@ -473,7 +339,7 @@ class Campaign:
             return m, ",".join(sha256_file(f) for f in files)
         if self.backend == "torch":
             return measure_torch(prep.subnet, p, p.batch, p.source_len, p.decoder_steps), None
-        from mosc.compile import load_artifact
+        from mosc.compiler.compile import load_artifact
 
         device = json.loads((Path(prep.artifact) / "manifest.json").read_text()).get("device", "cpu")
         sess = art = None

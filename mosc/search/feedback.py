@@ -6,7 +6,7 @@ DB's rows and searches again. The final pick is measured too, so the report give
 predicted against its measured latency.
 
 Pure orchestration: searching, measuring and refitting are callables (the CLI wires in
-mosc.search, mosc.measure's Campaign and mosc.predictor), so this module imports neither
+mosc.search.evolve, mosc.device.measure's Campaign and mosc.search.predictor), so this module imports neither
 torch nor tvm and tests drive it with a synthetic device.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from mosc.errors import MoscError
-from mosc.search import Candidate, SearchResult
+from mosc.search.evolve import Candidate, SearchResult
 from mosc.space import Arch
 
 SearchFn = Callable[[Callable[[Arch], float]], SearchResult]  # latency -> result

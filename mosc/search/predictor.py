@@ -160,7 +160,7 @@ def read_db(path: str | Path, target: str, space: str, include_emulated: bool = 
     """The latency DB's rows for one target and one backend (real measurements only unless asked).
     backend None: whichever backend the target's rows have; rows of several backends (tvm and
     ort timings of the same arch differ) are an error that names them."""
-    from mosc.db import LatencyDB
+    from mosc.device.db import LatencyDB
 
     path = Path(path)
     if not path.exists():

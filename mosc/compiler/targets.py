@@ -18,15 +18,16 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from mosc import env
 from mosc.errors import MoscError
+from mosc.rpc import parse_hostport
 
-# The folder of target files: the repo's `targets/`, or $MOSC_TARGETS_DIR.
-DEFAULT_TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
 AUTO = "auto"  # value of "mcpu" / "num-cores" in an inline tvm_target: detect on this machine
 
 
 def targets_dir() -> Path:
-    return Path(os.environ.get("MOSC_TARGETS_DIR") or DEFAULT_TARGETS_DIR)
+    """The folder of target files: the repo's `targets/`, or $MOSC_TARGETS_DIR."""
+    return env.targets_dir()
 
 
 @dataclass(frozen=True)
@@ -111,13 +112,6 @@ class Target:
         """TVM device name the artifact runs on: "cpu" or "cuda" (imports tvm for tags)."""
         kind = self.tvm_target().kind.name
         return "cpu" if kind == "llvm" else kind
-
-
-def parse_hostport(text: str, what: str = "--tracker") -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise MoscError(f"{what} must be HOST:PORT (e.g. 127.0.0.1:9190), got {text!r}")
-    return host, int(port)
 
 
 def _tvm_target(spec: str | dict, name: str, key: str):

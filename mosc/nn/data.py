@@ -32,9 +32,9 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from mosc.contract import BOS_ID, EOS_ID, PAD_ID, UNK_ID  # noqa: F401  (re-exported to the torch world)
 from mosc.errors import MoscError
 
-PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3  # fixed: the model relies on pad_id == 0
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]  # in id order
 BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]  # ids 4..259, sentencepiece-style byte fallback
 N_RESERVED = len(SPECIAL_TOKENS) + len(BYTE_TOKENS)  # 260 ids before the first learned subword
@@ -56,7 +56,7 @@ def shared_data_dir() -> Path | None:
     """The project's sibling `shared/data` folder (real corpora nobody here wrote), or None.
 
     A fresh clone has no `../shared`; tests skip and `load_corpus("multi30k")` fails cleanly."""
-    d = Path(__file__).resolve().parents[2] / "shared" / "data"
+    d = Path(__file__).resolve().parents[3] / "shared" / "data"
     return d if d.is_dir() else None
 
 

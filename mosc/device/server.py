@@ -15,7 +15,7 @@ to take a device down completely.
 The server registers a global function `mosc.device_info` (JSON: machine, python, and
 `emulated` from $MOSC_EMULATED), so the measuring side learns from the device itself that
 its timings come from an emulator. This module imports only the standard library at module
-level: it also runs as `python3 -m mosc.device serve ...` inside the arm64 root under
+level: it also runs as `python3 -m mosc.device.server serve ...` inside the arm64 root under
 qemu, where only numpy and the TVM runtime are installed.
 """
 
@@ -34,26 +34,23 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from mosc import env
+from mosc.rpc import DEVICE_INFO_FUNC
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_TRACKER_PORT = 9190
 DEFAULT_SERVER_PORT = 9091  # first port tried; the server takes the next free one below port_end
 PORT_RANGE = 100
-DEVICE_INFO_FUNC = "mosc.device_info"
 EMULATORS = {"rpi4": "aarch64"}  # target -> qemu-user architecture
-
-
-def arm64_root() -> Path:
-    return Path(os.environ.get("MOSC_ARM64_ROOT") or Path.home() / ".cache" / "mosc" / "arm64-root")
 
 
 def device_info() -> dict:
     """This machine, seen from inside (under qemu: the emulated machine)."""
     info = {"hostname": socket.gethostname(), "machine": platform.machine(), "system": platform.system(),
             "python": platform.python_version(), "cpus": os.cpu_count(),
-            "emulated": os.environ.get("MOSC_EMULATED") == "1", "pid": os.getpid()}
+            "emulated": env.emulated(), "pid": os.getpid()}
     if info["emulated"]:
-        info["emulator"] = os.environ.get("MOSC_EMULATOR", "qemu-user")
+        info["emulator"] = env.emulator()
     try:
         import tvm
 
@@ -144,7 +141,7 @@ def emulate_command(target: str, tracker_host: str, tracker_port: int, key: str,
     qemu = shutil.which(f"qemu-{arch}")
     if qemu is None:
         raise SystemExit(f"error: qemu-{arch} not found (apt-get install qemu-user)")
-    root = Path(root or arm64_root())
+    root = Path(root or env.arm64_root())
     site = root / "opt" / "mosc-site"
     if not (site / ".mosc-wheels-done").exists():
         raise SystemExit(f"error: no arm64 root with TVM at {root} (run scripts/setup_arm64_root.sh)")
@@ -152,16 +149,16 @@ def emulate_command(target: str, tracker_host: str, tracker_port: int, key: str,
     wrapper = workdir / "python3-aarch64"
     wrapper.write_text(WRAPPER.format(qemu=qemu, root=root, self=wrapper))
     wrapper.chmod(0o755)
-    env = {**os.environ, "PYTHONPATH": f"{site}:{REPO}", "TVM_USE_RUNTIME_LIB": "1", "MOSC_EMULATED": "1",
+    environ = {**os.environ, "PYTHONPATH": f"{site}:{env.REPO}", "TVM_USE_RUNTIME_LIB": "1", "MOSC_EMULATED": "1",
            "MOSC_EMULATOR": f"qemu-{arch} (user mode)", "PYTHONDONTWRITEBYTECODE": "1"}
-    argv = [qemu, "-L", str(root), "-0", str(wrapper), str(root / "usr/bin/python3"), "-m", "mosc.device", "serve",
+    argv = [qemu, "-L", str(root), "-0", str(wrapper), str(root / "usr/bin/python3"), "-m", "mosc.device.server", "serve",
             "--tracker", f"{tracker_host}:{tracker_port}", "--key", key, "--host", host, "--port", str(port)]
-    return argv, env
+    return argv, environ
 
 
 def _main(argv: list[str] | None = None) -> None:
-    """`python -m mosc.device serve|tracker ...`: the entry point inside the arm64 root (no typer there)."""
-    ap = argparse.ArgumentParser(prog="python -m mosc.device")
+    """`python -m mosc.device.server serve|tracker ...`: the entry point inside the arm64 root (no typer there)."""
+    ap = argparse.ArgumentParser(prog="python -m mosc.device.server")
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("tracker")
     t.add_argument("--host", default=DEFAULT_HOST)

@@ -1,0 +1,161 @@
+"""The RPC client: how mosc reaches a device through a TVM RPC tracker.
+
+    Remote              where a device is: tracker address + key, with the session timeouts
+    tracker_summary     the tracker's queue and server lists (a real handshake, bounded waits)
+    registered_keys     the device keys registered there
+    connect(remote)     an RPC session on a free device of the key (waits are polled, bounded)
+    device_info         what a device says about itself (`mosc device serve` registers it)
+    parse_hostport      "HOST:PORT" -> (host, port), with a one-line error
+
+Used by the compiler (tuning measures candidates on the device) and by the device world
+(measuring). Knows nothing of artifacts, targets or what is run in a session. Imports
+tvm.rpc only inside functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from mosc import env
+from mosc.errors import MoscError
+
+CONNECT_TIMEOUT_S = 3.0  # TCP connect / tracker answer
+REQUEST_TIMEOUT_S = 30.0  # waiting for a free server of the key at the tracker
+SESSION_TIMEOUT_S = 600.0  # a session (one arch) longer than this is killed by the server
+DEVICE_INFO_FUNC = "mosc.device_info"  # registered by `mosc device serve/emulate` (mosc.device.server)
+
+
+def parse_hostport(text: str, what: str = "--tracker") -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise MoscError(f"{what} must be HOST:PORT (e.g. 127.0.0.1:9190), got {text!r}")
+    return host, int(port)
+
+
+@dataclass(frozen=True)
+class Remote:
+    """Where the device is: a tracker address and the device key registered there."""
+
+    host: str
+    port: int
+    key: str
+    session_timeout: float = SESSION_TIMEOUT_S
+    request_timeout: float = REQUEST_TIMEOUT_S
+
+    @property
+    def addr(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def _tracker_socket(host: str, port: int, timeout: float) -> socket.socket:
+    from tvm.rpc import base
+
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as e:
+        raise ConnectionError(f"no RPC tracker answers at {host}:{port} ({e.strerror or e})") from None
+    try:
+        sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+        magic = struct.unpack("<i", base.recvall(sock, 4))[0]
+    except OSError as e:
+        sock.close()
+        raise ConnectionError(f"{host}:{port} does not answer like an RPC tracker ({e})") from None
+    if magic != base.RPC_TRACKER_MAGIC:
+        sock.close()
+        raise ConnectionError(f"{host}:{port} is not an RPC tracker")
+    return sock
+
+
+def _tracker_request(host: str, port: int, message: list, timeout: float, wait: Callable[[], None] | None = None):
+    """Send one message to the tracker and return its answer; ConnectionError on any failure.
+    wait(): called about once a second while no answer has come (it raises to give up)."""
+    import select
+
+    from tvm.rpc import base
+
+    sock = _tracker_socket(host, port, timeout)
+    try:
+        base.sendjson(sock, message)
+        if wait is not None:
+            while not select.select([sock], [], [], 1.0)[0]:
+                wait()
+        return base.recvjson(sock)
+    except ConnectionError:
+        raise
+    except OSError as e:
+        raise ConnectionError(f"RPC tracker at {host}:{port} dropped the connection ({e})") from None
+    finally:
+        sock.close()
+
+
+def tracker_summary(host: str, port: int, timeout: float = CONNECT_TIMEOUT_S) -> dict:
+    """The tracker's summary (queue_info, server_info); ConnectionError when it does not answer."""
+    from tvm.rpc import base
+
+    return _tracker_request(host, port, [base.TrackerCode.SUMMARY], timeout)[1]
+
+
+def registered_keys(summary: dict) -> list[str]:
+    return sorted({s["key"].removeprefix("server:") for s in summary.get("server_info", [])
+                   if s.get("key", "").startswith("server:")})
+
+
+def connect(remote: Remote):
+    """An RPC session on a device of remote.key, with bounded waits.
+
+    TVM's TrackerSession retries a refused tracker for 60 s and waits for a free device
+    forever; here the wait is polled: it ends as soon as no device of the key is registered
+    any more (it dropped), and after remote.request_timeout at most. A request abandoned
+    this way is harmless: the tracker skips requests whose connection is closed.
+    """
+    from tvm.rpc import base
+    from tvm.rpc.client import connect as rpc_connect
+
+    def check_registered():
+        keys = registered_keys(tracker_summary(remote.host, remote.port))
+        if remote.key not in keys:
+            raise ConnectionError(f"no device with key {remote.key!r} is registered at the tracker {remote.addr} "
+                                  f"(registered: {', '.join(keys) or 'none'})")
+
+    deadline = time.monotonic() + remote.request_timeout
+
+    def still_waiting():
+        if time.monotonic() > deadline:
+            raise ConnectionError(f"no free device {remote.key!r} at {remote.addr} within "
+                                  f"{remote.request_timeout:g} s (busy with another client?)")
+        check_registered()  # the device dropped while we waited: stop waiting
+
+    check_registered()
+    value = _tracker_request(remote.host, remote.port, [base.TrackerCode.REQUEST, remote.key, "", 1],
+                             CONNECT_TIMEOUT_S, wait=still_waiting)
+    if value[0] != base.TrackerCode.SUCCESS:
+        raise ConnectionError(f"RPC tracker at {remote.addr} answered {value!r}")
+    url, port, matchkey = value[1]
+    return rpc_connect(url, port, matchkey, remote.session_timeout)
+
+
+def device_info(session=None) -> dict:
+    """What the device says about itself (machine, emulated, ...). Locally: this machine.
+    A stock TVM RPC server (not `mosc device serve`) has no such function: {} then."""
+    if session is None:
+        return host_info()
+    try:
+        return json.loads(session.get_function(DEVICE_INFO_FUNC)())
+    except Exception:  # noqa: BLE001  (the function is missing on a stock server)
+        return {}
+
+
+def host_info() -> dict:
+    """This machine, as recorded with each measurement."""
+    emulated = env.emulated()
+    return {"hostname": socket.gethostname(), "machine": platform.machine(), "system": platform.system(),
+            "release": platform.release(), "python": platform.python_version(),
+            "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "emulated": emulated}
