@@ -54,7 +54,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mosc.compiler import compile as C  # noqa: E402
+from mosc.compiler.artifact import load_artifact, read_manifest  # noqa: E402
+from mosc.compiler.build import compile_artifact  # noqa: E402
 from mosc.nn.export import Shapes, export_subnet  # noqa: E402
 from mosc.space import Arch, SearchSpace  # noqa: E402
 from mosc.nn.subnet import Subnet, SubnetConfig  # noqa: E402
@@ -153,7 +154,7 @@ def tvm_runner(art_dir: Path, src: np.ndarray, T: int):
     """The artifact's VMs called directly with TVM tensors: caches stay TVM tensors between steps."""
     import tvm
 
-    art = C.load_artifact(art_dir)
+    art = load_artifact(art_dir)
     enc, dec = art.vms["encoder"]["main"], art.vms["decoder_step"]["main"]
     cache = next(s["shape"] for s in art.manifest["graphs"]["decoder_step"]["inputs"] if s["name"] == "self_k")
     dev = art.device
@@ -269,7 +270,7 @@ def main(argv=None) -> int:
     db = DB_ROOT / (f"host-{spec['mcpu']}-1core" + ("-quick" if quick else ""))
     if db.exists() and not args.keep_db:
         shutil.rmtree(db)
-    shapes = Shapes.from_target(base)  # batch 1, source 30, 30 decoder steps
+    shapes = Shapes.from_protocol(base.protocol)  # batch 1, source 30, 30 decoder steps
     T = shapes.cache_len
     work = Path(tempfile.mkdtemp(prefix="mosc-bench-"))
     rng = np.random.default_rng(0)
@@ -292,13 +293,13 @@ def main(argv=None) -> int:
         files = onnx_files(work / name / "onnx")
         console.print(", build untuned", end="")
         t0 = time.perf_counter()
-        C.compile_artifact(files, target, work / name / "untuned", tune=False, db_dir=work / "empty-db")
+        compile_artifact(files, target, work / name / "untuned", tune=False, db_dir=work / "empty-db")
         row["compile_untuned_s"] = time.perf_counter() - t0
         console.print(f", tune ({trials} trials)", end="")
         t0 = time.perf_counter()
-        C.compile_artifact(files, target, work / name / "tuned", trials=trials, db_dir=db, progress=False)
+        compile_artifact(files, target, work / name / "tuned", trials=trials, db_dir=db, progress=False)
         row["compile_tuned_s"] = time.perf_counter() - t0
-        row["tuning"] = C.read_manifest(work / name / "tuned")["tuning"]["report"]
+        row["tuning"] = read_manifest(work / name / "tuned")["tuning"]["report"]
         console.print(", measure")
         tvm_u, _ = tvm_runner(work / name / "untuned", src, T)
         tvm_t, art_t = tvm_runner(work / name / "tuned", src, T)
@@ -328,12 +329,12 @@ def main(argv=None) -> int:
     export_s = time.perf_counter() - t0
     files = onnx_files(work / "second" / "onnx")
     t0 = time.perf_counter()
-    C.compile_artifact(files, target, work / "second" / "no-tune", tune=False, db_dir=db)
+    compile_artifact(files, target, work / "second" / "no-tune", tune=False, db_dir=db)
     warm_no_tune_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    C.compile_artifact(files, target, work / "second" / "tuned", trials=trials, db_dir=db, progress=False)
+    compile_artifact(files, target, work / "second" / "tuned", trials=trials, db_dir=db, progress=False)
     warm_tune_s = time.perf_counter() - t0
-    rep = C.read_manifest(work / "second" / "tuned")["tuning"]["report"]
+    rep = read_manifest(work / "second" / "tuned")["tuning"]["report"]
     tvm_2, _ = tvm_runner(work / "second" / "tuned", src, T)
     ort_2 = ort_runner(work / "second" / "onnx", src, T)
     lat2, _ = measure({"ort": ort_2, "tvm_tuned": tvm_2}, max(5, rounds // 2), 10.0)

@@ -1,4 +1,4 @@
-"""Latency-predictor accuracy on this machine's own measurements (issue 6's host goal: >= 95% of
+"""Latency-predictor accuracy on this machine's own measurements (goal: >= 95% of
 archs within ±10%).
 
 Measures N distinct `tiny` archs on `host` through TVM, untuned builds from an EMPTY tuning
@@ -34,7 +34,7 @@ MODELS = ("lsq", "gbt", "hybrid", "mlp")
 def measure(work: Path, n: int, seed: int) -> dict:
     from mosc.jobs.artifacts import ArtifactCache, ModelSource, load_space, sample_archs
     from mosc.device.db import LatencyDB
-    from mosc.device.measure import Campaign
+    from mosc.device.campaign import Campaign
     from mosc.compiler.targets import load_target
 
     tg = load_target("host")

@@ -52,9 +52,10 @@ def main() -> None:
     from rpc_helpers import rpc_device
 
     from mosc.jobs.artifacts import ArtifactCache, ModelSource, sample_archs
-    from mosc.compiler.compile import load_artifact
+    from mosc.compiler.artifact import load_artifact
     from mosc.device.db import LatencyDB
-    from mosc.device.measure import Campaign, measure_tvm
+    from mosc.device.backends import measure_tvm
+    from mosc.device.campaign import Campaign
     from mosc.rpc import Remote
     from mosc.space import SearchSpace
     from mosc.compiler.targets import load_target

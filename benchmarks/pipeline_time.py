@@ -1,4 +1,4 @@
-"""Wall time of the main job on the built-in default (`mosc demo`, issue 8; goal < 10 min on
+"""Wall time of the main job on the built-in default (`mosc demo`; goal < 10 min on
 2 cores), per stage, as on a fresh machine: empty artifact cache and an empty MetaSchedule
 tuning database (both in a temporary folder), so nothing is reused from earlier runs.
 

@@ -1,4 +1,4 @@
-"""Latency-predictor accuracy on HAT's three latency CSVs (issue 6).
+"""Latency-predictor accuracy on HAT's three latency CSVs.
 
 One seeded 80/10/10 split per file. The HAT-style MLP (10 -> 3 x 400 ReLU -> 1, MSE) is the
 baseline; lsq / gbt / hybrid are fitted on the 80% train split, the best one is chosen on the

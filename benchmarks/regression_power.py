@@ -59,8 +59,8 @@ def main() -> None:
     con = Console()
 
     from mosc.jobs.artifacts import ArtifactCache, ModelSource
-    from mosc.compiler.compile import load_artifact
-    from mosc.device.measure import measure_tvm
+    from mosc.compiler.artifact import load_artifact
+    from mosc.device.backends import measure_tvm
     from mosc.regress import compare, environment
     from mosc.space import Arch, SearchSpace
     from mosc.compiler.targets import load_target

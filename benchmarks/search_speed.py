@@ -1,5 +1,5 @@
 """Speed of HAT's default evolutionary search (population 125, 25 parents, 50 mutations p=0.3,
-50 crossovers, 30 generations) on the tiny space, with a cached fitness (issue 6; goal < 30 s).
+50 crossovers, 30 generations) on the tiny space, with a cached fitness (goal < 30 s).
 
 Fitness: a cheap synthetic loss (decreasing in MACs), cached per arch hash, standing in for
 precomputed supernet losses. Latency: (a) the analytic cost directly, (b) a fitted lsq

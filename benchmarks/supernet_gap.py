@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mosc.nn.data import load_corpus  # noqa: E402
+from mosc.nn.corpus import load_corpus  # noqa: E402
 from mosc.nn.evaluate import evaluate  # noqa: E402
 from mosc.fileio import atomic_write_json  # noqa: E402
 from mosc.space import SearchSpace  # noqa: E402

@@ -25,7 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mosc.nn.data import BatchIterator, load_corpus, shared_data_dir  # noqa: E402
+from mosc.nn.batching import BatchIterator  # noqa: E402
+from mosc.nn.corpus import load_corpus, shared_data_dir  # noqa: E402
 from mosc.fileio import atomic_write_json  # noqa: E402
 from mosc.nn.model import Supernet, SupernetConfig  # noqa: E402
 from mosc.space import SearchSpace  # noqa: E402

@@ -20,8 +20,9 @@ import statistics
 import time
 import tomllib
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.table import Table
@@ -76,22 +77,9 @@ class PipelineConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, where: str = "config") -> PipelineConfig:
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(raw) - set(known))
-        if unknown:
-            raise MoscError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(known)})")
-        vals = {}
-        for k, v in raw.items():
-            want = type(getattr(cls(), k))
-            ok = isinstance(v, want) and not (want is int and isinstance(v, bool))
-            if want is float and isinstance(v, int) and not isinstance(v, bool):
-                v, ok = float(v), True
-            if not ok:
-                raise MoscError(f"{where}: {k} must be {want.__name__}, got {type(v).__name__} {v!r}")
-            vals[k] = v
-        cfg = cls(**vals)
-        cfg.check(where)
-        return cfg
+        from mosc.tables import from_table
+
+        return from_table(cls, raw, where).check(where)
 
     @classmethod
     def load(cls, path: str | Path) -> PipelineConfig:
@@ -116,34 +104,74 @@ class PipelineConfig:
         return dataclasses.asdict(self)
 
 
+# ---------------------------------------------------------------------------- the run
 @dataclass
-class _Stages:
+class Run:
+    """What the stages share: the settings, where files go, the target, and what earlier
+    stages produced (typed, for later stages; each stage's summary section is plain data)."""
+
+    cfg: PipelineConfig
+    out: Path
     console: Console
-    times: dict = field(default_factory=dict)
-    total: int = 8
-    _i: int = 0
+    target: Any  # mosc.compiler.targets.Target with the config's protocol / RPC overrides
+    summary: dict = field(default_factory=dict)  # written to OUT/summary.json
+    predictor: Any = None  # Predictor (stage predictor)
+    best: Any = None  # the winner, a search Candidate (stage search)
+    front: list = field(default_factory=list)  # the loss-latency front (stage search)
+    measured: dict = field(default_factory=dict)  # arch hash -> measured ms (stages measure, check)
 
-    def run(self, name: str, title: str, fn):
-        self._i += 1
-        self.console.rule(f"[bold cyan][{self._i}/{self.total}] {title}")
-        t0 = time.perf_counter()
-        try:
-            return fn()
-        finally:
-            self.times[name] = round(time.perf_counter() - t0, 2)
-            self.console.print(f"[dim]{name}: {self.times[name]:.1f} s[/]")
+    @property
+    def run_dir(self) -> Path:
+        return self.out / "run"
 
+    @property
+    def db_path(self) -> Path:
+        return self.out / "latency.db"
 
-@contextmanager
-def _bar(console: Console, what: str, total: int):
-    """A progress bar over one stage's items; lines printed meanwhile appear above it.
-    Yields advance(): call it once per item done."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    @property
+    def tune_db(self) -> Path | None:
+        return Path(self.cfg.tune_db).expanduser() if self.cfg.tune_db else None
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as prog:
-        task = prog.add_task(what, total=total)
-        yield lambda: prog.advance(task)
+    def log(self, msg: str) -> None:
+        self.console.print(msg, highlight=False, markup=False, soft_wrap=True)
+
+    @contextmanager
+    def bar(self, what: str, total: int):
+        """A progress bar over one stage's items; lines printed meanwhile appear above it.
+        Yields advance(): call it once per item done."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=self.console, transient=True) as prog:
+            task = prog.add_task(what, total=total)
+            yield lambda: prog.advance(task)
+
+    def space(self):
+        from mosc.jobs.artifacts import ModelSource, load_space
+
+        return load_space(ModelSource(checkpoint=self.run_dir))
+
+    def measure_label(self) -> str:
+        c = self.cfg
+        return (f"tuned ({c.measure_trials} trials each)" if c.measure_tune else
+                "UNTUNED builds (no schedules: absolute times are pessimistic, the ranking is what counts)")
+
+    def measure(self, archs: list):
+        """Measure archs on the target through TVM into the run's latency DB (archs already there
+        are skipped), with a progress bar; returns mosc.jobs.measure.Measured."""
+        from mosc.jobs.artifacts import ArtifactCache, ModelSource
+        from mosc.jobs.measure import measure_into_db, remote_for
+
+        c = self.cfg
+        source = ModelSource(checkpoint=self.run_dir, space=c.space, mode=c.mode, seed=c.seed)
+        # Untuned measurement builds read an empty tuning database, not the machine's: otherwise
+        # schedules tuned later (the winner's, another run's) would leak into some rows only.
+        cache = ArtifactCache(self.target, source, root=self.out / "artifacts", tune=c.measure_tune,
+                              trials=c.measure_trials, tune_db=self.tune_db if c.measure_tune else
+                              self.out / "tune-db-empty", log=self.log)
+        with self.bar(f"measuring on {self.target.name}", len(archs)) as advance:
+            return measure_into_db(self.target, archs, cache, self.db_path, remote=remote_for(self.target),
+                                   refuse_emulated=True, source="mosc pipeline", log=self.log, done=advance)
 
 
 def _target(name: str, cfg: PipelineConfig):
@@ -157,325 +185,274 @@ def _target(name: str, cfg: PipelineConfig):
     return dataclasses.replace(tg, protocol=proto)
 
 
-def _remote_for(tg, cfg: PipelineConfig):
-    from mosc.rpc import Remote
+# ---------------------------------------------------------------------------- the stages
+def train_stage(r: Run) -> dict:
+    from mosc.jobs.model import train_or_resume
+    from mosc.nn.train import TrainConfig, load_trained
 
-    if cfg.tracker or cfg.key or tg.is_cross or tg.device_type() != "cpu":
-        return Remote(tg.rpc.tracker_host, tg.rpc.tracker_port, tg.rpc.key)
-    return None
+    c = r.cfg
+    tc = TrainConfig(steps=c.train_steps, max_tokens=c.train_max_tokens, lr=c.train_lr, warmup=c.train_warmup,
+                     save_every=max(c.train_steps // 2, 1), seed=c.seed, log_every=max(1, min(20, c.train_steps // 10)))
+    res = train_or_resume(r.run_dir, steps=c.train_steps, corpus=c.corpus, space=c.space, mode=c.mode, cfg=tc,
+                          model_overrides={"n_experts": c.experts, "dropout": c.train_dropout},
+                          corpus_args={"max_train_pairs": c.max_train_pairs} if c.max_train_pairs else {}, log=r.log)
+    model, _, meta = load_trained(r.run_dir)
+    r.log(f"supernet: {meta['corpus']} corpus, {model.cfg.ffn_mode.value} mode, step {res['steps']}; {res['checkpoint']}")
+    return {"train": res}
 
 
-def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, console: Console | None = None) -> dict:
+def measure_stage(r: Run) -> dict:
+    from mosc.jobs.artifacts import sample_archs
+
+    archs = sample_archs(r.space(), r.cfg.measure_archs, r.cfg.seed)
+    p = r.target.protocol
+    r.log(f"measuring {len(archs)} archs on {r.target.name} through TVM, {r.measure_label()}; protocol: batch "
+          f"{p.batch}, source {p.source_len}, {p.decoder_steps} decoder steps, {p.warmup} warm-up + {p.repeats} timed runs")
+    m = r.measure(archs)
+    r.measured = dict(m.latency_ms)
+    lat = sorted(m.latency_ms.values())
+    r.log(f"measured {len(m.new)} new, {len(m.skipped)} already in {r.db_path}; "
+          f"latency {lat[0]:.2f}..{lat[-1]:.2f} ms, median {statistics.median(lat):.2f} ms")
+    return {"measure": {"archs": len(archs), "new": len(m.new), "skipped": len(m.skipped), "tuned": r.cfg.measure_tune,
+                        "label": r.measure_label(), "db": str(r.db_path), "device_key": m.device_key,
+                        "latency_ms": m.latency_ms, "median_ms": statistics.median(lat)}}
+
+
+def predictor_stage(r: Run) -> dict:
+    from mosc.jobs.search import HELD_OUT_MIN_ROWS, fit_predictor
+    from mosc.search.predictor import metrics, read_db
+
+    sp, c = r.space(), r.cfg
+    data = read_db(r.db_path, r.target.name, sp.name, backend="tvm")
+    p, held_out = fit_predictor(data, sp, model=c.predictor, seed=c.seed, min_rows_held_out=HELD_OUT_MIN_ROWS)
+    path = r.out / "predictor.json"
+    p.save(path)
+    fit_m = metrics(data.latency_ms, p.predict_features(data.features, data.archs))
+    r.log(f"{c.predictor} predictor on {len(data)} rows ({p.features} features): in-sample MAPE "
+          f"{fit_m['mape']:.1%}, Kendall tau {fit_m['kendall_tau'] or float('nan'):.2f}"
+          + (f"; held-out MAPE {held_out['mape']:.1%}" if held_out else " (too few rows for a held-out split)"))
+    r.predictor = p
+    return {"predictor": {"path": str(path), "model": c.predictor, "features": p.features, "rows": len(data),
+                          "in_sample": fit_m, "held_out": held_out}}
+
+
+def search_stage(r: Run) -> dict:
+    from mosc.jobs.model import supernet_fitness
+    from mosc.jobs.search import write_outputs
+    from mosc.search.evolve import Cached, EvoConfig, evolve, pareto_search
+
+    c = r.cfg
+    sp, score = supernet_fitness(r.run_dir, c.val_sentences)
+    score = Cached(score)  # shared by both searches
+    budget = c.latency_budget_ms or r.summary["measure"]["median_ms"]
+    ec = EvoConfig(population=c.population, parents=min(c.parents, c.population), mutations=c.mutations,
+                   crossovers=c.crossovers, mutation_prob=c.mutation_prob, generations=c.generations, seed=c.seed)
+    r.log(f"budget {budget:.2f} ms ({'configured' if c.latency_budget_ms else 'median measured latency'}); "
+          f"fitness: supernet validation loss on {c.val_sentences} sentences")
+    with r.bar("search generations", c.generations * (2 if c.pareto else 1)) as advance:
+        step = lambda msg: (r.log(msg), advance())  # noqa: E731  (the search logs once per generation)
+        res = evolve(sp, score, r.predictor.latency, budget, ec, log=step)
+        if c.pareto:
+            r.log("NSGA-II for the loss-latency front:")
+            res.front = pareto_search(sp, score, r.predictor.latency, None, ec, log=step).front
+            fits = [x for x in res.front if x.latency_ms <= budget and x.loss < res.best.loss]
+            if fits:  # NSGA-II found a lower-loss arch that also meets the budget: it wins
+                res.best = min(fits, key=lambda x: (x.loss, x.latency_ms))
+    archs = {a.hash: a for a in _measured_archs(r, sp)}
+    pts = [(ms, score(archs[h])) for h, ms in r.measured.items() if h in archs]
+    d = write_outputs(r.out / "search", res, {"budget_ms": budget}, measured=pts, latency_ms=budget,
+                      title=f"{r.target.name}: loss vs latency ({sp.name})", ylabel="validation loss (nats/token)").dir
+    b = r.best = res.best
+    r.front = res.front
+    r.log(f"best under {budget:.2f} ms: {b.arch.hash}, loss {b.loss:.4f}, predicted {b.latency_ms:.2f} ms "
+          f"({score.calls} archs scored in all)")
+    return {"search": {"budget_ms": budget, "budget_from": "config" if c.latency_budget_ms else "median measured",
+                       "best": b.to_dict(), "evaluated": score.calls, "dir": str(d)}}
+
+
+def _measured_archs(r: Run, sp) -> list:
+    """The sampled archs (the measured rows are the seeded sample)."""
+    from mosc.jobs.artifacts import sample_archs
+
+    return sample_archs(sp, r.cfg.measure_archs, r.cfg.seed)
+
+
+def _deploy_targets(r: Run) -> list[str]:
+    """Targets the winner is exported and compiled for: host, the measured target, the cross target."""
+    return list(dict.fromkeys(["host", r.target.name] + ([r.cfg.cross_target] if r.cfg.cross_target else [])))
+
+
+def _shape_key(sh) -> str:
+    return f"b{sh.batch}s{sh.source_len}t{sh.cache_len}"
+
+
+def export_stage(r: Run) -> dict:
+    from mosc.nn.export import Shapes, export_subnet
+    from mosc.nn.model import load_supernet
+    from mosc.nn.subnet import collapse, save_subnet
+
+    supernet, meta = load_supernet(r.run_dir)
+    sub = collapse(supernet, r.best.arch)
+    where = f"{r.run_dir} at arch {r.best.arch.hash}"
+    sub_dir = r.out / "subnet"
+    save_subnet(sub, sub_dir, {"source": where, "tokenizer": meta.get("tokenizer")})
+    exports = {}
+    for name in _deploy_targets(r):
+        sh = Shapes.from_protocol(_target(name, r.cfg).protocol)
+        if _shape_key(sh) not in exports:
+            d = r.out / f"onnx-{_shape_key(sh)}"
+            m = export_subnet(sub, d, sh, tokenizer_json=meta.get("tokenizer"), check=True, extra={"source": where})
+            same = (m.get("parity") or {}).get("greedy_tokens_equal")
+            r.log(f"exported {d} ({m['param_count']:,} parameters; onnxruntime greedy tokens "
+                  f"{'match' if same else 'DIFFER from'} torch)")
+            exports[_shape_key(sh)] = str(d)
+    return {"export": {"subnet": str(sub_dir), "arch": r.best.arch.to_dict(), "arch_hash": r.best.arch.hash,
+                       "param_count": sum(p.numel() for p in sub.parameters()), "onnx": exports}}
+
+
+def _compile_one(r: Run, target, tune: bool, trials: int) -> dict:
+    from mosc.jobs.build import compile_export
+    from mosc.nn.export import Shapes
+
+    onnx = Path(r.summary["export"]["onnx"][_shape_key(Shapes.from_protocol(target.protocol))])
+    d = r.out / f"artifact-{target.name}"
+    r.log(f"compiling for {target.name} ({f'tuned, {trials} trials' if tune else 'untuned (--no-tune)'}) -> {d}")
+    c = compile_export(onnx, target, d, trials=trials, tune=tune, tune_db=r.tune_db)
+    rep = c.report
+    r.log(f"  {c.manifest['compile_seconds']:.1f} s" + (
+        f"; {rep['tasks']} tasks: {rep['cached']} cached, {rep['tuned']} tuned, {rep.get('untried', 0)} without a "
+        f"trial; {rep['trials']} trials" if rep else ""))
+    return {"path": str(d), "tuned": tune, "trials": trials if tune else 0,
+            "compile_seconds": c.manifest["compile_seconds"]}
+
+
+def compile_stage(r: Run) -> dict:
+    c, tg = r.cfg, r.target
+    tune = c.compile_tune and c.compile_trials > 0
+    arts = {"host": _compile_one(r, tg if tg.name == "host" else _target("host", c), tune, c.compile_trials)}
+    if tg.name != "host":
+        arts[tg.name] = _compile_one(r, tg, tune, c.compile_trials)
+    ct = c.cross_target
+    if ct and ct not in arts:
+        cross = _target(ct, PipelineConfig())
+        cc = cross.cross_compiler
+        if cc and not shutil.which(cc):
+            r.log(f"skipping {ct}: cross compiler {cc!r} not on PATH (apt-get install gcc-aarch64-linux-gnu)")
+            arts[ct] = {"skipped": f"cross compiler {cc} not found"}
+        else:
+            arts[ct] = _compile_one(r, cross, False, 0)
+    return {"compile": arts}
+
+
+def translate_stage(r: Run) -> dict:
+    from mosc.jobs.translate import translate
+    from mosc.nn.train import load_run_corpus, load_trained
+
+    art_dir = Path(r.summary["compile"]["host"]["path"])
+    _, tok, meta = load_trained(r.run_dir)
+    val = load_run_corpus(meta, tok).val
+    n = min(r.cfg.translate_sentences, len(val))
+    tr = translate(art_dir, val.src_text[:n])
+    rows = [{"source": val.src_text[i], "output": tr.lines[i], "reference": val.tgt_text[i]} for i in range(n)]
+    t = Table("source", "output (compiled host artifact)", "reference", title=f"{n} validation sentences",
+              show_lines=True)
+    for x in rows:
+        t.add_row(x["source"], x["output"], x["reference"])
+    r.console.print(t)
+    return {"translate": {"artifact": str(art_dir), "sentences": rows, "ms": round(tr.ms, 1)}}
+
+
+def _front_bleu(r: Run, picks: list) -> dict:
+    """arch hash -> greedy BLEU of the supernet at the arch on the first validation sentences."""
+    from mosc.nn.evaluate import evaluate
+    from mosc.nn.train import load_run_corpus, load_trained
+
+    model, tok, meta = load_trained(r.run_dir)
+    data = load_run_corpus(meta, tok)
+    n = min(r.cfg.bleu_sentences, len(data.val))
+    bleu = {}
+    with r.bar("BLEU", len(picks)) as advance:
+        for c in picks:
+            bleu[c.arch.hash] = evaluate(model, data, c.arch, split="val", max_sentences=n).bleu
+            r.log(f"{c.arch.hash}: BLEU {bleu[c.arch.hash]:.2f} on {n} validation sentences, loss {c.loss:.4f}, "
+                  f"predicted {c.latency_ms:.2f} ms")
+            advance()
+    return bleu
+
+
+def check_stage(r: Run) -> dict:
+    from mosc.jobs.measure import bench
+
+    picks = front_picks(r.front, r.best, r.cfg.bleu_archs)
+    bleu = _front_bleu(r, picks)
+    r.log(f"measuring the {len(picks)} checked archs on {r.target.name} (like the sample: {r.measure_label()})")
+    r.measured.update(r.measure([c.arch for c in picks]).latency_ms)
+    rows = []
+    for c in r.front + ([r.best] if r.best.arch.hash not in {c.arch.hash for c in r.front} else []):
+        rows.append({"arch_hash": c.arch.hash, "loss": c.loss, "bleu": bleu.get(c.arch.hash),
+                     "predicted_ms": c.latency_ms, "measured_ms": r.measured.get(c.arch.hash),
+                     "winner": c.arch.hash == r.best.arch.hash})
+    rows.sort(key=lambda x: x["predicted_ms"])
+    errs = [abs(x["predicted_ms"] / x["measured_ms"] - 1) for x in rows if x["bleu"] is not None and x["measured_ms"]]
+    r.log(f"predicted vs measured on the checked archs: mean error {statistics.mean(errs):.1%}, max {max(errs):.1%}")
+    # the deployment artifact of the winner (tuned when compile_tune), timed with the same protocol
+    art = r.summary["compile"][r.target.name]
+    stats = bench(r.target, artifact=Path(art["path"]), log=lambda m: None)["stats"]
+    r.log(f"winner's compiled {r.target.name} artifact ({'tuned, %d trials' % art['trials'] if art['tuned'] else 'untuned'}): "
+          f"{stats['latency_ms']:.2f} ms (median {stats['median_ms']:.2f}, p90 {stats['p90_ms']:.2f})")
+    return {"front": rows, "winner_artifact": {"path": art["path"], "tuned": art["tuned"], "trials": art["trials"],
+                                               **{k: stats[k] for k in ("latency_ms", "median_ms", "p90_ms", "std_ms")}}}
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    title: Callable[[Run], str]  # the rule printed before the stage
+    run: Callable[[Run], dict]  # returns summary sections to add
+
+
+# The main job, as a named list of stages (the way a compile pipeline is a named list of passes).
+STAGES = [
+    Stage("train", lambda r: f"train a {r.cfg.mode} supernet ({r.cfg.space} space, {r.cfg.corpus} corpus)", train_stage),
+    Stage("measure", lambda r: f"measure {r.cfg.measure_archs} subnets on {r.target.name} (TVM)", measure_stage),
+    Stage("predictor", lambda r: f"fit the {r.cfg.predictor} latency predictor", predictor_stage),
+    Stage("search", lambda r: "evolutionary search under the latency budget + Pareto front", search_stage),
+    Stage("export", lambda r: f"collapse + export the winner {r.best.arch.hash}", export_stage),
+    Stage("compile", lambda r: "compile with TVM", compile_stage),
+    Stage("translate", lambda r: "translate with the compiled host artifact", translate_stage),
+    Stage("check", lambda r: "check the front: BLEU and measured latency", check_stage),
+]
+
+
+def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, console: Console | None = None,
+                 stages: list[Stage] = STAGES) -> dict:
     """Run every stage into out_dir; returns (and writes to out_dir/summary.json) the summary."""
     from mosc.fileio import atomic_write_json
 
     cfg.check()
-    console = console or Console()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    log = lambda msg: console.print(msg, highlight=False, markup=False, soft_wrap=True)  # noqa: E731
-    st = _Stages(console)
-    t_all = time.perf_counter()
-    s: dict = {"config": cfg.to_dict(), "out_dir": str(out)}
-    run_dir, db_path = out / "run", out / "latency.db"
-    tune_db = Path(cfg.tune_db).expanduser() if cfg.tune_db else None
-    tg = _target(cfg.target, cfg)
-
-    # 1. train ------------------------------------------------------------------------------
-    def train_stage():
-        from mosc.fileio import latest_checkpoint
-        from mosc.nn.train import TrainConfig, load_trained, train
-
-        tc = TrainConfig(steps=cfg.train_steps, max_tokens=cfg.train_max_tokens, lr=cfg.train_lr,
-                         warmup=cfg.train_warmup, save_every=max(cfg.train_steps // 2, 1), seed=cfg.seed,
-                         log_every=max(1, min(20, cfg.train_steps // 10)))
-        ck = latest_checkpoint(run_dir) if run_dir.exists() else None
-        done = None
-        if ck is not None:
-            from mosc.fileio import read_json
-
-            done = read_json(ck / "config.json", "checkpoint config").get("train", {}).get("step")
-        if ck is not None and done is not None and done >= cfg.train_steps:
-            log(f"{run_dir} is already at step {done} (>= {cfg.train_steps}): reusing it")
-            r = {"steps": done, "resumed": True, "trained_now": 0}
-        else:
-            corpus_args = {"max_train_pairs": cfg.max_train_pairs} if cfg.max_train_pairs else {}
-            if ck is not None:
-                log(f"resuming {run_dir} from step {done}")
-            res = train(run_dir, corpus=cfg.corpus, space=cfg.space, mode=cfg.mode, cfg=tc,
-                        model_overrides={"n_experts": cfg.experts, "dropout": cfg.train_dropout},
-                        corpus_args=corpus_args, resume=ck is not None)
-            r = {"steps": res.steps, "resumed": ck is not None, "final_loss": res.final_loss,
-                 "tokens_per_s": res.tokens_per_s}
-        model, tok, meta = load_trained(run_dir)
-        r["checkpoint"] = str(latest_checkpoint(run_dir))
-        log(f"supernet: {meta['corpus']} corpus, {model.cfg.ffn_mode.value} mode, step {r['steps']}; {r['checkpoint']}")
-        return r
-
-    s["train"] = st.run("train", f"train a {cfg.mode} supernet ({cfg.space} space, {cfg.corpus} corpus)", train_stage)
-
-    # 2. measure ----------------------------------------------------------------------------
-    remote = _remote_for(tg, cfg)
-
-    def measure(archs: list, what: str) -> tuple:
-        """Measure archs on the target through TVM into the pipeline's latency DB (archs already
-        there are skipped); returns (campaign result, device key, {arch hash: latency ms})."""
-        from mosc.jobs.artifacts import ArtifactCache, ModelSource
-        from mosc.device.db import LatencyDB
-        from mosc.device.measure import Campaign
-
-        source = ModelSource(checkpoint=run_dir, space=cfg.space, mode=cfg.mode, seed=cfg.seed)
-        # Untuned measurement builds read an empty tuning database, not the machine's: otherwise
-        # schedules tuned later (the winner's, another run's) would leak into some rows only.
-        cache = ArtifactCache(tg, source, root=out / "artifacts", tune=cfg.measure_tune, trials=cfg.measure_trials,
-                              tune_db=tune_db if cfg.measure_tune else out / "tune-db-empty", log=log)
-        with LatencyDB(db_path) as ldb, _bar(console, what, len(archs)) as advance:
-            camp = Campaign(tg, "tvm", ldb, remote=remote, log=log, source="mosc pipeline")
-            camp.probe()
-            if camp.emulated:
-                raise MoscError(f"the {tg.name} device is emulated: its timings are not speeds, nothing to fit on")
-            res = camp.run(archs, lambda a: cache.prepare(a, "tvm"), done=advance)
-            rows = {r.arch.hash: r.latency_ms for r in ldb.rows(tg.name, backend="tvm") if r.arch is not None}
-        return res, camp.key, {a.hash: rows[a.hash] for a in archs if a.hash in rows}
-
-    measure_label = (f"tuned ({cfg.measure_trials} trials each)" if cfg.measure_tune else
-                     "UNTUNED builds (no schedules: absolute times are pessimistic, the ranking is what counts)")
-
-    def measure_stage():
-        from mosc.jobs.artifacts import ModelSource, load_space, sample_archs
-
-        sp = load_space(ModelSource(checkpoint=run_dir))
-        archs = sample_archs(sp, cfg.measure_archs, cfg.seed)
-        p = tg.protocol
-        log(f"measuring {len(archs)} archs on {tg.name} through TVM, {measure_label}; protocol: batch {p.batch}, "
-            f"source {p.source_len}, {p.decoder_steps} decoder steps, {p.warmup} warm-up + {p.repeats} timed runs")
-        res, key, measured = measure(archs, f"measuring on {tg.name}")
-        lat = sorted(measured.values())
-        log(f"measured {len(res.measured)} new, {len(res.skipped)} already in {db_path}; "
-            f"latency {lat[0]:.2f}..{lat[-1]:.2f} ms, median {statistics.median(lat):.2f} ms")
-        return {"archs": len(archs), "new": len(res.measured), "skipped": len(res.skipped), "tuned": cfg.measure_tune,
-                "label": measure_label, "db": str(db_path), "device_key": key, "latency_ms": measured,
-                "median_ms": statistics.median(lat)}
-
-    s["measure"] = st.run("measure", f"measure {cfg.measure_archs} subnets on {tg.name} (TVM)", measure_stage)
-
-    # 3. predictor --------------------------------------------------------------------------
-    def predictor_stage():
-        from mosc.jobs.artifacts import ModelSource, load_space
-        from mosc.search.predictor import fit, fit_eval, read_db
-
-        sp = load_space(ModelSource(checkpoint=run_dir))
-        data = read_db(db_path, tg.name, sp.name, backend="tvm")
-        metrics = None
-        if len(data) >= 50:  # a 10% held-out split of at least 5 rows
-            _, metrics = fit_eval(data, model=cfg.predictor, seed=cfg.seed, space=sp)
-        p = fit(data, model=cfg.predictor, seed=cfg.seed, space=sp)
-        path = out / "predictor.json"
-        p.save(path)
-        from mosc.search.predictor import metrics as score
-
-        fit_m = score(data.latency_ms, p.predict_features(data.features, data.archs))
-        log(f"{cfg.predictor} predictor on {len(data)} rows ({p.features} features): in-sample MAPE "
-            f"{fit_m['mape']:.1%}, Kendall tau {fit_m['kendall_tau'] or float('nan'):.2f}"
-            + (f"; held-out MAPE {metrics['mape']:.1%}" if metrics else " (too few rows for a held-out split)"))
-        return p, {"path": str(path), "model": cfg.predictor, "features": p.features, "rows": len(data),
-                   "in_sample": fit_m, "held_out": metrics}
-
-    pred, s["predictor"] = st.run("predictor", f"fit the {cfg.predictor} latency predictor", predictor_stage)
-
-    # 4. search -----------------------------------------------------------------------------
-    def search_stage():
-        from mosc.search.evolve import Cached, EvoConfig, evolve, front_csv, pareto_search, plot_front
-
-        from mosc.nn.evaluate import supernet_fitness
-        from mosc.nn.train import load_run_corpus, load_trained
-
-        model, tok, meta = load_trained(run_dir)
-        sp = model.space
-        score = Cached(supernet_fitness(model, load_run_corpus(meta, tok), cfg.val_sentences))  # shared by both searches
-        budget = cfg.latency_budget_ms or s["measure"]["median_ms"]
-        ec = EvoConfig(population=cfg.population, parents=min(cfg.parents, cfg.population), mutations=cfg.mutations,
-                       crossovers=cfg.crossovers, mutation_prob=cfg.mutation_prob, generations=cfg.generations,
-                       seed=cfg.seed)
-        log(f"budget {budget:.2f} ms ({'configured' if cfg.latency_budget_ms else 'median measured latency'}); "
-            f"fitness: supernet validation loss on {cfg.val_sentences} sentences")
-        with _bar(console, "search generations", cfg.generations * (2 if cfg.pareto else 1)) as advance:
-            step = lambda msg: (log(msg), advance())  # noqa: E731  (evolve logs once per generation)
-            res = evolve(sp, score, pred.latency, budget, ec, log=step)
-            front = res.front
-            if cfg.pareto:
-                log("NSGA-II for the loss-latency front:")
-                front = pareto_search(sp, score, pred.latency, None, ec, log=step).front
-                fits = [c for c in front if c.latency_ms <= budget and c.loss < res.best.loss]
-                if fits:  # NSGA-II found a lower-loss arch that also meets the budget: it wins
-                    res.best = min(fits, key=lambda c: (c.loss, c.latency_ms))
-        d = out / "search"
-        d.mkdir(exist_ok=True)
-        from mosc.fileio import atomic_write_text
-
-        atomic_write_text(d / "best.json", res.best.arch.to_json(indent=2) + "\n")
-        atomic_write_text(d / "pareto.csv", front_csv(front))
-        atomic_write_json(d / "pareto.json", {"front": [c.to_dict() for c in front]})
-        measured = s["measure"]["latency_ms"]
-        pts = [(ms, score(a)) for h, ms in measured.items() for a in [_arch_of(sp, h, run_dir, cfg)] if a]
-        plot_front(d / "pareto.png", front, pts, f"{tg.name}: loss vs latency ({sp.name})", budget,
-                   "validation loss (nats/token)")
-        b = res.best
-        log(f"best under {budget:.2f} ms: {b.arch.hash}, loss {b.loss:.4f}, predicted {b.latency_ms:.2f} ms "
-            f"({score.calls} archs scored in all)")
-        return res.best, front, {"budget_ms": budget, "budget_from": "config" if cfg.latency_budget_ms else "median measured",
-                                 "best": b.to_dict(), "evaluated": score.calls, "dir": str(d)}
-
-    best, front, s["search"] = st.run("search", "evolutionary search under the latency budget + Pareto front", search_stage)
-
-    # 5. collapse + export ------------------------------------------------------------------
-    def export_stage():
-        from mosc.nn.export import Shapes, export_subnet
-        from mosc.nn.model import load_supernet
-        from mosc.nn.subnet import collapse, save_subnet
-
-        supernet, meta = load_supernet(run_dir)
-        sub = collapse(supernet, best.arch)
-        sub_dir = out / "subnet"
-        save_subnet(sub, sub_dir, {"source": f"{run_dir} at arch {best.arch.hash}", "tokenizer": meta.get("tokenizer")})
-        exports = {}
-        for name in dict.fromkeys(["host", tg.name] + ([cfg.cross_target] if cfg.cross_target else [])):
-            shapes = Shapes.from_target(name)
-            key = f"b{shapes.batch}s{shapes.source_len}t{shapes.cache_len}"
-            if key not in exports:
-                d = out / f"onnx-{key}"
-                m = export_subnet(sub, d, shapes, tokenizer_json=meta.get("tokenizer"), check=True,
-                                  extra={"source": f"{run_dir} at arch {best.arch.hash}"})
-                par = m.get("parity") or {}
-                log(f"exported {d} ({m['param_count']:,} parameters; onnxruntime greedy tokens "
-                    f"{'match' if par.get('greedy_tokens_equal') else 'DIFFER from'} torch)")
-                exports[key] = str(d)
-        return {"subnet": str(sub_dir), "arch": best.arch.to_dict(), "arch_hash": best.arch.hash,
-                "param_count": sum(p.numel() for p in sub.parameters()), "onnx": exports}
-
-    s["export"] = st.run("export", f"collapse + export the winner {best.arch.hash}", export_stage)
-
-    # 6. compile ----------------------------------------------------------------------------
-    def compile_stage():
-        from mosc.compiler import compile as C
-        from mosc.nn.export import Shapes
-        from mosc.contract import load_export, onnx_files
-
-        arts = {}
-
-        def one(t, tune: bool, trials: int):
-            sh = Shapes.from_target(t)
-            onnx = Path(s["export"]["onnx"][f"b{sh.batch}s{sh.source_len}t{sh.cache_len}"])
-            meta = load_export(onnx)
-            model = {k: meta.get(k) for k in ("arch", "arch_hash", "shapes", "bos_id", "eos_id", "pad_id",
-                                              "param_count", "parity", "tokenizer")}
-            model["onnx_sha256"] = meta["files"]
-            d = out / f"artifact-{t.name}"
-            what = f"tuned, {trials} trials" if tune else "untuned (--no-tune)"
-            log(f"compiling for {t.name} ({what}) -> {d}")
-            C.compile_artifact(onnx_files(onnx, meta), t, d, trials=trials, tune=tune, db_dir=tune_db,
-                               extra_manifest={"model": model})
-            m = C.read_manifest(d)
-            r = m["tuning"]["report"]
-            log(f"  {m['compile_seconds']:.1f} s" + (f"; {r['tasks']} tasks: {r['cached']} cached, {r['tuned']} tuned, "
-                                                    f"{r.get('untried', 0)} without a trial; {r['trials']} trials"
-                                                    if r else ""))
-            return {"path": str(d), "tuned": tune, "trials": trials if tune else 0,
-                    "compile_seconds": m["compile_seconds"]}
-
-        tune_host = cfg.compile_tune and cfg.compile_trials > 0
-        host_tg = tg if tg.name == "host" else _target("host", cfg)
-        arts["host"] = one(host_tg, tune_host, cfg.compile_trials)
-        if tg.name != "host":
-            arts[tg.name] = one(tg, tune_host, cfg.compile_trials)
-        ct = cfg.cross_target
-        if ct and ct not in arts:
-            cross = _target(ct, PipelineConfig())
-            cc = cross.cross_compiler
-            if cc and not shutil.which(cc):
-                log(f"skipping {ct}: cross compiler {cc!r} not on PATH (apt-get install gcc-aarch64-linux-gnu)")
-                arts[ct] = {"skipped": f"cross compiler {cc} not found"}
-            else:
-                arts[ct] = one(cross, False, 0)
-        return arts
-
-    s["compile"] = st.run("compile", "compile with TVM", compile_stage)
-
-    # 7. translate --------------------------------------------------------------------------
-    def translate_stage():
-        from mosc.compiler.compile import load_artifact, read_manifest
-        from mosc.nn.data import SubwordTokenizer
-        from mosc.nn.train import load_run_corpus, load_trained
-        from mosc.runtime import artifact_backend, translate_ids
-
-        art_dir = Path(s["compile"]["host"]["path"])
-        model = read_manifest(art_dir)["model"]
-        tok = SubwordTokenizer.from_json(model["tokenizer"])
-        _, _, meta = load_trained(run_dir)
-        val = load_run_corpus(meta, tok).val
-        n = min(cfg.translate_sentences, len(val))
-        backend = artifact_backend(load_artifact(art_dir))
+    r = Run(cfg, out, console or Console(), _target(cfg.target, cfg))
+    r.summary.update(config=cfg.to_dict(), out_dir=str(out))
+    times, t_all = {}, time.perf_counter()
+    for i, st in enumerate(stages, 1):
+        r.console.rule(f"[bold cyan][{i}/{len(stages)}] {st.title(r)}")
         t0 = time.perf_counter()
-        ids, _ = translate_ids(backend, [tok.encode(x) for x in val.src_text[:n]], model["bos_id"], model["eos_id"],
-                               model["pad_id"])
-        ms = (time.perf_counter() - t0) * 1000
-        rows = [{"source": val.src_text[i], "output": tok.decode(ids[i]), "reference": val.tgt_text[i]} for i in range(n)]
-        t = Table("source", "output (compiled host artifact)", "reference", title=f"{n} validation sentences",
-                  show_lines=True)
-        for r in rows:
-            t.add_row(r["source"], r["output"], r["reference"])
-        console.print(t)
-        return {"artifact": str(art_dir), "sentences": rows, "ms": round(ms, 1)}
-
-    s["translate"] = st.run("translate", "translate with the compiled host artifact", translate_stage)
-
-    # 8. check the front ------------------------------------------------------------------
-    def check_stage():
-        from mosc.nn.evaluate import evaluate
-        from mosc.nn.train import load_run_corpus, load_trained
-
-        picks = front_picks(front, best, cfg.bleu_archs)
-        model, tok, meta = load_trained(run_dir)
-        data = load_run_corpus(meta, tok)
-        n = min(cfg.bleu_sentences, len(data.val))
-        bleu = {}
-        with _bar(console, "BLEU", len(picks)) as advance:
-            for c in picks:
-                bleu[c.arch.hash] = evaluate(model, data, c.arch, split="val", max_sentences=n).bleu
-                log(f"{c.arch.hash}: BLEU {bleu[c.arch.hash]:.2f} on {n} validation sentences, loss {c.loss:.4f}, "
-                    f"predicted {c.latency_ms:.2f} ms")
-                advance()
-        log(f"measuring the {len(picks)} checked archs on {tg.name} (like the sample: {measure_label})")
-        _, _, measured = measure([c.arch for c in picks], f"measuring on {tg.name}")
-        measured = {**s["measure"]["latency_ms"], **measured}
-        rows = []
-        for c in front + ([best] if best.arch.hash not in {c.arch.hash for c in front} else []):
-            rows.append({"arch_hash": c.arch.hash, "loss": c.loss, "bleu": bleu.get(c.arch.hash),
-                         "predicted_ms": c.latency_ms, "measured_ms": measured.get(c.arch.hash),
-                         "winner": c.arch.hash == best.arch.hash})
-        rows.sort(key=lambda r: r["predicted_ms"])
-        errs = [abs(r["predicted_ms"] / r["measured_ms"] - 1) for r in rows if r["bleu"] is not None and r["measured_ms"]]
-        log(f"predicted vs measured on the checked archs: mean error {statistics.mean(errs):.1%}, max {max(errs):.1%}")
-        # the deployment artifact of the winner (tuned when compile_tune), timed with the same protocol
-        art = s["compile"][tg.name]
-        from mosc.regress import bench
-
-        stats = bench(tg, art["path"], remote=remote)["stats"]  # mosc bench's measurement, local or RPC
-        log(f"winner's compiled {tg.name} artifact ({'tuned, %d trials' % art['trials'] if art['tuned'] else 'untuned'}): "
-            f"{stats['latency_ms']:.2f} ms (median {stats['median_ms']:.2f}, p90 {stats['p90_ms']:.2f})")
-        return rows, {"path": art["path"], "tuned": art["tuned"], "trials": art["trials"], **{
-            k: stats[k] for k in ("latency_ms", "median_ms", "p90_ms", "std_ms")}}
-
-    s["front"], s["winner_artifact"] = st.run("check", "check the front: BLEU and measured latency", check_stage)
-    s["stage_seconds"] = st.times
+        try:
+            r.summary.update(st.run(r))
+        finally:
+            times[st.name] = round(time.perf_counter() - t0, 2)
+            r.console.print(f"[dim]{st.name}: {times[st.name]:.1f} s[/]")
+    s = r.summary
+    s["stage_seconds"] = times
     s["total_seconds"] = round(time.perf_counter() - t_all, 2)
-    s["artifacts"] = {"run": str(run_dir), "latency_db": str(db_path), "predictor": s["predictor"]["path"],
-                      "search": s["search"]["dir"], "subnet": s["export"]["subnet"], **{
-                          f"onnx {k}": v for k, v in s["export"]["onnx"].items()},
+    s["artifacts"] = {"run": str(r.run_dir), "latency_db": str(r.db_path), "predictor": s["predictor"]["path"],
+                      "search": s["search"]["dir"], "subnet": s["export"]["subnet"],
+                      **{f"onnx {k}": v for k, v in s["export"]["onnx"].items()},
                       **{f"artifact {k}": v.get("path", "skipped: " + v.get("skipped", "")) for k, v in s["compile"].items()}}
     s["next"] = next_commands(cfg, out)
     atomic_write_json(out / "summary.json", s)
-    print_summary(s, console)
+    print_summary(s, r.console)
     return s
 
 
@@ -488,17 +465,6 @@ def front_picks(front: list, best, k: int) -> list:
             picks[c.arch.hash] = c
     picks[best.arch.hash] = best
     return sorted(picks.values(), key=lambda c: c.latency_ms)
-
-
-def _arch_of(sp, h: str, run_dir: Path, cfg: PipelineConfig):
-    """The sampled arch with hash h (measured archs are the seeded sample)."""
-    from mosc.jobs.artifacts import sample_archs
-
-    cache = _arch_of.__dict__.setdefault("cache", {})
-    key = (sp.name, cfg.measure_archs, cfg.seed)
-    if key not in cache:
-        cache[key] = {a.hash: a for a in sample_archs(sp, cfg.measure_archs, cfg.seed)}
-    return cache[key].get(h)
 
 
 def next_commands(cfg: PipelineConfig, out: Path) -> list[str]:

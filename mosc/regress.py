@@ -1,7 +1,7 @@
 """Latency-regression checks per device: `mosc bench` results and `mosc check` verdicts.
 
     bench(target, artifact, arch)        measure an artifact with the target's protocol -> result dict
-    environment()                        TVM / tvm-ffi versions, CPU model, governor, hostname
+    environment()                        mosc.rpc.machine_info() + TVM / tvm-ffi versions, CPU model, governor
     compatible(baseline, result)         refuse comparisons that mean nothing (MoscError, one line)
     compare(baseline, result, ...)       bootstrap CIs of current/baseline ratios + Mann-Whitney U
     junit_xml(report) / print-free       CI outputs (the CLI prints the table)
@@ -12,7 +12,7 @@ JSON), the artifact's manifest sha256 and the environment. A *baseline* is a res
 was accepted earlier (`mosc check --update-baseline`).
 
 Statistics. For each metric (p50 = median of the trimmed runs, p90 = 90th percentile of
-the trimmed runs, the same definitions as mosc.measure.summarize), the two sample sets
+the trimmed runs, the same definitions as mosc.device.protocol.summarize), the two sample sets
 are bootstrapped independently (seeded, `resamples` draws each) and the ratio
 current/baseline of the statistic is formed per draw; its percentile interval is the
 confidence interval. Verdict per metric, with the target's [regression] tolerance tol:
@@ -23,14 +23,14 @@ Mann-Whitney U (one-sided, "current is slower") is reported as a secondary stati
 only; it does not decide (with many runs it flags differences far below the tolerance).
 
 Device world: numpy (and scipy for the U test) at most; tvm inside functions; no torch.
+Knows nothing of how an artifact is loaded or timed (mosc.device.backends.measure_artifact)
+nor of the latency database.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import platform
-import socket
 import time
 from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
@@ -39,6 +39,7 @@ from typing import Callable
 
 import numpy as np
 
+from mosc.device.protocol import _trimmed, summarize
 from mosc.errors import MoscError
 
 FORMAT = "mosc-bench/1"
@@ -76,14 +77,15 @@ def cpu_model() -> str | None:
 
 
 def environment() -> dict:
-    """Where a result was measured (this machine; for RPC the device's own info is added by bench)."""
+    """Where a result was measured (this machine; for RPC the device's own info is added by bench):
+    machine_info() plus what decides comparability (TVM and tvm-ffi versions, TVM_NUM_THREADS)
+    and what explains drift (CPU model, frequency governor)."""
+    from mosc.rpc import machine_info
+
     return {
         "tvm_version": _pkg("apache-tvm"), "tvm_ffi_version": _pkg("apache-tvm-ffi"),
         "cpu_model": cpu_model(), "governor": _read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"),
-        "hostname": socket.gethostname(), "machine": platform.machine(), "system": platform.system(),
-        "release": platform.release(), "python": platform.python_version(),
-        "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "tvm_num_threads": os.environ.get("TVM_NUM_THREADS"),
+        **machine_info(), "tvm_num_threads": os.environ.get("TVM_NUM_THREADS"),
     }
 
 
@@ -93,61 +95,61 @@ def bench(target, artifact: str | Path, arch=None, *, repeats: int | None = None
     """Measure an artifact with the target's protocol (repeats overridable) -> a result dict.
 
     arch: a mosc.space.Arch, or None to take it from the artifact's manifest. remote: a
-    mosc.measure.Remote (measure on a device over RPC) or None (this machine). measure:
-    the timing function (default mosc.measure.measure_tvm); tests may wrap it.
+    mosc.rpc.Remote (measure on a device over RPC) or None (this machine). measure:
+    the timing function (default mosc.device.backends.measure_tvm); tests may wrap it.
     """
-    import gc
-    from dataclasses import replace
-
-    from mosc.compiler.compile import load_artifact, verify_artifact
-    from mosc.fileio import sha256_file
-    from mosc.device.measure import measure_tvm, summarize
-    from mosc.rpc import connect, device_info
+    from mosc.device.backends import measure_artifact, measure_tvm
 
     artifact = Path(artifact)
+    manifest, protocol = _bench_inputs(target, artifact, arch, repeats)
+    t0 = time.perf_counter()
+    try:
+        m, dev = measure_artifact(artifact, protocol, remote, measure=measure or measure_tvm)
+    except ConnectionError as e:  # tracker down, key not registered, device busy
+        if remote is None:
+            raise
+        raise MoscError(f"cannot reach device {remote.key!r} via tracker {remote.addr}: {e}") from None
+    wall = time.perf_counter() - t0
+    p = {k: m.shapes[k] for k in ("batch", "source_len", "decoder_steps")}
+    want = {k: getattr(protocol, k) for k in p}
+    if p != want:
+        raise MoscError(f"{artifact}: graphs have shapes {p}, the {target.name} protocol says {want} (rebuild it)")
+    return _result(target, protocol, artifact, manifest, arch, m, remote, dev, wall)
+
+
+def _bench_inputs(target, artifact: Path, arch, repeats: int | None):
+    """(verified manifest, protocol) of a bench; MoscError when the artifact is not for these."""
+    from dataclasses import replace
+
+    from mosc.compiler.artifact import verify_artifact
+
     manifest = verify_artifact(artifact)
     model = manifest.get("model") or {}
     if arch is not None and model.get("arch_hash") not in (None, arch.hash):
         raise MoscError(f"{artifact} holds arch {model.get('arch_hash')}, not {arch.hash} (wrong --arch?)")
     if manifest.get("target") != target.name:
         raise MoscError(f"{artifact} was compiled for target {manifest.get('target')!r}, not {target.name!r}")
-    arch_hash = arch.hash if arch is not None else model.get("arch_hash")
-    arch_json = arch.to_json() if arch is not None else model.get("arch")
     protocol = target.protocol if repeats is None else replace(target.protocol, repeats=repeats)
     if protocol.repeats < 2:
         raise MoscError("--repeats must be at least 2 (a statistic needs several runs)")
-    measure = measure or measure_tvm
-    sess = art = None
-    t0 = time.perf_counter()
-    try:
-        if remote is None:
-            art = load_artifact(artifact, manifest.get("device", "cpu"))
-            dev = None
-        else:
-            try:
-                sess = connect(remote)
-            except ConnectionError as e:  # tracker down, key not registered, device busy
-                raise MoscError(f"cannot reach device {remote.key!r} via tracker {remote.addr}: {e}") from None
-            dev = device_info(sess)
-            art = load_artifact(artifact, manifest.get("device", "cpu"), session=sess)
-        m = measure(art, protocol)
-    finally:
-        del art, sess
-        gc.collect()
-    wall = time.perf_counter() - t0
-    p = {k: m.shapes[k] for k in ("batch", "source_len", "decoder_steps")}
-    want = {k: getattr(protocol, k) for k in p}
-    if p != want:
-        raise MoscError(f"{artifact}: graphs have shapes {p}, the {target.name} protocol says {want} (rebuild it)")
-    env = environment()
+    return manifest, protocol
+
+
+def _result(target, protocol, artifact: Path, manifest: dict, arch, m, remote, dev: dict | None,
+            wall: float) -> dict:
+    """The `mosc bench` result dict (format FORMAT) of one measurement."""
+    from mosc.fileio import sha256_file
+
+    model = manifest.get("model") or {}
     return {
         "format": FORMAT, "target": target.name,
         "protocol": asdict(protocol), "regression": asdict(target.regression),
-        "arch": {"hash": arch_hash, "json": arch_json},
+        "arch": {"hash": arch.hash if arch is not None else model.get("arch_hash"),
+                 "json": arch.to_json() if arch is not None else model.get("arch")},
         "artifact": {"sha256": sha256_file(artifact / "manifest.json"), "dir": str(artifact),
                      "tuned": (manifest.get("tuning") or {}).get("tuned"),
                      "tvm_version": manifest.get("tvm_version"), "tvm_ffi_version": manifest.get("tvm_ffi_version")},
-        "environment": env,
+        "environment": environment(),
         "device": {"where": "local" if remote is None else f"rpc {remote.key}@{remote.addr}", **(dev or {})},
         "method": m.method,
         "samples_ms": [round(x, 6) for x in m.total_ms],
@@ -197,17 +199,10 @@ def compatible(baseline: dict, result: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- statistics
-def _trim_sorted(x: np.ndarray, trim: float) -> np.ndarray:
-    """x sorted along the last axis, `trim` of each tail cut (as mosc.measure._trimmed)."""
-    x = np.sort(x, axis=-1)
-    n = x.shape[-1]
-    k = int(math.floor(n * trim))
-    return x[..., k: n - k] if n - 2 * k > 0 else x
-
-
 def statistic(x, metric: str, trim: float) -> np.ndarray | float:
-    """p50/p90 of the trimmed runs along the last axis (scalar for 1-D input)."""
-    t = _trim_sorted(np.asarray(x, np.float64), trim)
+    """p50/p90 of the trimmed runs along the last axis (scalar for 1-D input), trimmed as
+    mosc.device.protocol.summarize trims."""
+    t = _trimmed(x, trim)
     q = {"p50": 50, "p90": 90}[metric]
     return np.percentile(t, q, axis=-1)
 
@@ -233,17 +228,9 @@ def compare(baseline: dict, result: dict, *, tolerances: dict | None = None, res
     b = np.asarray(baseline["samples_ms"], np.float64)
     c = np.asarray(result["samples_ms"], np.float64)
     rng = np.random.default_rng(seed)
-    a = (1 - confidence) / 2
     u = mannwhitneyu(c, b, alternative="greater")
-    rows = []
-    for metric in METRICS:
-        t = float(tol.get(f"{metric}_tol", 0.05 if metric == "p50" else 0.10))
-        bs, cs = float(statistic(b, metric, trim)), float(statistic(c, metric, trim))
-        ratios = _boot(c, metric, trim, resamples, rng) / _boot(b, metric, trim, resamples, rng)
-        lo, hi = (float(v) for v in np.quantile(ratios, [a, 1 - a]))
-        verdict = "regression" if lo > 1 + t else "improved" if hi < 1 - t else "pass"
-        rows.append({"metric": metric, "baseline_ms": bs, "current_ms": cs, "ratio": cs / bs,
-                     "ci_low": lo, "ci_high": hi, "tolerance": t, "verdict": verdict})
+    rows = [_metric_row(metric, b, c, trim, float(tol.get(f"{metric}_tol", 0.05 if metric == "p50" else 0.10)),
+                        resamples, confidence, rng) for metric in METRICS]
     verdicts = {r["verdict"] for r in rows}
     overall = "regression" if "regression" in verdicts else "improved" if "improved" in verdicts else "pass"
     return {
@@ -259,6 +246,18 @@ def compare(baseline: dict, result: dict, *, tolerances: dict | None = None, res
         "artifact_sha256": {"baseline": (baseline.get("artifact") or {}).get("sha256"),
                             "current": (result.get("artifact") or {}).get("sha256")},
     }
+
+
+def _metric_row(metric: str, b: np.ndarray, c: np.ndarray, trim: float, tol: float, resamples: int,
+                confidence: float, rng: np.random.Generator) -> dict:
+    """One metric of the report: the statistic of both sides, the bootstrap CI of their ratio, the verdict."""
+    a = (1 - confidence) / 2
+    bs, cs = float(statistic(b, metric, trim)), float(statistic(c, metric, trim))
+    ratios = _boot(c, metric, trim, resamples, rng) / _boot(b, metric, trim, resamples, rng)
+    lo, hi = (float(v) for v in np.quantile(ratios, [a, 1 - a]))
+    verdict = "regression" if lo > 1 + tol else "improved" if hi < 1 - tol else "pass"
+    return {"metric": metric, "baseline_ms": bs, "current_ms": cs, "ratio": cs / bs,
+            "ci_low": lo, "ci_high": hi, "tolerance": tol, "verdict": verdict}
 
 
 # ----------------------------------------------------------------------------- CI outputs

@@ -5,6 +5,8 @@
     registered_keys     the device keys registered there
     connect(remote)     an RPC session on a free device of the key (waits are polled, bounded)
     device_info         what a device says about itself (`mosc device serve` registers it)
+    machine_info        this machine (hostname, architecture, OS, Python, CPUs, emulated)
+    device_failure      whether an exception is the device or the network failing (retry) or a bug
     parse_hostport      "HOST:PORT" -> (host, port), with a one-line error
 
 Used by the compiler (tuning measures candidates on the device) and by the device world
@@ -19,6 +21,7 @@ import os
 import platform
 import socket
 import struct
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -142,20 +145,50 @@ def connect(remote: Remote):
 
 
 def device_info(session=None) -> dict:
-    """What the device says about itself (machine, emulated, ...). Locally: this machine.
-    A stock TVM RPC server (not `mosc device serve`) has no such function: {} then."""
+    """What the device says about itself (machine_info() there, plus pid and TVM version).
+    Locally: machine_info(). A stock TVM RPC server (not `mosc device serve`) has no such
+    function: {} then. Any other failure (the session dropped) propagates."""
     if session is None:
-        return host_info()
+        return machine_info()
     try:
-        return json.loads(session.get_function(DEVICE_INFO_FUNC)())
-    except Exception:  # noqa: BLE001  (the function is missing on a stock server)
+        func = session.get_function(DEVICE_INFO_FUNC)
+    except AttributeError:  # TVM's "Module has no function": a stock server
         return {}
+    return json.loads(func())
 
 
-def host_info() -> dict:
-    """This machine, as recorded with each measurement."""
-    emulated = env.emulated()
-    return {"hostname": socket.gethostname(), "machine": platform.machine(), "system": platform.system(),
+def machine_info() -> dict:
+    """This machine: the one description recorded with measurements and bench results, and the
+    base of what a device answers over RPC. Standard library only (the emulated device's Python
+    computes it too); `emulated` and `emulator` come from the environment `mosc device emulate` sets."""
+    info = {"hostname": socket.gethostname(), "machine": platform.machine(), "system": platform.system(),
             "release": platform.release(), "python": platform.python_version(),
             "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "emulated": emulated}
+            "emulated": env.emulated()}
+    if info["emulated"]:
+        info["emulator"] = env.emulator()
+    return info
+
+
+# local file problems are OSErrors too, but no retry fixes them
+_NOT_TRANSPORT = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+# kinds of TVM errors that carry no Python meaning (a failed check, a socket error in C++); the
+# others map to TypeError, ValueError, ... and mean what those mean
+_TVM_RUNTIME_KINDS = ("InternalError", "RuntimeError", "TVMError")
+
+
+def device_failure(e: BaseException, over_session: bool = False) -> bool:
+    """Whether `e` is the device or the way to it failing (worth another try), not a bug or a
+    user error: connection and socket errors, timeouts, TVM's RPC errors and, when a TVM RPC
+    session was in use (over_session), any runtime error TVM raised (a dropped session shows up
+    as tvm.error.InternalError "Broken pipe" or "code=kShutdown"). MoscError, and Python errors
+    such as TypeError, KeyError or ValueError (also when TVM maps them), are not."""
+    if isinstance(e, MoscError) or isinstance(e, _NOT_TRANSPORT):
+        return False
+    if isinstance(e, OSError):  # ConnectionError, TimeoutError, socket.timeout, socket.gaierror, ...
+        return True
+    tvm_error = sys.modules.get("tvm.error")  # not imported: no TVM error can have been raised
+    if tvm_error is not None and isinstance(e, tvm_error.RPCError):  # RPCSessionTimeoutError too
+        return True
+    kind = getattr(getattr(e, "__tvm_ffi_error__", None), "kind", None)  # set on errors TVM raised
+    return over_session and kind in _TVM_RUNTIME_KINDS

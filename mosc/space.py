@@ -273,6 +273,13 @@ class SearchSpace:
                 check(field, v, allowed[field], i)
         return arch
 
+    def fits_hat_features(self, features) -> bool:
+        """Whether HAT's 10 summary features (a row imported without its arch) can come from
+        this space: its embed dims and layer counts are choices here."""
+        f = dict(zip(HAT_FEATURE_NAMES, features))
+        return (f["encoder_embed_dim"] in self.enc_embed and f["decoder_embed_dim"] in self.dec_embed
+                and f["encoder_layer_num"] in self.enc_layers and f["decoder_layer_num"] in self.dec_layers)
+
     def contains(self, arch: Arch) -> bool:
         try:
             self.validate(arch)

@@ -2,7 +2,6 @@
 
 import json
 
-import click
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -13,9 +12,11 @@ from mosc.errors import MoscError
 runner = CliRunner(env={"COLUMNS": "200"})  # no line wrapping in assertions
 
 
-def walk(cmd: click.Command, path=()):
+def walk(cmd, path=()):
+    """Every (sub)command of a click/typer command tree (typer may vendor its own click:
+    duck typing, not isinstance)."""
     yield path, cmd
-    if isinstance(cmd, click.Group):
+    if hasattr(cmd, "commands"):
         for name, sub in cmd.commands.items():
             yield from walk(sub, path + (name,))
 
@@ -27,11 +28,12 @@ def test_every_command_and_option_has_help():
         if path and not (cmd.help or cmd.short_help):
             missing.append(" ".join(path))
         for p in cmd.params:
-            if isinstance(p, click.Option) and not p.help and p.name not in ("help", "install_completion", "show_completion"):
+            if p.param_type_name == "option" and not p.help and p.name not in ("help", "install_completion", "show_completion"):
                 missing.append(f"{' '.join(path)} --{p.name}")
-            if isinstance(p, click.Argument) and not getattr(p, "help", None):
+            if p.param_type_name == "argument" and not getattr(p, "help", None):
                 missing.append(f"{' '.join(path)} {p.name}")
     assert not missing, missing
+    assert sum(p.param_type_name == "option" for _, c in walk(root) for p in c.params) > 100  # the walk saw them
     for path, _ in walk(root):
         result = runner.invoke(app, [*path, "--help"])
         assert result.exit_code == 0, (path, result.output)
@@ -89,7 +91,9 @@ def one_line_error(result, needle: str):
 @pytest.mark.parametrize("args,needle", [
     (["space", "show", "nope"], "unknown search space 'nope'"),
     (["arch", "sample", "--space", "nope"], "built-ins: tiny, wmt"),
-    (["collapse", "--mode", "moe"], "--mode must be one of shared, layer, neuron"),
+    (["collapse", "--mode", "moe"], "'moe' is not one of 'shared', 'layer', 'neuron'"),
+    (["collapse", "--no-such-option"], "No such option: --no-such-option"),
+    (["arch", "sample", "--which", "medium"], "'medium' is not one of 'random', 'largest', 'smallest'"),
     (["collapse", "--checkpoint", "/nonexistent/ck"], "is not a model folder"),
     (["collapse", "--arch", "/nonexistent/a.json"], "cannot read"),
 ])
@@ -150,14 +154,14 @@ def test_tuning_a_remote_target_needs_its_tracker(tmp_path, monkeypatch):
     """rpi4 tuning measures on the Pi through the RPC tracker; none running: one line, before any work."""
     import shutil
 
-    from mosc.compiler import compile as C
+    from mosc.compiler import build
 
     if not shutil.which("aarch64-linux-gnu-gcc"):
         pytest.skip("aarch64-linux-gnu-gcc not installed")
-    monkeypatch.setattr(C, "import_onnx", lambda *a, **k: pytest.fail("should refuse before importing"))
+    monkeypatch.setattr(build, "import_onnx", lambda *a, **k: pytest.fail("should refuse before importing"))
     from mosc.compiler.targets import Rpc, load_target
     import dataclasses
 
     t = dataclasses.replace(load_target("rpi4"), rpc=Rpc("127.0.0.1", 1, "rpi4"))  # nothing listens on port 1
     with pytest.raises(MoscError, match=r"no RPC tracker answers at 127.0.0.1:1 .*or compile with --no-tune"):
-        C.compile_artifact({"encoder": tmp_path / "e.onnx"}, t, tmp_path / "a", trials=8)
+        build.compile_artifact({"encoder": tmp_path / "e.onnx"}, t, tmp_path / "a", trials=8)

@@ -1,4 +1,4 @@
-"""mosc.compiler.compile with real TVM builds of tiny ONNX graphs (made here with torch.onnx.export).
+"""mosc.compiler (passes, tune, build, artifact) with real TVM builds of tiny ONNX graphs (made here with torch.onnx.export).
 
 Two graphs shaped like the real ones: an encoder (embedding + one transformer-ish block)
 and a decoder step with several inputs and outputs (token, K/V caches, memory -> logits,
@@ -17,7 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mosc.compiler import compile as C
+from mosc.compiler.artifact import load_artifact, verify_artifact
+from mosc.compiler.build import compile_artifact
+from mosc.compiler.passes import FINISH, PREPARE, import_onnx, signature
+from mosc.compiler.tune import database_id, tune
 from mosc.errors import MoscError
 
 V, D, S, L = 64, 32, 8, 8  # vocab, width, source length, KV cache length
@@ -71,11 +74,11 @@ def _export_models(out: Path) -> dict[str, Path]:
     return paths
 
 
-def _export_linear(path: Path) -> Path:
-    """A one-matmul graph: few tuning tasks, for the tuning test."""
+def _export_linear(path: Path, seed: int = 0) -> Path:
+    """A one-matmul graph: few tuning tasks, for the tuning test. The seed picks the weights."""
     import torch
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     torch.onnx.export(torch.nn.Linear(D, D).eval(), (torch.randn(4, D),), path,
                       input_names=["x"], output_names=["y"])
     return path
@@ -90,8 +93,8 @@ def onnx_files(tmp_path_factory):
 def host_artifact(onnx_files, tmp_path_factory):
     db = tmp_path_factory.mktemp("db")  # empty: a --no-tune build must not touch ~/.cache
     out = tmp_path_factory.mktemp("art") / "host"
-    return C.compile_artifact(onnx_files, "host", out, tune=False, db_dir=db,
-                              extra_manifest={"arch": {"d_model": D}})
+    return compile_artifact(onnx_files, "host", out, tune=False, db_dir=db,
+                            extra_manifest={"arch": {"d_model": D}})
 
 
 def _inputs(signature: list[dict], seed=0) -> dict[str, np.ndarray]:
@@ -111,19 +114,20 @@ def _ort(path, feeds):
 
 # ----------------------------------------------------------------------------- tests
 def test_compile_does_not_import_torch_or_tvm():
-    code = "import sys, mosc.compiler.compile, mosc.compiler.targets; assert 'torch' not in sys.modules and 'tvm' not in sys.modules"
+    code = ("import sys, mosc.compiler.artifact, mosc.compiler.build, mosc.compiler.passes, mosc.compiler.tune, "
+            "mosc.compiler.targets; assert 'torch' not in sys.modules and 'tvm' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
 def test_pipeline_is_a_named_pass_list():
-    names = [n for n, _ in C.PREPARE + C.FINISH]
+    names = [n for n, _ in PREPARE + FINISH]
     assert len(names) == len(set(names))
     assert names[-1] == "fold_constant_after_tuning" and "apply_database" in names
 
 
 def test_import_onnx_static_shapes(onnx_files):
-    mod = C.import_onnx(onnx_files["decoder_step"])
-    sig = C.signature(mod, onnx_files["decoder_step"])
+    mod = import_onnx(onnx_files["decoder_step"])
+    sig = signature(mod, onnx_files["decoder_step"])
     assert [s["name"] for s in sig["inputs"]] == ["token", "k_cache", "v_cache", "memory"]
     assert sig["outputs"] == [
         {"name": "logits", "shape": [1, V], "dtype": "float32"},
@@ -131,11 +135,11 @@ def test_import_onnx_static_shapes(onnx_files):
         {"name": "v_out", "shape": [1, L, D], "dtype": "float32"},
     ]
     with pytest.raises(MoscError, match="unknown input"):
-        C.import_onnx(onnx_files["encoder"], {"nope": [1, 2]})
+        import_onnx(onnx_files["encoder"], {"nope": [1, 2]})
 
 
 def test_host_artifact_matches_onnxruntime(host_artifact, onnx_files):
-    art = C.load_artifact(host_artifact)
+    art = load_artifact(host_artifact)
     assert sorted(art.graphs) == ["decoder_step", "encoder"]
     for graph, path in onnx_files.items():
         feeds = _inputs(art.manifest["graphs"][graph]["inputs"])
@@ -172,23 +176,38 @@ def test_tampered_artifact_is_refused(host_artifact, tmp_path):
         f.seek(-1, 1)
         f.write(bytes([b[0] ^ 0xFF]))
     with pytest.raises(MoscError, match="decoder_step.so does not match its sha256"):
-        C.load_artifact(bad)
+        load_artifact(bad)
     (bad / "decoder_step.so").unlink()
     with pytest.raises(MoscError, match="missing"):
-        C.load_artifact(bad)
+        load_artifact(bad)
     with pytest.raises(MoscError, match="not a mosc artifact"):
-        C.load_artifact(tmp_path)
+        load_artifact(tmp_path)
+
+
+def test_recompiled_artifact_loads_the_new_model(tmp_path):
+    """Compile, load, recompile the same folder with other weights, load again in the same process:
+    the second load runs the second model (dlopen would hand back the first by its path)."""
+    x = np.random.default_rng(0).standard_normal((4, D)).astype("float32")
+    out = tmp_path / "art"
+    first_onnx, second_onnx = _export_linear(tmp_path / "a.onnx", seed=0), _export_linear(tmp_path / "b.onnx", seed=1)
+    compile_artifact({"linear": first_onnx}, "host", out, tune=False, db_dir=tmp_path / "db")
+    first = load_artifact(out)  # kept alive: its library stays loaded
+    np.testing.assert_allclose(first.run("linear", [x])[0], _ort(first_onnx, {"x": x})[0], atol=ATOL)
+    compile_artifact({"linear": second_onnx}, "host", out, tune=False, db_dir=tmp_path / "db")
+    second = load_artifact(out)
+    np.testing.assert_allclose(second.run("linear", [x])[0], _ort(second_onnx, {"x": x})[0], atol=ATOL)
+    np.testing.assert_allclose(first.run("linear", [x])[0], _ort(first_onnx, {"x": x})[0], atol=ATOL)
 
 
 def test_extra_manifest_cannot_override(onnx_files, tmp_path):
     with pytest.raises(MoscError, match="may not override"):
-        C.compile_artifact({"encoder": onnx_files["encoder"]}, "host", tmp_path / "a", tune=False,
-                           db_dir=tmp_path / "db", extra_manifest={"files": {}})
+        compile_artifact({"encoder": onnx_files["encoder"]}, "host", tmp_path / "a", tune=False,
+                         db_dir=tmp_path / "db", extra_manifest={"files": {}})
 
 
 def test_unknown_target(onnx_files, tmp_path):
     with pytest.raises(MoscError, match=r"unknown target 'pi5'; valid targets: .*rpi4"):
-        C.compile_artifact(onnx_files, "pi5", tmp_path / "a", tune=False)
+        compile_artifact(onnx_files, "pi5", tmp_path / "a", tune=False)
 
 
 @pytest.fixture(scope="module")
@@ -196,11 +215,11 @@ def rpi4_artifact(onnx_files, tmp_path_factory):
     if not shutil.which(CROSS_GCC):
         pytest.skip(f"{CROSS_GCC} not installed (apt-get install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)")
     out = tmp_path_factory.mktemp("art") / "rpi4"
-    return C.compile_artifact(onnx_files, "rpi4", out, tune=False, db_dir=tmp_path_factory.mktemp("db"))
+    return compile_artifact(onnx_files, "rpi4", out, tune=False, db_dir=tmp_path_factory.mktemp("db"))
 
 
 def test_rpi4_cross_build(rpi4_artifact):
-    m = C.verify_artifact(rpi4_artifact)
+    m = verify_artifact(rpi4_artifact)
     assert m["target"] == "rpi4" and "aarch64" in m["tvm_target"]
     for lib in m["files"]:
         head = (rpi4_artifact / lib).read_bytes()[:20]
@@ -210,7 +229,7 @@ def test_rpi4_cross_build(rpi4_artifact):
 _QEMU_RUN = """
 import sys, numpy as np
 sys.path.insert(0, sys.argv[1])
-from mosc.compiler.compile import load_artifact
+from mosc.compiler.artifact import load_artifact
 art = load_artifact(sys.argv[2])
 feeds = dict(np.load(sys.argv[3]))
 np.savez(sys.argv[4], *art.run(sys.argv[5], feeds))
@@ -223,7 +242,7 @@ def test_rpi4_artifact_runs_under_qemu(rpi4_artifact, onnx_files, tmp_path):
     out = rpi4_artifact
     (tmp_path / "run.py").write_text(_QEMU_RUN)
     env = {**os.environ, "PYTHONPATH": str(ARM64_ROOT / "opt/mosc-site"), "TVM_USE_RUNTIME_LIB": "1"}
-    manifest = C.verify_artifact(out)
+    manifest = verify_artifact(out)
     for graph in ["encoder", "decoder_step"]:
         feeds = _inputs(manifest["graphs"][graph]["inputs"], seed=1)
         np.savez(tmp_path / "in.npz", **feeds)
@@ -240,9 +259,9 @@ def test_rpi4_artifact_runs_under_qemu(rpi4_artifact, onnx_files, tmp_path):
 
 def test_nvidia_build_without_gpu(onnx_files, tmp_path):
     """CUDA code is generated (dlight schedules) and exported; it runs only where a GPU is."""
-    out = C.compile_artifact({"encoder": onnx_files["encoder"]}, "nvidia", tmp_path / "nv", tune=False,
-                             db_dir=tmp_path / "db")
-    m = C.verify_artifact(out)
+    out = compile_artifact({"encoder": onnx_files["encoder"]}, "nvidia", tmp_path / "nv", tune=False,
+                           db_dir=tmp_path / "db")
+    m = verify_artifact(out)
     assert m["device"] == "cuda" and m["cuda_kernels"] == "source"
 
 
@@ -253,16 +272,16 @@ def test_tuning_database_is_reused(tmp_path):
     onnx_path = _export_linear(tmp_path / "linear.onnx")
     db = tmp_path / "db"
     t0 = time.perf_counter()
-    first = C.tune(C.import_onnx(onnx_path), "host", db, trials=8, progress=False)
+    first = tune(import_onnx(onnx_path), "host", db, trials=8, progress=False)
     t_first = time.perf_counter() - t0
     assert first.tasks >= 1 and first.trials >= 1 and first.cached == 0
-    assert C.database_id(db)["records"] >= 1
+    assert database_id(db)["records"] >= 1
 
-    out = C.compile_artifact({"linear": onnx_path}, "host", tmp_path / "art", trials=8, db_dir=db)
+    out = compile_artifact({"linear": onnx_path}, "host", tmp_path / "art", trials=8, db_dir=db)
     report = json.loads((out / "manifest.json").read_text())["tuning"]["report"]
     assert report["trials"] == 0 and report["cached"] == report["tasks"] == first.tasks
     x = np.random.default_rng(0).standard_normal((4, D)).astype("float32")
-    np.testing.assert_allclose(C.load_artifact(out).run("linear", [x])[0], _ort(onnx_path, {"x": x})[0], atol=ATOL)
+    np.testing.assert_allclose(load_artifact(out).run("linear", [x])[0], _ort(onnx_path, {"x": x})[0], atol=ATOL)
     print(f"\ntuning {first.trials} trials over {first.tasks} task(s): {t_first:.1f} s; "
           f"warm compile {json.loads((out / 'manifest.json').read_text())['compile_seconds']} s")
 
@@ -275,7 +294,7 @@ def test_tuning_a_remote_target_needs_a_real_tracker_with_the_key(tmp_path):
 
     from rpc_helpers import start_tracker
 
-    from mosc.compiler.compile import check_tracker
+    from mosc.compiler.tune import check_tracker
     from mosc.compiler.targets import Rpc, load_target
 
     rpi4 = load_target("rpi4")

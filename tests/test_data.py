@@ -1,4 +1,4 @@
-"""mosc.nn.data: readers, synthetic task, tokenizer, batching. Fast (a few seconds)."""
+"""mosc.nn.corpus, synthetic, tokenizer, batching: readers, synthetic task, BPE, batches. Fast (a few seconds)."""
 
 import gzip
 from pathlib import Path
@@ -6,22 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mosc.nn.data import (
-    BOS_ID,
-    EOS_ID,
-    PAD_ID,
-    BatchIterator,
-    SubwordTokenizer,
-    SyntheticConfig,
-    eval_batches,
-    find_corpus_files,
-    load_corpus,
-    read_lines,
-    read_parallel,
-    shared_data_dir,
-    synthetic_pairs,
-    synthetic_splits,
-)
+from mosc.contract import BOS_ID, EOS_ID, PAD_ID
+from mosc.nn.batching import BatchIterator, eval_batches
+from mosc.nn.corpus import find_corpus_files, load_corpus, read_lines, read_parallel, shared_data_dir
+from mosc.nn.synthetic import SyntheticConfig, synthetic_pairs, synthetic_splits
+from mosc.nn.tokenizer import SubwordTokenizer
 from mosc.errors import MoscError
 
 SMALL = SyntheticConfig(n_train=1500, n_val=100, n_test=100, seed=7)
@@ -55,7 +44,7 @@ def test_synthetic_splits_disjoint_and_stable():
 
 
 def test_synthetic_transformation():
-    from mosc.nn.data import _Language
+    from mosc.nn.synthetic import _Language
 
     lang = _Language(SMALL)
     det = {s: forms for s, forms in lang.dets}
@@ -243,6 +232,10 @@ def test_resume_mid_epoch_is_identical(syn):
         assert all(torch.equal(getattr(x, f), getattr(y, f)) for f in ("src", "tgt_in", "tgt_out", "idx"))
     with pytest.raises(MoscError, match="cannot resume batches: seed"):
         BatchIterator(syn.train, 400, seed=6).load_state_dict(state)
+    # Another budget can give as many batches, but different ones: refused too.
+    other = next(it for m in range(401, 600) if len((it := BatchIterator(syn.train, m, seed=5)).plan) == len(run.plan))
+    with pytest.raises(MoscError, match="cannot resume batches: max_tokens"):
+        other.load_state_dict(state)
 
 
 def test_ddp_sharding_disjoint_equal_counts(syn):

@@ -50,7 +50,8 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok():
-    from mosc.nn.data import SubwordTokenizer, synthetic_pairs
+    from mosc.nn.synthetic import synthetic_pairs
+    from mosc.nn.tokenizer import SubwordTokenizer
 
     src, tgt = synthetic_pairs(1500)
     return SubwordTokenizer.train(src + tgt, vocab_size=400)
@@ -92,7 +93,7 @@ def export_dir(work, subnet_dir):
 
 @pytest.fixture(scope="module")
 def host_artifact(work, export_dir):
-    r = invoke("compile", "--target", "host", "--onnx-dir", export_dir, "--no-tune", "--db", work / "db", "-o", work / "art")
+    r = invoke("compile", "--target", "host", "--onnx-dir", export_dir, "--no-tune", "--tune-db", work / "db", "-o", work / "art")
     assert "skipped (--no-tune)" in r.output, r.output
     return work / "art"
 
@@ -189,7 +190,7 @@ def test_parity_failure_raises(export_dir, sub):
 
 # ----------------------------------------------------------------------------- TVM (host)
 def test_tvm_artifact_greedy_matches_torch(host_artifact, sub, tok):
-    from mosc.compiler.compile import load_artifact
+    from mosc.compiler.artifact import load_artifact
     from mosc.runtime import artifact_backend, translate_ids
 
     m = json.loads((host_artifact / "manifest.json").read_text())
@@ -238,7 +239,7 @@ _QEMU_TRANSLATE = """
 import json, sys
 import numpy as np
 sys.path.insert(0, sys.argv[1])
-from mosc.compiler.compile import load_artifact
+from mosc.compiler.artifact import load_artifact
 from mosc.runtime import artifact_backend, translate_ids
 art = load_artifact(sys.argv[2])
 m = art.manifest["model"]
@@ -253,7 +254,7 @@ open(sys.argv[4], "w").write(json.dumps(out))
 @pytest.mark.skipif(not (ARM64_ROOT / "opt/mosc-site/.mosc-wheels-done").exists() or not shutil.which("qemu-aarch64"),
                     reason=f"no arm64 root at {ARM64_ROOT} or no qemu-aarch64 (run scripts/setup_arm64_root.sh)")
 def test_rpi4_artifact_translates_under_qemu(export_dir, sub, tok, work, tmp_path):
-    from mosc.compiler.compile import compile_artifact
+    from mosc.compiler.build import compile_artifact
     from mosc.contract import load_export, onnx_files
 
     meta = load_export(export_dir)
@@ -280,12 +281,12 @@ def test_outputs_are_not_trivial(sub, tok):
 
 def test_compile_one_step_from_subnet(subnet_dir, sub, tok, work):
     """`mosc compile --subnet` exports (with shape flags) and compiles in one call."""
-    from mosc.compiler.compile import load_artifact
+    from mosc.compiler.artifact import load_artifact
     from mosc.runtime import artifact_backend, pad_source
 
     out = work / "art-one-step"
     r = invoke("compile", "-t", "host", "--subnet", subnet_dir, "--source-len", 12, "--cache-len", 8, "--no-tune",
-               "--db", work / "db1", "-o", out)
+               "--tune-db", work / "db1", "-o", out)
     assert "greedy: onnxruntime vs torch" in r.output and "compiled" in r.output
     m = json.loads((out / "manifest.json").read_text())
     assert m["model"]["shapes"] == {"batch": 1, "source_len": 12, "cache_len": 8}

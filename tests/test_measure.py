@@ -20,7 +20,7 @@ import pytest
 
 from rpc_helpers import REPO, free_port, host_test_env, rpc_device, start_server, start_tracker
 
-from mosc.device.measure import run_protocol, summarize
+from mosc.device.protocol import run_protocol, summarize
 
 N_SAMPLE = 2  # archs of `--sample 2 --seed 0` (built once for the module: ~12 s each on busy cores)
 CLI = "from mosc.cli import app; app()"  # `mosc ...` in a subprocess, with this interpreter
@@ -29,7 +29,8 @@ PROTOCOL = {"source_len": 8, "decoder_steps": 4, "batch": 1, "warmup": 1, "repea
 
 # ----------------------------------------------------------------------------- pure functions
 def test_module_does_not_import_torch_or_tvm():
-    code = "import sys, mosc.device.measure, mosc.device.db, mosc.device.server; print(sorted(m for m in ('torch', 'tvm') if m in sys.modules))"
+    code = ("import sys, mosc.device.protocol, mosc.device.backends, mosc.device.campaign, mosc.device.db, "
+            "mosc.device.server; print(sorted(m for m in ('torch', 'tvm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]"
 
@@ -61,6 +62,134 @@ def test_protocol_feeds_caches_back_in_order():
     assert [c[0] for c in first] == [0, 1, 2, 3]  # positions 0..N-1
     assert [c[1] for c in first] == [0, 1, 2, 3] and [c[2] for c in first] == [0, 10, 20, 30]  # outputs fed back
     assert len(calls) == 4 * 5 and calls[4][1] == 0  # every run starts from an empty cache
+
+
+# ----------------------------------------------------------------------------- retries
+class _MemoryDB:
+    path = ":memory:"
+
+    def __init__(self):
+        self.rows = []
+
+    def has(self, *key):
+        return False
+
+    def insert(self, row):
+        self.rows.append(row)
+        return len(self.rows)
+
+
+def _fake_campaign(monkeypatch, measure=None, log=None):
+    """A Campaign (backend torch, this machine) whose timing is a stub, and its in-memory DB."""
+    from mosc.compiler.targets import Protocol
+    from mosc.device import campaign
+    from mosc.device.protocol import Measurement
+
+    shapes = {"batch": 1, "source_len": 8, "decoder_steps": 4}
+
+    def timed(backend, prep, protocol, remote):
+        return Measurement.of_runs([1.0, 1.1, 1.2], [2.0, 2.1, 2.2], 1, 0.1, shapes, "stub"), None
+
+    monkeypatch.setattr(campaign, "measure_prepared", measure or timed)
+    target = SimpleNamespace(name="host", protocol=Protocol(**PROTOCOL))
+    db = _MemoryDB()
+    return campaign.Campaign(target, "torch", db, backoff_s=0, log=log or (lambda m: None)), db
+
+
+def _failing(*errors, then=None):
+    """A callable that raises errors[0], errors[1], ... on successive calls, then returns `then`."""
+    calls = []
+
+    def fn(*args):
+        calls.append(args)
+        if len(calls) <= len(errors):
+            raise errors[len(calls) - 1]
+        return then
+
+    return fn, calls
+
+
+def _arch():
+    from mosc.space import SearchSpace
+
+    return SearchSpace.load("tiny").smallest()
+
+
+def test_campaign_does_not_retry_a_bug(monkeypatch):
+    from mosc.device.backends import Prepared
+
+    camp, db = _fake_campaign(monkeypatch)
+    prepare, calls = _failing(KeyError("d_model"), then=Prepared())
+    with pytest.raises(KeyError, match="d_model"):
+        camp.run([_arch()], prepare)
+    assert len(calls) == 1 and db.rows == []
+    measure, calls = _failing(TypeError("bad argument"))
+    camp, db = _fake_campaign(monkeypatch, measure=measure)
+    with pytest.raises(TypeError):
+        camp.run([_arch()], lambda a: Prepared())
+    assert len(calls) == 1 and db.rows == []
+
+
+def test_campaign_does_not_retry_a_user_error(monkeypatch):
+    from mosc.device.backends import Prepared
+    from mosc.errors import MoscError
+
+    measure, calls = _failing(MoscError("artifact lacks graph(s) ['decoder']"))
+    camp, db = _fake_campaign(monkeypatch, measure=measure)
+    with pytest.raises(MoscError, match="lacks graph"):
+        camp.run([_arch()], lambda a: Prepared())
+    assert len(calls) == 1 and db.rows == []
+
+
+def test_campaign_retries_connection_failures(monkeypatch):
+    from mosc.device.backends import Prepared
+    from mosc.errors import MoscError
+
+    logged = []
+    camp, db = _fake_campaign(monkeypatch, log=logged.append)
+    prepare, calls = _failing(ConnectionError("tracker gone"), ConnectionError("tracker gone"), then=Prepared())
+    res = camp.run([_arch()], prepare)
+    assert len(calls) == 3 and len(res.measured) == 1 and len(db.rows) == 1
+    assert sum("try " in m and "tracker gone" in m for m in logged) == 2
+    measure, calls = _failing(*[TimeoutError("timed out")] * 3)  # every try fails: one line, nothing saved
+    camp, db = _fake_campaign(monkeypatch, measure=measure)
+    with pytest.raises(MoscError, match="after 3 tries: TimeoutError: timed out; 0 arch"):
+        camp.run([_arch()], lambda a: Prepared())
+    assert len(calls) == 3 and db.rows == []
+
+
+def test_device_failure_tells_transport_from_bugs():
+    import socket
+
+    import tvm.error
+    import tvm_ffi
+
+    from mosc.errors import MoscError
+    from mosc.rpc import device_failure
+
+    def from_tvm(kind, msg):  # an exception as TVM's FFI raises it
+        return tvm_ffi.core.Error(kind, msg, "").py_error()
+
+    dropped = from_tvm("InternalError", "Socket SockChannel::Send Error:Broken pipe")
+    assert device_failure(dropped, over_session=True) and not device_failure(dropped)
+    for e in (ConnectionError("refused"), socket.timeout(), TimeoutError(), OSError(104, "reset"),
+              tvm.error.RPCError("remote"), tvm.error.RPCSessionTimeoutError("expired")):
+        assert device_failure(e), e
+    for e in (KeyError("k"), TypeError(), ValueError(), AttributeError(), AssertionError(), MoscError("x"),
+              FileNotFoundError("x.so"), from_tvm("TypeError", "mismatched argument"), RuntimeError("ours")):
+        assert not device_failure(e, over_session=True), e
+
+
+def test_machine_info_is_the_one_description():
+    from mosc.device.server import own_info
+    from mosc.regress import environment
+    from mosc.rpc import device_info, machine_info
+
+    m = machine_info()
+    assert set(m) >= {"hostname", "machine", "system", "release", "python", "cpus", "emulated"}
+    assert device_info() == m
+    assert own_info().items() >= m.items() and own_info()["pid"] == os.getpid()
+    assert environment().items() >= m.items()
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -147,9 +276,9 @@ def test_measure_local_records_everything(env, archs, tmp_path):
 
 
 def test_measure_torch_backend(env, archs, tmp_path):
-    from mosc.jobs.artifacts import ArtifactCache, ModelSource
-    from mosc.device.measure import measure_torch
     from mosc.compiler.targets import Protocol
+    from mosc.device.backends import measure_torch
+    from mosc.jobs.artifacts import ArtifactCache, ModelSource
 
     sub = ArtifactCache.__new__(ArtifactCache)
     sub.source, sub._supernet = ModelSource(), None
@@ -159,8 +288,8 @@ def test_measure_torch_backend(env, archs, tmp_path):
 
 def test_rpc_matches_local_path(env, archs):
     """The same measure_tvm over RPC; the device says it is not emulated."""
-    from mosc.compiler.compile import load_artifact
-    from mosc.device.measure import measure_tvm
+    from mosc.compiler.artifact import load_artifact
+    from mosc.device.backends import measure_tvm
     from mosc.rpc import Remote, connect, device_info
     from mosc.compiler.targets import Protocol
 

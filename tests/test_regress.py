@@ -1,4 +1,4 @@
-"""Latency-regression checks (issue 7): `mosc bench` results, `mosc check` statistics and verdicts,
+"""Latency-regression checks: `mosc bench` results, `mosc check` statistics and verdicts,
 refusals, exit codes, JUnit XML, --update-baseline.
 
 One tiny artifact (space tiny, smallest arch, source 8 tokens, 4 decoder steps, --no-tune) is
@@ -59,7 +59,8 @@ def baseline(built):
 
 def scaled_timer(factor):
     """A test double of the timer only: the real measurement, every sample scaled by factor."""
-    from mosc.device.measure import Measurement, measure_tvm
+    from mosc.device.backends import measure_tvm
+    from mosc.device.protocol import Measurement
 
     def measure(art, protocol):
         m = measure_tvm(art, protocol)
@@ -93,7 +94,7 @@ def test_module_does_not_import_torch_or_tvm():
 
 
 def test_statistic_matches_summarize():
-    from mosc.device.measure import summarize
+    from mosc.device.protocol import summarize
     from mosc.regress import statistic
 
     x = np.random.default_rng(0).lognormal(1, 0.2, 97)
@@ -106,7 +107,8 @@ def test_environment_fields():
     from mosc.regress import environment
 
     e = environment()
-    for k in ("tvm_version", "tvm_ffi_version", "cpu_model", "governor", "hostname"):
+    for k in ("tvm_version", "tvm_ffi_version", "cpu_model", "governor", "hostname", "machine", "system",
+              "release", "python", "cpus", "tvm_num_threads"):
         assert k in e
     assert e["tvm_version"] and e["hostname"]
 

@@ -47,6 +47,16 @@ def test_tvm_targets():
     assert nv.device_type() == "cuda" and load_target("rpi4").device_type() == "cpu"
 
 
+def test_needs_rpc():
+    """One rule for "reached over RPC": a cross or GPU target, or any target given a tracker/key."""
+    host = load_target("host")
+    assert not host.needs_rpc and load_target("rpi4").needs_rpc and load_target("nvidia").needs_rpc
+    assert host.with_rpc() is host
+    remote = host.with_rpc("10.0.0.2:9191")
+    assert remote.needs_rpc and (remote.rpc.tracker_host, remote.rpc.tracker_port) == ("10.0.0.2", 9191)
+    assert host.with_rpc(key="box").needs_rpc
+
+
 def test_host_is_detected():
     from tvm.target import codegen
 
@@ -103,4 +113,4 @@ def test_targets_cli_lists_good_files_and_names_broken_ones(tmp_path, monkeypatc
     r = CliRunner().invoke(app, ["targets"])
     assert r.exit_code == 2
     assert "fine" in r.output and "BROKEN" in r.output
-    assert "typo.toml [rpc]: unknown key(s) port" in r.output  # "[rpc]" printed, not eaten as markup
+    assert "typo.toml [rpc]: unknown key 'port'" in r.output  # "[rpc]" printed, not eaten as markup

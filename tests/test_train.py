@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mosc.nn.data import SyntheticConfig, load_corpus
+from mosc.nn.corpus import load_corpus
+from mosc.nn.synthetic import SyntheticConfig
 from mosc.errors import MoscError
 from mosc.nn.evaluate import CachedDecoder, FullDecoder, beam_search, evaluate, logits_fn
 from mosc.fileio import load_tensors
@@ -60,7 +61,7 @@ def test_resume_is_bit_for_bit(tmp_path, data):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     # and a run that did not resume from the same point differs (the test can fail)
-    other = train(tmp_path / "other", data=data, cfg=cfg(seed=1), progress=False)
+    train(tmp_path / "other", data=data, cfg=cfg(seed=1), progress=False)
     c = weights(tmp_path / "other")
     assert not all(torch.equal(a[k], c[k]) for k in a)
 

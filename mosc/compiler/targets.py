@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 from mosc import env
 from mosc.errors import MoscError
 from mosc.rpc import parse_hostport
+from mosc.tables import from_table
 
 AUTO = "auto"  # value of "mcpu" / "num-cores" in an inline tvm_target: detect on this machine
 
@@ -64,11 +64,19 @@ class Target:
     protocol: Protocol = field(default_factory=Protocol)
     regression: Regression = field(default_factory=Regression)
     path: Path | None = None  # file it was read from
+    rpc_explicit: bool = False  # a tracker or key was given (with_rpc): even a CPU target is remote
 
     @property
     def is_cross(self) -> bool:
         """True when the code cannot run on the build machine (needs a device or emulator)."""
         return bool(self.cross_compiler)
+
+    @property
+    def needs_rpc(self) -> bool:
+        """True when the device is reached through the RPC tracker, for tuning and measuring alike:
+        a tracker or key was given, or the code cannot run here (cross), or it runs on a GPU.
+        Imports tvm (device_type)."""
+        return self.rpc_explicit or self.is_cross or self.device_type() != "cpu"
 
     def resolved_spec(self) -> str | dict:
         """The TVM target spec with "auto" values detected on this machine (imports tvm for mcpu)."""
@@ -102,11 +110,13 @@ class Target:
 
     def with_rpc(self, tracker: str | None = None, key: str | None = None) -> Target:
         """This target with its [rpc] tracker ("HOST:PORT") and/or key replaced (None: keep);
-        what `--tracker/--key` do, so tuning and measuring reach the same device."""
+        what `--tracker/--key` do, so tuning and measuring reach the same device. Either one
+        makes the target remote (needs_rpc), even a CPU one."""
         if not tracker and not key:
             return self
         host, port = parse_hostport(tracker) if tracker else (self.rpc.tracker_host, self.rpc.tracker_port)
-        return replace(self, rpc=Rpc(tracker_host=host, tracker_port=port, key=key or self.rpc.key))
+        rpc = Rpc(tracker_host=host, tracker_port=port, key=key or self.rpc.key)
+        return replace(self, rpc=rpc, rpc_explicit=True)
 
     def device_type(self) -> str:
         """TVM device name the artifact runs on: "cpu" or "cuda" (imports tvm for tags)."""
@@ -133,28 +143,14 @@ def _tvm_target(spec: str | dict, name: str, key: str):
                         "see tvm.target.list_tags()") from None
 
 
+def as_target(target: Target | str) -> Target:
+    """A Target, or the target file of that name."""
+    return target if isinstance(target, Target) else load_target(target)
+
+
 def list_targets() -> list[str]:
     """Names of the target files found, sorted."""
     return sorted(p.stem for p in targets_dir().glob("*.toml"))
-
-
-def _section(cls, raw: Any, where: str):
-    """Build a section dataclass from a TOML table, rejecting unknown keys and bad types."""
-    if not isinstance(raw, dict):
-        raise MoscError(f"{where}: expected a table")
-    known = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(raw) - set(known))
-    if unknown:
-        raise MoscError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(known)}")
-    values = {}
-    for name, value in raw.items():
-        default = getattr(cls(), name)
-        # ints are acceptable where floats are expected (p50_tol = 0 is fine)
-        ok = isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int))
-        if not ok or isinstance(value, bool) != isinstance(default, bool):
-            raise MoscError(f"{where}: {name} must be {type(default).__name__}, got {value!r}")
-        values[name] = type(default)(value)
-    return cls(**values)
 
 
 def load_target(name: str) -> Target:
@@ -189,7 +185,7 @@ def load_target(name: str) -> Target:
         if not isinstance(raw.get(key, ""), str):
             raise MoscError(f"{where}: {key} must be a string")
 
-    parsed = {k: _section(cls, raw.get(k, {}), f"{where} [{k}]") for k, cls in sections.items()}
+    parsed = {k: from_table(cls, raw.get(k, {}), f"{where} [{k}]") for k, cls in sections.items()}
     if not parsed["rpc"].key:
         parsed["rpc"] = Rpc(parsed["rpc"].tracker_host, parsed["rpc"].tracker_port, name)
     return Target(

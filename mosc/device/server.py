@@ -4,7 +4,7 @@
     run_server(tracker, key, host, port)     an RPC server registered with the tracker, in this
                                              process; a session that crashes restarts the loop
     emulate_command(...)                     the argv + env of an aarch64 server under qemu-user
-    device_info()                            what `mosc.device_info` answers over RPC
+    own_info()                               what `mosc.device_info` answers over RPC
 
 Both bind to 127.0.0.1 unless told otherwise (a TVM RPC server runs any code it is sent:
 expose it only on a trusted network). The tracker and the server run in the calling process
@@ -12,11 +12,14 @@ expose it only on a trusted network). The tracker and the server run in the call
 parent); each RPC session is a forked child of the server process. Kill the process group
 to take a device down completely.
 
-The server registers a global function `mosc.device_info` (JSON: machine, python, and
-`emulated` from $MOSC_EMULATED), so the measuring side learns from the device itself that
-its timings come from an emulator. This module imports only the standard library at module
-level: it also runs as `python3 -m mosc.device.server serve ...` inside the arm64 root under
-qemu, where only numpy and the TVM runtime are installed.
+The server registers a global function `mosc.device_info` (JSON: mosc.rpc.machine_info()
+with `emulated` from $MOSC_EMULATED, the pid and the TVM version), so the measuring side
+learns from the device itself that its timings come from an emulator.
+
+Knows nothing of artifacts, targets, measuring or the database. Imports only the standard
+library and mosc.env/mosc.rpc (standard library too) at module level, TVM inside functions:
+it also runs as `python3 -m mosc.device.server serve ...` inside the arm64 root under qemu,
+where only numpy and the TVM runtime are installed (no torch, no typer).
 """
 
 from __future__ import annotations
@@ -25,17 +28,15 @@ import argparse
 import json
 import logging
 import os
-import platform
 import shutil
 import signal
-import socket
 import sys
 import threading
 import time
 from pathlib import Path
 
 from mosc import env
-from mosc.rpc import DEVICE_INFO_FUNC
+from mosc.rpc import DEVICE_INFO_FUNC, machine_info
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_TRACKER_PORT = 9190
@@ -44,18 +45,15 @@ PORT_RANGE = 100
 EMULATORS = {"rpi4": "aarch64"}  # target -> qemu-user architecture
 
 
-def device_info() -> dict:
-    """This machine, seen from inside (under qemu: the emulated machine)."""
-    info = {"hostname": socket.gethostname(), "machine": platform.machine(), "system": platform.system(),
-            "python": platform.python_version(), "cpus": os.cpu_count(),
-            "emulated": env.emulated(), "pid": os.getpid()}
-    if info["emulated"]:
-        info["emulator"] = env.emulator()
+def own_info() -> dict:
+    """This device, seen from inside (under qemu: the emulated machine): what `mosc.device_info`
+    answers. mosc.rpc.machine_info() plus this server's pid and TVM version."""
+    info = {**machine_info(), "pid": os.getpid()}
     try:
         import tvm
 
         info["tvm"] = tvm.__version__
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001  (a device without TVM's Python package still describes itself)
         pass
     return info
 
@@ -96,7 +94,7 @@ def run_server(tracker_host: str, tracker_port: int, key: str, host: str = DEFAU
     from tvm.rpc import server as rpc_server
 
     logging.getLogger("RPCServer").setLevel(logging.WARNING)
-    tvm_ffi.register_global_func(DEVICE_INFO_FUNC, lambda: json.dumps(device_info()), override=True)
+    tvm_ffi.register_global_func(DEVICE_INFO_FUNC, lambda: json.dumps(own_info()), override=True)
     _exit_on_signals(f"RPC server {key!r}")
     threading.excepthook = lambda a: print(f"RPC server {key!r}: session ended abnormally: "
                                            f"{a.exc_type.__name__}: {a.exc_value}", file=sys.stderr, flush=True)
@@ -109,7 +107,7 @@ def run_server(tracker_host: str, tracker_port: int, key: str, host: str = DEFAU
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: cannot start an RPC server on {host}:{port} ({e})")
         if first:
-            info = device_info()
+            info = own_info()
             print(f"RPC server {key!r} on {host}:{state.port} ({info['machine']}"
                   f"{', emulated' if info['emulated'] else ''}), registered with tracker {tracker_host}:{tracker_port}",
                   flush=True)

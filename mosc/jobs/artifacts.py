@@ -1,9 +1,9 @@
-"""Arch -> measurable model files, built once and cached by arch hash (torch world).
+"""Job: arch -> measurable model files, built once and cached by arch hash.
 
 `mosc measure` needs, per arch: a TVM artifact (backend tvm), an ONNX export (backend ort)
 or a collapsed Subnet (backend torch). `ArtifactCache.prepare(arch, backend)` makes them
 from a supernet (a checkpoint, or a seeded randomly initialised supernet of a space: latency
-does not depend on weight values) with mosc.nn.export + mosc.compile.compile_artifact, and
+does not depend on weight values) with the export and compile jobs, and
 keeps them in
 
     <root>/<target>/<arch hash>-b<B>s<S>t<T>-<weights>-<tuned|notune>/{onnx,art}/
@@ -26,7 +26,7 @@ from typing import Callable
 
 from mosc import env
 from mosc.errors import MoscError
-from mosc.device.measure import Prepared
+from mosc.device.backends import Prepared
 from mosc.space import Arch, SearchSpace
 from mosc.compiler.targets import Target
 
@@ -97,16 +97,10 @@ class ArtifactCache:
 
     def supernet(self):
         if self._supernet is None:
-            import torch
+            from mosc.jobs.model import supernet_for
 
-            from mosc.nn.model import Supernet, SupernetConfig, load_supernet
-
-            if self.source.checkpoint is not None:
-                self._supernet, _ = load_supernet(self.source.checkpoint)
-            else:
-                torch.manual_seed(self.source.seed)
-                space = SearchSpace.load(self.source.space)
-                self._supernet = Supernet(SupernetConfig(space=space.to_dict(), ffn_mode=self.source.mode)).eval()
+            s = self.source
+            self._supernet = supernet_for(s.checkpoint, s.space, s.mode, s.seed)[0]
         return self._supernet
 
     def subnet(self, arch: Arch):
@@ -135,7 +129,7 @@ class ArtifactCache:
         from mosc.nn.export import Shapes, export_subnet
 
         self.log(f"  exporting arch {arch.hash} to ONNX ({d})")
-        export_subnet(self.subnet(arch), d, Shapes.from_target(self.target), check=False,
+        export_subnet(self.subnet(arch), d, Shapes.from_protocol(self.target.protocol), check=False,
                       extra={"source": self.source.describe()})
         return d
 
@@ -145,31 +139,25 @@ class ArtifactCache:
             return self._artifact(arch)
 
     def _artifact(self, arch: Arch) -> tuple[Path, bool]:
-        from mosc.compiler import compile as C
+        from mosc.compiler.artifact import verify_artifact
+        from mosc.jobs.build import compile_export
 
         d = self.folder(arch) / "art"
         try:
-            if C.verify_artifact(d).get("model", {}).get("arch_hash") == arch.hash:
+            if verify_artifact(d).get("model", {}).get("arch_hash") == arch.hash:
                 return d, True
         except MoscError:
             pass
         onnx = self.export_dir(arch)
-        from mosc.contract import load_export, onnx_files
-
-        meta = load_export(onnx)
-        what = f"tuning up to {self.trials or C.DEFAULT_TRIALS} trials" if self.tune else "no tuning: --no-tune"
-        self.log(f"  compiling arch {arch.hash} for {self.target.name} ({what})")
-        model = {k: meta.get(k) for k in ("arch", "arch_hash", "shapes", "bos_id", "eos_id", "pad_id", "param_count")}
-        model["source"] = self.source.describe()
-        C.compile_artifact(onnx_files(onnx, meta), self.target, d, trials=self.trials or C.DEFAULT_TRIALS,
-                           tune=self.tune, db_dir=self.tune_db, extra_manifest={"model": model}, progress=False)
+        compile_export(onnx, self.target, d, trials=self.trials, tune=self.tune, tune_db=self.tune_db,
+                       source=self.source.describe(), progress=False, log=lambda m: self.log("  " + m))
         return d, False
 
     def prepare(self, arch: Arch, backend: str) -> Prepared:
         notes = {"weights": self.source.describe()}
         if backend == "tvm":
             art, reused = self.artifact(arch)
-            from mosc.compiler.compile import read_manifest
+            from mosc.compiler.artifact import read_manifest
 
             m = read_manifest(art)
             notes.update({"artifact": str(art), "artifact_reused": reused, "tuned": m["tuning"]["tuned"],

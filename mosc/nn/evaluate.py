@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from mosc.nn.data import BOS_ID, EOS_ID, PAD_ID, ParallelData, Split, eval_batches
+from mosc.contract import BOS_ID, EOS_ID, PAD_ID
+from mosc.nn.batching import eval_batches
+from mosc.nn.corpus import ParallelData, Split
 from mosc.nn.model import Supernet
 from mosc.space import Arch
 from mosc.nn.subnet import Subnet

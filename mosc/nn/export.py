@@ -4,7 +4,7 @@
     check_parity(sub, out_dir)            max |torch - onnxruntime| per graph, greedy tokens
     load_export(out_dir)                  export.json with every file's sha256 verified (mosc.contract)
 
-The graphs are `Subnet.encode` and `Subnet.decode_step` (see mosc/subnet.py) with static
+The graphs are `Subnet.encode` and `Subnet.decode_step` (see mosc/nn/subnet.py) with static
 shapes: batch B, source length S, KV-cache length T (defaults: a target's [protocol],
 source_len 30, decoder_steps 30, batch 1). `pos` is an int64 tensor of shape [1], and
 the decoder writes its new key/value with a one-hot blend (no scatter), so the graph is
@@ -54,12 +54,9 @@ class Shapes:
                 raise MoscError(f"export shape {k} must be a positive integer, got {v!r}")
 
     @classmethod
-    def from_target(cls, target, batch: int | None = None, source_len: int | None = None,
-                    cache_len: int | None = None) -> Shapes:
-        """A target's [protocol] shapes (a Target or a target name), each overridable."""
-        from mosc.compiler.targets import Target, load_target
-
-        p = (target if isinstance(target, Target) else load_target(target)).protocol
+    def from_protocol(cls, p, batch: int | None = None, source_len: int | None = None,
+                      cache_len: int | None = None) -> Shapes:
+        """A target's [protocol] shapes (batch, source_len, decoder_steps), each overridable."""
         return cls(batch or p.batch, source_len or p.source_len, cache_len or p.decoder_steps)
 
 
@@ -119,6 +116,29 @@ def _onnx_export(module, args, path: Path, input_names, output_names) -> None:
         onnx_logger.setLevel(level)
 
 
+def _export_graphs(sub: Subnet, out_dir: Path, shapes: Shapes, seed: int) -> tuple[dict, dict]:
+    """Write encoder.onnx and decoder_step.onnx traced on example inputs: ({graph: io spec}, {file: sha256})."""
+    src, step_args = example_inputs(sub, shapes, seed)
+    with torch.no_grad():
+        enc_out = sub.encode(src)
+        dec_out = sub.decode_step(*step_args)
+    graphs = {
+        ENCODER: (_Encoder(sub), (src,), ENC_INPUTS, ENC_OUTPUTS, enc_out),
+        DECODER: (_DecoderStep(sub), step_args, DEC_INPUTS, DEC_OUTPUTS, dec_out),
+    }
+    meta_graphs, files = {}, {}
+    for name, (module, args, ins, outs, ref) in graphs.items():
+        path = out_dir / f"{name}.onnx"
+        _onnx_export(module, args, path, ins, outs)
+        files[path.name] = sha256_file(path)
+        meta_graphs[name] = {
+            "file": path.name,
+            "inputs": [_tensor_spec(n, t) for n, t in zip(ins, args)],
+            "outputs": [_tensor_spec(n, t) for n, t in zip(outs, ref)],
+        }
+    return meta_graphs, files
+
+
 def export_subnet(
     sub: Subnet,
     out_dir: str | Path,
@@ -142,24 +162,7 @@ def export_subnet(
     if shapes.cache_len > sub.cfg.max_positions or shapes.source_len > sub.cfg.max_positions:
         raise MoscError(f"shapes {shapes} exceed the model's {sub.cfg.max_positions} positions")
     t0 = time.perf_counter()
-    src, step_args = example_inputs(sub, shapes, seed)
-    with torch.no_grad():
-        enc_out = sub.encode(src)
-        dec_out = sub.decode_step(*step_args)
-    graphs = {
-        ENCODER: (_Encoder(sub), (src,), ENC_INPUTS, ENC_OUTPUTS, enc_out),
-        DECODER: (_DecoderStep(sub), step_args, DEC_INPUTS, DEC_OUTPUTS, dec_out),
-    }
-    meta_graphs, files = {}, {}
-    for name, (module, args, ins, outs, ref) in graphs.items():
-        path = out_dir / f"{name}.onnx"
-        _onnx_export(module, args, path, ins, outs)
-        files[path.name] = sha256_file(path)
-        meta_graphs[name] = {
-            "file": path.name,
-            "inputs": [_tensor_spec(n, t) for n, t in zip(ins, args)],
-            "outputs": [_tensor_spec(n, t) for n, t in zip(outs, ref)],
-        }
+    meta_graphs, files = _export_graphs(sub, out_dir, shapes, seed)
     cfg = sub.cfg
     meta = {
         "format": EXPORT_FORMAT,

@@ -21,7 +21,6 @@ This module knows nothing of data, tokenizers, training, files or devices.
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import asdict, dataclass
 
@@ -30,14 +29,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mosc.errors import MoscError
+from mosc.nn.modes import FFNMode  # noqa: F401  (part of the model's interface)
 from mosc.fileio import load_model_dir, save_model_dir
 from mosc.space import Arch, SearchSpace
-
-
-class FFNMode(str, enum.Enum):
-    shared = "shared"  # plain HAT weight sharing: one matrix, sliced
-    layer = "layer"  # layer-wise MoS: one router per layer mixes m experts with alpha in R^m
-    neuron = "neuron"  # neuron-wise MoS: one router per matrix, alpha per output neuron
 
 
 @dataclass

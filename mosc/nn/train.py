@@ -39,7 +39,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from mosc.nn.data import PAD_ID, BatchIterator, ParallelData, SubwordTokenizer, load_corpus
+from mosc.contract import PAD_ID
+from mosc.nn.batching import BatchIterator
+from mosc.nn.corpus import ParallelData, load_corpus
+from mosc.nn.tokenizer import SubwordTokenizer
 from mosc.errors import MoscError
 from mosc.fileio import atomic_write_text, latest_checkpoint, load_tensors, save_tensors
 from mosc.nn.model import FFNMode, Supernet, SupernetConfig, load_supernet, save_supernet
@@ -219,6 +222,213 @@ class TrainResult:
     start_step: int = 0  # where this call began (> 0 when it resumed)
 
 
+@dataclass
+class _Start:
+    """Where a run starts: a fresh model, or everything restored from a checkpoint."""
+
+    model: Supernet
+    cfg: TrainConfig
+    data: ParallelData
+    tokenizer: SubwordTokenizer  # the checkpoint's when resuming (not necessarily data's)
+    corpus: str
+    corpus_args: dict
+    fixed: Arch | None  # the one arch of a standalone run
+    step: int = 0
+    ckpt: Path | None = None  # the checkpoint resumed from
+    saved: dict | None = None  # its config.json["train"]
+
+
+def _init_distributed() -> tuple[int, int]:
+    """(rank, world_size); joins the gloo process group when started by torchrun."""
+    rank, world = dist_info()
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+    return rank, world
+
+
+def _checkpoint_to_resume(run: Path, resume: bool) -> Path | None:
+    """The run folder's latest checkpoint when resuming; refuses to overwrite a run or resume nothing."""
+    ckpt = latest_checkpoint(run) if run.exists() else None
+    if ckpt is not None and not resume:
+        raise MoscError(f"{run} already holds a run (at {ckpt.name}); pass --resume to continue it or choose another --out")
+    if resume and ckpt is None:
+        raise MoscError(f"nothing to resume in {run} (no 'latest' checkpoint)")
+    return ckpt
+
+
+def _resumed_start(ckpt: Path, cfg: TrainConfig, data: ParallelData | None) -> _Start:
+    """Everything comes from the checkpoint (model, config, tokenizer, corpus) except cfg.steps."""
+    model, meta = load_supernet(ckpt)
+    tr = meta["train"]
+    saved_cfg = TrainConfig(**tr["config"])
+    cfg = TrainConfig(**{**asdict(saved_cfg), "steps": cfg.steps})  # only the horizon may change
+    tokenizer = SubwordTokenizer.from_json(meta["tokenizer"])
+    fixed = Arch.from_dict(tr["fixed_arch"]) if tr["fixed_arch"] else None
+    corpus_args = {k: v for k, v in meta.get("corpus_args", {}).items() if k != "vocab_size"}
+    if data is None:
+        data = load_run_corpus(meta, tokenizer)
+    return _Start(model, cfg, data, tokenizer, meta["corpus"], corpus_args, fixed, tr["step"], ckpt, tr)
+
+
+def _fresh_start(space: str, mode: str, arch: Arch | None, corpus: str, corpus_args: dict | None,
+                 data: ParallelData | None, cfg: TrainConfig, model_overrides: dict | None) -> _Start:
+    """A new supernet initialized from cfg.seed, and the corpus (loaded unless given)."""
+    s = SearchSpace.load(space)
+    if mode not in FFNMode.__members__:
+        raise MoscError(f"mode must be one of {', '.join(FFNMode.__members__)}, got {mode!r}")
+    fixed = s.validate(arch) if arch is not None else None
+    corpus_args = dict(corpus_args or {})
+    if data is None:
+        data = load_corpus(corpus, **corpus_args)
+    torch.manual_seed(cfg.seed)
+    model = Supernet(SupernetConfig(space=s.to_dict(), vocab_size=data.tokenizer.vocab_size, ffn_mode=mode,
+                                    max_positions=max(256, cfg.max_len + 2), **(model_overrides or {})))
+    return _Start(model, cfg, data, data.tokenizer, corpus, corpus_args, fixed)
+
+
+def _restore_training_state(s: _Start, opt: torch.optim.Optimizer, names: dict[int, str],
+                            batches: BatchIterator, arch_rng: random.Random) -> None:
+    """Adam moments, the torch RNG (dropout), batch position and arch RNG from s.ckpt."""
+    tensors = load_tensors(s.ckpt / "optim.safetensors", s.saved.get("optim_sha256"))
+    torch.set_rng_state(tensors.pop("__torch_rng__"))
+    _load_optim(opt, names, tensors)
+    batches.load_state_dict(s.saved["batches"])
+    st = s.saved["arch_rng"]
+    arch_rng.setstate((st[0], tuple(st[1]), st[2]))
+
+
+def _progress_bar(show: bool):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]train[/] {task.fields[what]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), disable=not show, transient=False)
+
+
+class _Run:
+    """One training run in progress: the state that updates, log lines and checkpoints share."""
+
+    def __init__(self, run: Path, s: _Start, rank: int, world: int):
+        cfg = self.cfg = s.cfg
+        self.run, self.rank, self.world, self.model, self.fixed = run, rank, world, s.model, s.fixed
+        self.names = {i: n for i, (n, _) in enumerate(s.model.named_parameters())}
+        self.opt = torch.optim.Adam(s.model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2))
+        self.batches = BatchIterator(s.data.train, cfg.max_tokens, max_len=cfg.max_len, seed=cfg.seed, rank=rank, world_size=world)
+        self.arch_rng = random.Random(cfg.seed)
+        if s.saved is not None:
+            _restore_training_state(s, self.opt, self.names, self.batches, self.arch_rng)
+            if rank > 0:
+                torch.manual_seed(cfg.seed * 1000 + rank * 7919 + s.step)
+        elif rank > 0:
+            torch.manual_seed(cfg.seed + rank)  # different dropout masks per rank
+        self.data_meta = {"tokenizer": s.tokenizer.to_json(), "corpus": s.corpus, "corpus_args": s.corpus_args,
+                          "corpus_info": s.data.info}
+        if rank == 0:
+            run.mkdir(parents=True, exist_ok=True)
+        if cfg.steps <= s.step:
+            raise MoscError(f"run is already at step {s.step}; ask for more --steps than that")
+        self.start = self.step = self.ckpt_step = s.step
+        self.last, self.tok_count, self.t_start = 0.0, 0, 0.0
+        self.window_loss, self.window_n = 0.0, 0
+        self.history: list[dict] = []
+
+    def loop(self, progress: bool) -> None:
+        """Updates until cfg.steps. Ctrl-C: save what was done, say how to resume, re-raise."""
+        self.model.train()
+        stream = self.batches.batches()
+        self.t_start = time.perf_counter()
+        prog = _progress_bar(progress and self.rank == 0)
+        what = "standalone " + self.fixed.hash if self.fixed else f"{self.model.cfg.ffn_mode.value} supernet"
+        try:
+            with _FinishUpdateOnCtrlC(self.world == 1) as ctrl_c, prog:
+                task = prog.add_task("train", total=self.cfg.steps, completed=self.start, what=what, loss="-", tps="-")
+                while self.step < self.cfg.steps and not ctrl_c.requested:
+                    self.update(next(stream))
+                    self.after_update(prog, task)
+            if ctrl_c.requested:
+                raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            self.save_interrupted()
+            raise
+
+    def update(self, batch) -> None:
+        """One optimizer update: the sandwich archs' gradients on one batch (averaged over ranks)."""
+        cfg, opt = self.cfg, self.opt
+        archs = archs_for_update(self.model.space, self.arch_rng, cfg.sandwich_random, self.fixed)
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr_at(self.step)
+        opt.zero_grad(set_to_none=True)
+        self.last = update_loss(self.model, batch, archs, cfg)
+        if self.world > 1:
+            all_reduce_grads(self.model, self.world)
+        if cfg.clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm)
+        opt.step()
+        self.step += 1
+        self.tok_count += batch.n_tokens * self.world
+        self.window_loss, self.window_n = self.window_loss + self.last, self.window_n + 1
+
+    def after_update(self, prog, task) -> None:
+        """Log line every cfg.log_every updates, checkpoint every cfg.save_every (and both at the end)."""
+        step, cfg = self.step, self.cfg
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            rec = self.log_line()
+            prog.update(task, loss=f"{rec['loss']:.3f}", tps=f"{rec['tokens_per_s']:,.0f}")
+        prog.update(task, completed=step)
+        if self.rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps):
+            self.save()
+
+    def log_line(self) -> dict:
+        """The mean loss since the last line, into history and (rank 0) log.jsonl."""
+        tps = self.tok_count / (time.perf_counter() - self.t_start)
+        rec = {"step": self.step, "loss": self.window_loss / self.window_n, "lr": self.cfg.lr_at(self.step - 1),
+               "tokens_per_s": tps}
+        self.history.append(rec)
+        self.window_loss, self.window_n = 0.0, 0
+        if self.rank == 0:
+            with open(self.run / "log.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        return rec
+
+    def save(self) -> None:
+        save_checkpoint(self.run, self.step, self.model, self.opt, self.names, self.data_meta, self.cfg,
+                        self.arch_rng, self.batches, self.fixed)
+        self.ckpt_step = self.step
+
+    def save_interrupted(self) -> None:
+        """Keep what was done (resume continues from here) and say how to resume; rank 0 only."""
+        if self.rank != 0:
+            return
+        if self.step > self.ckpt_step:
+            self.save()
+        run, saved = self.run, latest_checkpoint(self.run) if self.run.exists() else None
+        print(f"interrupted at step {self.step}: " + (f"checkpoint {saved}; `mosc train -o {run} --steps {self.cfg.steps} "
+              "--resume` continues it" if saved else "nothing saved yet"), file=sys.stderr)
+
+    def result(self) -> TrainResult:
+        seconds = time.perf_counter() - self.t_start
+        if self.world > 1:
+            _check_ranks_agree(self.model)
+        return TrainResult(self.run, latest_checkpoint(self.run) if self.rank == 0 else self.run, self.step, self.last,
+                           self.tok_count / max(seconds, 1e-9), seconds, self.history, self.start)
+
+
+def _check_ranks_agree(model: Supernet) -> None:
+    """Every rank applied the same averaged gradients: weights must agree bit for bit."""
+    import torch.distributed as dist
+
+    check = torch.stack([p.detach().double().sum() for p in model.parameters()])
+    low, high = check.clone(), check.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        raise MoscError("data-parallel ranks diverged: their weights differ after training")
+    dist.barrier()
+
+
 def train(
     run: str | Path,
     corpus: str = "synthetic",
@@ -233,130 +443,13 @@ def train(
     progress: bool = True,
 ) -> TrainResult:
     """Train a supernet (or, with arch=, one fixed arch) into the run folder."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     run = Path(run)
-    rank, world = dist_info()
-    if world > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")
-    ckpt = latest_checkpoint(run) if run.exists() else None
-    if ckpt is not None and not resume:
-        raise MoscError(f"{run} already holds a run (at {ckpt.name}); pass --resume to continue it or choose another --out")
-    if resume and ckpt is None:
-        raise MoscError(f"nothing to resume in {run} (no 'latest' checkpoint)")
-
-    if ckpt is not None:  # resume: everything comes from the checkpoint
-        model, meta = load_supernet(ckpt)
-        tr = meta["train"]
-        saved_cfg = TrainConfig(**tr["config"])
-        cfg = TrainConfig(**{**asdict(saved_cfg), "steps": cfg.steps})  # only the horizon may change
-        tokenizer = SubwordTokenizer.from_json(meta["tokenizer"])
-        corpus = meta["corpus"]
-        fixed = Arch.from_dict(tr["fixed_arch"]) if tr["fixed_arch"] else None
-        corpus_args = {k: v for k, v in meta.get("corpus_args", {}).items() if k != "vocab_size"}
-        if data is None:
-            data = load_run_corpus(meta, tokenizer)
-        start = tr["step"]
+    rank, world = _init_distributed()
+    ckpt = _checkpoint_to_resume(run, resume)
+    if ckpt is not None:
+        start = _resumed_start(ckpt, cfg, data)
     else:
-        s = SearchSpace.load(space)
-        if mode not in FFNMode.__members__:
-            raise MoscError(f"mode must be one of {', '.join(FFNMode.__members__)}, got {mode!r}")
-        fixed = s.validate(arch) if arch is not None else None
-        corpus_args = dict(corpus_args or {})
-        if data is None:
-            data = load_corpus(corpus, **corpus_args)
-        tokenizer = data.tokenizer
-        torch.manual_seed(cfg.seed)
-        model = Supernet(SupernetConfig(space=s.to_dict(), vocab_size=tokenizer.vocab_size, ffn_mode=mode,
-                                        max_positions=max(256, cfg.max_len + 2), **(model_overrides or {})))
-        start, tr = 0, None
-    names = {i: n for i, (n, _) in enumerate(model.named_parameters())}
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2))
-    batches = BatchIterator(data.train, cfg.max_tokens, max_len=cfg.max_len, seed=cfg.seed, rank=rank, world_size=world)
-    arch_rng = random.Random(cfg.seed)
-    if tr is not None:
-        tensors = load_tensors(ckpt / "optim.safetensors", tr.get("optim_sha256"))
-        torch.set_rng_state(tensors.pop("__torch_rng__"))
-        _load_optim(opt, names, tensors)
-        batches.load_state_dict(tr["batches"])
-        st = tr["arch_rng"]
-        arch_rng.setstate((st[0], tuple(st[1]), st[2]))
-        if rank > 0:
-            torch.manual_seed(cfg.seed * 1000 + rank * 7919 + start)
-    elif rank > 0:
-        torch.manual_seed(cfg.seed + rank)  # different dropout masks per rank
-    data_meta = {"tokenizer": tokenizer.to_json(), "corpus": corpus, "corpus_args": corpus_args, "corpus_info": data.info}
-    if rank == 0:
-        run.mkdir(parents=True, exist_ok=True)
-    if cfg.steps <= start:
-        raise MoscError(f"run is already at step {start}; ask for more --steps than that")
-
-    model.train()
-    stream = batches.batches()
-    history: list[dict] = []
-    t_start, tok_count, last = time.perf_counter(), 0, 0.0
-    window_loss, window_n = 0.0, 0
-    step = start
-    show = progress and rank == 0
-    prog = Progress(TextColumn("[bold]train[/] {task.fields[what]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
-                    TimeElapsedColumn(), TimeRemainingColumn(), disable=not show, transient=False)
-    what = "standalone " + fixed.hash if fixed else f"{model.cfg.ffn_mode.value} supernet"
-    ckpt_step = start
-    try:
-        with _FinishUpdateOnCtrlC(world == 1) as ctrl_c, prog:
-            task = prog.add_task("train", total=cfg.steps, completed=start, what=what, loss="-", tps="-")
-            while step < cfg.steps and not ctrl_c.requested:
-                batch = next(stream)
-                archs = archs_for_update(model.space, arch_rng, cfg.sandwich_random, fixed)
-                for g in opt.param_groups:
-                    g["lr"] = cfg.lr_at(step)
-                opt.zero_grad(set_to_none=True)
-                last = update_loss(model, batch, archs, cfg)
-                if world > 1:
-                    all_reduce_grads(model, world)
-                if cfg.clip_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_norm)
-                opt.step()
-                step += 1
-                tok_count += batch.n_tokens * world
-                window_loss, window_n = window_loss + last, window_n + 1
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    tps = tok_count / (time.perf_counter() - t_start)
-                    rec = {"step": step, "loss": window_loss / window_n, "lr": cfg.lr_at(step - 1), "tokens_per_s": tps}
-                    history.append(rec)
-                    window_loss, window_n = 0.0, 0
-                    if rank == 0:
-                        with open(run / "log.jsonl", "a") as f:
-                            f.write(json.dumps(rec) + "\n")
-                    prog.update(task, loss=f"{rec['loss']:.3f}", tps=f"{tps:,.0f}")
-                prog.update(task, completed=step)
-                if rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps):
-                    save_checkpoint(run, step, model, opt, names, data_meta, cfg, arch_rng, batches, fixed)
-                    ckpt_step = step
-        if ctrl_c.requested:
-            raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        if rank == 0 and step > ckpt_step:  # keep what was done: resume continues from here
-            save_checkpoint(run, step, model, opt, names, data_meta, cfg, arch_rng, batches, fixed)
-        if rank == 0:
-            saved = latest_checkpoint(run) if run.exists() else None
-            print(f"interrupted at step {step}: " + (f"checkpoint {saved}; `mosc train -o {run} --steps {cfg.steps} "
-                  "--resume` continues it" if saved else "nothing saved yet"), file=sys.stderr)
-        raise
-    seconds = time.perf_counter() - t_start
-    if world > 1:  # every rank applied the same averaged gradients: weights must agree bit for bit
-        import torch.distributed as dist
-
-        check = torch.stack([p.detach().double().sum() for p in model.parameters()])
-        low, high = check.clone(), check.clone()
-        dist.all_reduce(low, op=dist.ReduceOp.MIN)
-        dist.all_reduce(high, op=dist.ReduceOp.MAX)
-        if not torch.equal(low, high):
-            raise MoscError("data-parallel ranks diverged: their weights differ after training")
-        dist.barrier()
-    return TrainResult(run, latest_checkpoint(run) if rank == 0 else run, step, last,
-                       tok_count / max(seconds, 1e-9), seconds, history, start)
+        start = _fresh_start(space, mode, arch, corpus, corpus_args, data, cfg, model_overrides)
+    r = _Run(run, start, rank, world)
+    r.loop(progress)
+    return r.result()

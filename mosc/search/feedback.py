@@ -5,9 +5,9 @@ constraint on the real target (rows go to the latency DB), refits the predictor 
 DB's rows and searches again. The final pick is measured too, so the report gives its
 predicted against its measured latency.
 
-Pure orchestration: searching, measuring and refitting are callables (the CLI wires in
-mosc.search.evolve, mosc.device.measure's Campaign and mosc.search.predictor), so this module imports neither
-torch nor tvm and tests drive it with a synthetic device.
+Pure orchestration: searching, measuring and refitting are callables (mosc.jobs.search
+wires in mosc.search.evolve, the measure job and mosc.search.predictor), so this module
+imports neither torch nor tvm and tests drive it with a synthetic device.
 """
 
 from __future__ import annotations

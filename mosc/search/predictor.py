@@ -27,6 +27,7 @@ models xgboost's own JSON model file next to it (`<name>.xgb.json`, sha256 check
 from __future__ import annotations
 
 import csv
+import enum
 import math
 import random
 from dataclasses import dataclass, field
@@ -40,8 +41,27 @@ from mosc.space import HAT_FEATURE_NAMES, Arch, SearchSpace
 
 FORMAT = "mosc-latency-predictor"
 VERSION = 1
-FEATURE_SETS = ("hat", "cost", "layers")
-MODELS = ("mlp", "lsq", "gbt", "hybrid")
+
+
+class Model(enum.StrEnum):
+    """The predictor families."""
+
+    lsq = "lsq"  # robust non-negative fit of per-component costs (best on HAT's data)
+    mlp = "mlp"  # HAT's 10 -> 3x400 -> 1
+    gbt = "gbt"  # xgboost on the features
+    hybrid = "hybrid"  # lsq + gbt on its residual (best on untuned TVM timings)
+
+
+class FeatureSet(enum.StrEnum):
+    """What a predictor sees of an arch."""
+
+    hat = "hat"  # HAT's 10 summary features
+    cost = "cost"  # per-component MACs and bytes
+    layers = "layers"  # cost features + per-layer encoding (rows need the full arch)
+
+
+FEATURE_SETS = tuple(FeatureSet)
+MODELS = tuple(Model)
 HAT_VOCAB = 32768  # output-projection vocabulary assumed by the cost features (a constant factor)
 
 # the per-component cost names (in order) appended by the "cost" feature set

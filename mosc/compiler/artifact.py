@@ -1,0 +1,209 @@
+"""The artifact folder: what the compiler writes and a device loads and runs.
+
+    <graph>.so      one shared library per graph (its own Relax `main`, its own weights)
+    manifest.json   written last, atomically: format, target, TVM versions, tuning, each
+                    graph's signature and file, each file's sha256
+
+    write_manifest  the compiler's last step: a folder without a manifest is not an artifact
+    verify_artifact check every sha256 against the manifest; loads no code
+    load_artifact   verify, then load each .so into a Relax VM (here, or over an RPC session)
+    Artifact        the loaded VMs, run with numpy in, numpy out
+
+This module does not know how an artifact is compiled or tuned, nor how it is timed (the
+device world times artifacts through the same VM calls `Artifact.run` uses). It imports
+tvm only inside functions and needs only the TVM runtime, so a device can use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from mosc.errors import MoscError
+from mosc.fileio import atomic_write_json, sha256_file, verify_files
+
+MANIFEST = "manifest.json"
+ARTIFACT_FORMAT = "mosc-artifact/1"
+
+
+# ----------------------------------------------------------------------------- manifest
+def write_manifest(art_dir: Path | str, graphs: dict[str, dict], *, target: str, tvm_target: str, device: str,
+                   cuda_kernels, tuning: dict, compile_seconds: float, extra: dict | None = None) -> dict:
+    """Write the manifest of the graph libraries already in `art_dir`; returns it.
+
+    graphs: graph name -> {"file": "<graph>.so", "inputs": [...], "outputs": [...]}. The
+    files' sha256s and the TVM versions are added here; `extra` sections (e.g. "model")
+    may not override any of these.
+    """
+    import tvm
+    import tvm_ffi
+
+    art_dir = Path(art_dir)
+    manifest = {
+        "format": ARTIFACT_FORMAT,
+        "target": target,
+        "tvm_target": tvm_target,
+        "device": device,
+        "cuda_kernels": cuda_kernels,
+        "tvm_version": tvm.__version__,
+        "tvm_ffi_version": tvm_ffi.__version__,
+        "tuning": tuning,
+        "graphs": graphs,
+        "files": {g["file"]: sha256_file(art_dir / g["file"]) for g in graphs.values()},
+        "compile_seconds": round(compile_seconds, 2),
+    }
+    clash = set(extra or {}) & set(manifest)
+    if clash:
+        raise MoscError(f"extra_manifest may not override {sorted(clash)}")
+    manifest.update(extra or {})
+    atomic_write_json(art_dir / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(art_dir: Path | str) -> dict:
+    path = Path(art_dir) / MANIFEST
+    if not path.is_file():
+        raise MoscError(f"{art_dir} is not a mosc artifact (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise MoscError(f"{path}: malformed manifest ({e})") from None
+    if manifest.get("format") != ARTIFACT_FORMAT:
+        raise MoscError(f"{path}: format {manifest.get('format')!r}, expected {ARTIFACT_FORMAT!r}")
+    return manifest
+
+
+def verify_artifact(art_dir: Path | str) -> dict:
+    """Check every file's sha256 against the manifest; return the manifest. Loads no code."""
+    art_dir = Path(art_dir)
+    manifest = read_manifest(art_dir)
+    for graph in manifest["graphs"].values():
+        if graph["file"] not in manifest["files"]:
+            raise MoscError(f"{art_dir}: {graph['file']} has no sha256 in the manifest")
+    verify_files(art_dir, manifest["files"], "the manifest")
+    return manifest
+
+
+# ----------------------------------------------------------------------------- loading
+class Artifact:
+    """A loaded artifact: one Relax VM per graph, run with numpy in, numpy out.
+
+    Calls go through vm.set_input / invoke_stateful / get_outputs, which also work over
+    RPC (a remote VM's direct call returns an object that cannot be indexed).
+    """
+
+    def __init__(self, art_dir: Path, manifest: dict, vms: dict, device):
+        self.dir, self.manifest, self.vms, self.device = art_dir, manifest, vms, device
+
+    @property
+    def graphs(self) -> list[str]:
+        return list(self.manifest["graphs"])
+
+    def _tensors(self, graph: str, inputs):
+        import tvm
+
+        spec = self.manifest["graphs"][graph]["inputs"]
+        if isinstance(inputs, dict):
+            missing = [s["name"] for s in spec if s["name"] not in inputs]
+            if missing or len(inputs) != len(spec):
+                raise MoscError(f"{graph}: inputs are {[s['name'] for s in spec]}, got {sorted(inputs)}")
+            inputs = [inputs[s["name"]] for s in spec]
+        if len(inputs) != len(spec):
+            raise MoscError(f"{graph}: expects {len(spec)} inputs, got {len(inputs)}")
+        out = []
+        for s, x in zip(spec, inputs):
+            x = np.asarray(x)
+            if list(x.shape) != s["shape"] or str(x.dtype) != s["dtype"]:
+                raise MoscError(f"{graph}: input {s['name']} must be {s['dtype']}{s['shape']}, got {x.dtype}{list(x.shape)}")
+            out.append(tvm.runtime.tensor(x, self.device))
+        return out
+
+    def set_inputs(self, graph: str, inputs) -> None:
+        """Copy inputs to the device (untimed part of a measurement)."""
+        self.vms[graph].set_input("main", *self._tensors(graph, inputs))
+
+    def run(self, graph: str, inputs) -> list[np.ndarray]:
+        """Run one graph; inputs: list in signature order or dict by name. Returns numpy outputs."""
+        vm = self.vms[graph]
+        self.set_inputs(graph, inputs)
+        vm.invoke_stateful("main")
+        out = vm.get_outputs("main")
+        outs = list(out) if not hasattr(out, "numpy") else [out]
+        return [o.numpy() for o in outs]
+
+
+def load_artifact(art_dir: Path | str, device: str = "cpu", session=None) -> Artifact:
+    """Verify an artifact's sha256s, then load every graph into a VM.
+
+    device: "cpu" or "cuda" (device 0). session: an RPC session (tvm.rpc.connect...):
+    the libraries are verified here, uploaded, and loaded on the remote side.
+    Works with the runtime-only TVM (`tvm.runtime`, no `tvm.relax` import).
+
+    What is loaded is a verified private copy (or, over RPC, the verified bytes) under a
+    name carrying its sha256, never the artifact's own file: dlopen matches libraries
+    already loaded by path, so after the artifact is recompiled in place a second load in
+    the same process would get the old code back; and the file could change between the
+    check and the load.
+    """
+    art_dir = Path(art_dir)
+    manifest = verify_artifact(art_dir)  # fail before copying or loading anything: a .so is code
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+
+    dev = session.device(device) if session is not None else tvm.device(device)
+    vms = {}
+    # mkdtemp: mode 0700, so no other user can swap a copy between its check and its load
+    private = Path(tempfile.mkdtemp(prefix="mosc-artifact-")) if session is None else None
+    try:
+        for graph, entry in manifest["graphs"].items():
+            file, digest = entry["file"], manifest["files"][entry["file"]]
+            if session is None:
+                lib = _load_local(art_dir, file, digest, private, manifest.get("target"))
+            else:
+                lib = _load_remote(session, art_dir, file, digest)
+            vms[graph] = VirtualMachine(lib, dev)
+    finally:
+        if private is not None:  # a loaded library stays mapped without its file
+            shutil.rmtree(private, ignore_errors=True)
+    return Artifact(art_dir, manifest, vms, dev)
+
+
+def _private_name(file: str, digest: str) -> str:
+    return f"{Path(file).stem}-{digest}.so"  # keep the suffix: load_module picks the loader by it
+
+
+def _changed(art_dir: Path, file: str) -> MoscError:
+    return MoscError(f"{art_dir}: {file} changed while it was being loaded (it no longer matches its sha256 "
+                     "in the manifest); load it again once it is no longer being written")
+
+
+def _load_local(art_dir: Path, file: str, digest: str, private: Path, target: str | None):
+    import tvm
+
+    copy = private / _private_name(file, digest)
+    shutil.copyfile(art_dir / file, copy)
+    if sha256_file(copy) != digest:
+        raise _changed(art_dir, file)
+    try:
+        return tvm.runtime.load_module(str(copy))
+    except Exception as e:  # noqa: BLE001  (TVM's error for a foreign .so says "No such file")
+        raise MoscError(
+            f"{art_dir / file} cannot be loaded on this machine ({platform.machine()}): the artifact was compiled for "
+            f"target {target!r}; run it there (or over RPC: mosc measure/bench --tracker)"
+            + ("" if "cannot open shared object" in str(e) else f" [{str(e).strip().splitlines()[-1][:200]}]")
+        ) from None
+
+
+def _load_remote(session, art_dir: Path, file: str, digest: str):
+    data = (art_dir / file).read_bytes()
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise _changed(art_dir, file)
+    name = _private_name(file, digest)  # the remote side dlopens by path too
+    session.upload(bytearray(data), name)
+    return session.load_module(name)

@@ -1,0 +1,160 @@
+"""Imported graphs -> shared libraries -> an artifact folder a device can run.
+
+    build             PREPARE + the target's tuning database + FINISH + tvm.compile -> Executable
+    export            Executable -> .so (cross-compiled where the target says so)
+    compile_artifact  ONNX files of a model -> tuned, built, exported graphs + manifest
+
+This module does not know about torch, the model, or how latency is measured, and leaves
+the artifact's format to artifact.py. It imports tvm only inside functions.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from mosc.compiler.artifact import MANIFEST, write_manifest
+from mosc.compiler.passes import FINISH, PREPARE, drop_known_tvm_noise, import_onnx, run_passes, signature
+from mosc.compiler.targets import Target, as_target
+from mosc.compiler.tune import DEFAULT_TRIALS, check_tracker, database_id, default_db_dir, open_database
+from mosc.compiler.tune import tune as _tune  # compile_artifact's `tune` flag shadows the name there
+from mosc.errors import MoscError
+
+
+def build(mod, target: Target | str, db_dir: Path | str | None = None, *, use_database: bool = True):
+    """Imported IRModule -> tvm Executable: PREPARE, FINISH with the target's database, compile.
+
+    With no database (or use_database=False) CPU code stays unscheduled (slow but correct);
+    GPU targets still get TVM's default dlight schedules in tvm.compile.
+    """
+    import tvm
+
+    target = as_target(target)
+    db_dir = Path(db_dir) if db_dir is not None else default_db_dir(target)
+    mod = run_passes(mod, target, PREPARE)
+    has_db = use_database and (db_dir / "database_tuning_record.json").is_file()
+    if has_db:
+        with open_database(db_dir):
+            mod = run_passes(mod, target, FINISH)
+    else:
+        mod = run_passes(mod, target, [p for p in FINISH if p[0] != "apply_database"])
+    try:
+        with drop_known_tvm_noise():
+            return tvm.compile(mod, target=target.tvm_target())
+    except Exception as e:
+        raise MoscError(f"tvm.compile for {target.name} failed: {str(e).splitlines()[0]}") from e
+
+
+def cuda_kernels(ex) -> str | None:
+    """How an executable ships its CUDA kernels: "source", "binary", or None (no CUDA).
+
+    TVM 0.27's tvm.compile keeps CUDA *source* in the library, even where nvcc exists and
+    TVM_CUDA_COMPILE_MODE=nvcc is set (checked here: the build never calls the
+    `tvm_callback_cuda_compile` hook). The TVM runtime on the GPU host compiles it when
+    the library is loaded (NVRTC), so the first load there is slower.
+    """
+    stack = [ex.mod]
+    while stack:
+        m = stack.pop()
+        if m.kind == "cuda":
+            src = m.inspect_source("")
+            return "source" if "__global__" in src else "binary"
+        stack.extend(m.imports)
+    return None
+
+
+# apt packages that provide a cross compiler named in a target file
+CROSS_PACKAGES = {"aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu g++-aarch64-linux-gnu",
+                  "aarch64-linux-gnu-g++": "gcc-aarch64-linux-gnu g++-aarch64-linux-gnu"}
+
+
+def require_cross_compiler(target: Target | str) -> None:
+    """MoscError naming the apt package when the target's cross compiler is not on PATH."""
+    target = as_target(target)
+    cc_name = target.cross_compiler
+    if cc_name and not shutil.which(cc_name):
+        pkg = CROSS_PACKAGES.get(cc_name)
+        hint = f"apt-get install {pkg}" if pkg else "install it or fix cross_compiler in the target file"
+        raise MoscError(f"cross compiler {cc_name!r} for target {target.name} not found on PATH ({hint})")
+
+
+def export(ex, path: Path | str, target: Target | str) -> Path:
+    """Executable -> shared library at `path` (cross-compiled where the target says so)."""
+    from tvm.support import cc
+
+    target = as_target(target)
+    path = Path(path)
+    kwargs = {}
+    if target.cross_compiler:
+        require_cross_compiler(target)
+        kwargs["fcompile"] = cc.cross_compiler(target.cross_compiler)
+    ex.export_library(str(path), **kwargs)
+    return path
+
+
+def compile_artifact(
+    onnx_files: dict[str, Path | str],
+    target: Target | str,
+    out_dir: Path | str,
+    *,
+    trials: int = DEFAULT_TRIALS,
+    tune: bool = True,
+    db_dir: Path | str | None = None,
+    shape_dicts: dict[str, dict[str, list[int]]] | None = None,
+    extra_manifest: dict | None = None,
+    progress: bool | None = None,
+) -> Path:
+    """Compile every graph of a model into `out_dir`: <graph>.so each + manifest.json.
+
+    onnx_files: graph name -> ONNX path, e.g. {"encoder": ..., "decoder_step": ...}.
+    tune=False runs no trials but still applies whatever the database already holds.
+    One .so per graph: each graph is its own Relax `main` with its own weights, the
+    device world times graphs separately, and a graph can be rebuilt or loaded alone.
+    (A combined module would only save one dlopen; weights would not be shared anyway.)
+    The manifest is written last and atomically: a folder without one is not an artifact.
+    """
+    target = as_target(target)
+    require_cross_compiler(target)  # fail now, not after minutes of tuning
+    if tune and trials > 0 and target.needs_rpc:
+        check_tracker(target)  # measuring needs the device
+    out_dir = Path(out_dir)
+    db_dir = Path(db_dir) if db_dir is not None else default_db_dir(target)
+    t0 = time.perf_counter()
+
+    mods = {g: import_onnx(p, (shape_dicts or {}).get(g)) for g, p in onnx_files.items()}
+    tune_report = None
+    if tune:
+        report = _tune(list(mods.values()), target, db_dir, trials, progress=progress)
+        tune_report = {k: v for k, v in report.__dict__.items() if k != "task_names"}
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # invalidate an older artifact first
+    graphs, cuda = {}, set()
+    for graph, mod in mods.items():
+        sig = signature(mod, onnx_files[graph])
+        lib, kernels = _build_graph(graph, mod, target, db_dir, out_dir)
+        graphs[graph] = {"file": lib, **sig}
+        cuda.add(kernels)
+
+    write_manifest(
+        out_dir, graphs, target=target.name, tvm_target=str(target.tvm_target()), device=target.device_type(),
+        cuda_kernels=next(iter(cuda)) if len(cuda) == 1 else sorted(map(str, cuda)),
+        tuning={"tuned": tune, "database": database_id(db_dir), "report": tune_report},
+        compile_seconds=time.perf_counter() - t0, extra=extra_manifest,
+    )
+    return out_dir
+
+
+def _build_graph(graph: str, mod, target: Target, db_dir: Path, out_dir: Path) -> tuple[str, str | None]:
+    """Build one graph into out_dir/<graph>.so, replaced atomically; returns (file name, cuda_kernels)."""
+    ex = build(mod, target, db_dir)  # whatever the database holds, tuned just now or before
+    lib = f"{graph}.so"
+    tmp = out_dir / f".{lib}.{os.getpid()}.tmp.so"  # export_library picks the linker by the suffix
+    try:
+        export(ex, tmp, target)
+        os.replace(tmp, out_dir / lib)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return lib, cuda_kernels(ex)

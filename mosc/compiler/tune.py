@@ -1,0 +1,483 @@
+"""MetaSchedule tuning against a persistent per-target database (JSON files in a folder).
+
+    tune            tune the TIR tasks of some graphs that the database lacks; add the records
+    open_database   the database in a folder; default_db_dir: ~/.cache/mosc/tune/<target>/
+    database_id     path, record count and sha256 of a database (what a manifest records)
+    check_tracker   fail in one line, before any trial, when the device cannot be reached
+
+Why tuning matters: `tvm.compile` applies no schedule to CPU code (legalize + lower only),
+so an untuned CPU build is ~100x slower than onnxruntime. The database is keyed by TIR
+workload, so it is shared by every model compiled for a target: tasks that already have a
+record are not tuned again (a second, similar model costs few or no trials). Tasks that
+MetaSchedule cannot tune are remembered next to it (UNTUNABLE) so no compile retries them.
+
+This module does not know about artifacts, shared libraries or how a model is measured;
+it reaches a device only through MetaSchedule's RPC runner. It imports tvm only inside
+functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mosc import env
+from mosc.compiler.passes import PREPARE, run_passes
+from mosc.compiler.targets import Target, as_target
+from mosc.errors import MoscError
+from mosc.fileio import atomic_write_json
+
+DEFAULT_TRIALS = 256  # global trial budget of one compile; ~300 took a d=512 model to torch speed
+TRIALS_PER_TASK = 64  # cap per task: matmuls keep improving, small ops exhaust their space at 1
+TRIALS_PER_ITER = 32  # candidates built+measured per round (TVM's 64 is coarse for small budgets)
+MODULE_EQUALITY = "structural"  # how the database matches workloads across models
+BUILD_TIMEOUT_S = 60.0  # per candidate build in a tuning worker
+RUN_TIMEOUT_S = 30.0  # per candidate measurement
+UNTUNABLE = "untunable.json"  # in a database folder: tasks tried without any valid candidate
+
+
+# ----------------------------------------------------------------------------- database
+def default_db_dir(target: Target) -> Path:
+    """~/.cache/mosc/tune/<target>/ ($MOSC_TUNE_DIR overrides the root).
+
+    A target with "auto" settings (host) resolves to different CPUs on different
+    machines; its folder carries the CPU name so their records never mix (the database
+    matches workloads, not targets).
+    """
+    slug = target.name
+    spec = target.tvm_target_spec
+    if isinstance(spec, dict) and "auto" in spec.values():
+        slug += "-" + str(target.resolved_spec().get("mcpu", "generic"))
+    return env.tune_root() / slug
+
+
+def open_database(db_dir: Path | str):
+    """The JSON tuning database in `db_dir` (created empty if missing)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    db_dir = Path(db_dir)
+    db_dir.mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(
+        path_workload=str(db_dir / "database_workload.json"),
+        path_tuning_record=str(db_dir / "database_tuning_record.json"),
+        module_equality=MODULE_EQUALITY,
+    )
+
+
+def database_id(db_dir: Path | str) -> dict:
+    """Identity of a tuning database: its path, record count and sha256 of its records file."""
+    records = Path(db_dir) / "database_tuning_record.json"
+    if not records.is_file():
+        return {"path": str(db_dir), "records": 0, "sha256": None}
+    data = records.read_bytes()
+    return {"path": str(db_dir), "records": data.count(b"\n"), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _task_key(task) -> str:
+    import tvm_ffi
+
+    return f"{task.task_name}:{tvm_ffi.structural_hash(task.dispatched[0]) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+def _read_untunable(db_dir: Path) -> dict[str, str]:
+    path = db_dir / UNTUNABLE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _remember_untunable(db_dir: Path, tasks: list) -> None:
+    if tasks:
+        atomic_write_json(db_dir / UNTUNABLE, {**_read_untunable(db_dir), **{_task_key(t): t.task_name for t in tasks}})
+
+
+# ----------------------------------------------------------------------------- builders
+def _import_tensor_intrinsics(tvm_target) -> None:
+    """Import only the tensor intrinsics this target can use, before MetaSchedule imports all.
+
+    TuneContext (in this process) and the stock builder (in each worker) run `import
+    tvm.s_tir.tensor_intrin`, which takes ~16-24 s here: 12 s of it are CUDA intrinsics, 3.5 s
+    ROCm, 1.4 s Hexagon. A CPU target needs x86 or arm_cpu only (~0.2 s / ~1.3 s). We register
+    the package empty and import the submodules we need; a later import of another
+    submodule (e.g. .cuda for a GPU target) still works.
+    """
+    import importlib
+    import importlib.machinery
+    import importlib.util
+
+    import tvm.s_tir
+
+    name = "tvm.s_tir.tensor_intrin"
+    if name not in sys.modules:
+        spec = importlib.util.find_spec(name)
+        pkg = importlib.util.module_from_spec(importlib.machinery.ModuleSpec(name, None, is_package=True))
+        pkg.__path__ = list(spec.submodule_search_locations)
+        sys.modules[name] = pkg
+        tvm.s_tir.tensor_intrin = pkg
+    if tvm_target.kind.name != "llvm":
+        subs = [tvm_target.kind.name]  # cuda, rocm, metal
+    elif "aarch64" in str(tvm_target.attrs.get("mtriple", "")) or "arm" in tvm_target.keys:
+        subs = ["arm_cpu"]
+    else:
+        subs = ["x86"]
+    for sub in subs:
+        importlib.import_module(f"{name}.{sub}")
+
+
+def _build_candidate(mod, target, _params=None):
+    """Build one tuning candidate, without the stock builder's tensor_intrin import."""
+    from tvm.tirx import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    return tvm_build(mod, target=target)
+
+
+def _fast_builder(max_workers: int, f_export=None):
+    """A LocalBuilder whose workers skip `import tvm.s_tir.tensor_intrin` (TVM_NOTES.md).
+
+    The stock default_build imports it in every fresh worker (~16 s, mostly CUDA
+    intrinsics); CPU schedules from the default rules do not need it. Per-task overhead
+    drops from ~20 s to ~3 s. `build` is defined locally so that cloudpickle ships it by
+    value: the worker need not be able to import mosc.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    def build(mod, target, params):
+        from tvm.tirx import build as tvm_build
+        from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+        mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+        return tvm_build(mod, target=target)
+
+    return ms.builder.LocalBuilder(
+        max_workers=max_workers, timeout_sec=BUILD_TIMEOUT_S, f_build=build, f_export=f_export
+    )
+
+
+def _inprocess_builder(f_export=None):
+    """A builder that compiles candidates in this process: no worker start-up per round.
+
+    LocalBuilder starts a fresh process pool for every round (a known leak in long-lived
+    workers), and each worker imports tvm (~2-3 s on a busy 2-core machine). Building in
+    process saves that; the cost is no build timeout and no isolation from a crashing
+    build (LLVM codegen of MetaSchedule candidates has not crashed here).
+    """
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.builder.local_builder import default_export
+
+    export_fn = f_export or default_export
+
+    @derived_object
+    class _InProcessBuilder(ms.builder.PyBuilder):
+        def build(self, build_inputs):
+            results = []
+            for inp in build_inputs:
+                try:
+                    path = export_fn(_build_candidate(inp.mod, inp.target))
+                    results.append(ms.builder.BuilderResult(path, None))
+                except Exception as e:  # a bad candidate is a result, not a failure of tuning
+                    results.append(ms.builder.BuilderResult(None, f"in-process build: {e}"))
+            return results
+
+    return _InProcessBuilder()
+
+
+def _cross_export(cross_compiler: str):
+    """f_export for tuning workers of a cross target: a .so the device can dlopen."""
+
+    def export(rt_mod):
+        import os as _os
+        import tempfile as _tempfile
+
+        from tvm.support import cc
+
+        path = _os.path.join(_tempfile.mkdtemp(), "tvm_tmp_mod.so")
+        rt_mod.export_library(path, fcompile=cc.cross_compiler(cross_compiler))
+        return path
+
+    return export
+
+
+def _default_builder(target: Target):
+    """In-process or a worker pool ($MOSC_TUNE_BUILDER), exporting for the device when cross."""
+    f_export = _cross_export(target.cross_compiler) if target.is_cross else None
+    if env.tune_builder() == "inprocess":
+        return _inprocess_builder(f_export)
+    return _fast_builder(len(os.sched_getaffinity(0)), f_export)
+
+
+# ----------------------------------------------------------------------------- runners
+def check_tracker(target: Target, timeout_s: float = 5.0) -> None:
+    """MoscError (one line) unless the target's RPC tracker answers like a tracker and a device
+    with the target's key is registered: MetaSchedule's runner would otherwise wait forever
+    (no such key) or fail every trial (no tracker)."""
+    from mosc.rpc import registered_keys, tracker_summary
+
+    host, port, key = target.rpc.tracker_host, target.rpc.tracker_port, target.rpc.key
+    try:
+        keys = registered_keys(tracker_summary(host, port, timeout_s))
+    except ConnectionError as e:
+        raise MoscError(f"tuning for {target.name} measures on the device, but {e}; start the tracker and the "
+                        f"device's RPC server (key {key!r}), or compile with --no-tune") from None
+    if key not in keys:
+        raise MoscError(f"tuning for {target.name} measures on the device, but no device with key {key!r} is "
+                        f"registered at the tracker {host}:{port} (registered: {', '.join(keys) or 'none'}); "
+                        "start `mosc device serve --key ...` on it, or compile with --no-tune")
+
+
+def rpc_runner(target: Target):
+    """A MetaSchedule runner that measures on the target's device through its RPC tracker."""
+    from tvm.s_tir import meta_schedule as ms
+
+    check_tracker(target)
+
+    config = ms.runner.RPCConfig(
+        tracker_host=target.rpc.tracker_host,
+        tracker_port=target.rpc.tracker_port,
+        tracker_key=target.rpc.key,
+        session_timeout_sec=int(RUN_TIMEOUT_S * 4),
+    )
+    return ms.runner.RPCRunner(rpc_config=config, max_workers=1)
+
+
+def _default_runner(target: Target):
+    """On the device through its tracker when the target is remote, else in a local process."""
+    from tvm.s_tir import meta_schedule as ms
+
+    if target.needs_rpc:
+        return rpc_runner(target)
+    return ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S)
+
+
+# ----------------------------------------------------------------------------- tuning
+@dataclass
+class TuneReport:
+    db_dir: str
+    tasks: int = 0  # distinct tuning tasks in the graphs
+    cached: int = 0  # of which already had a record in the database
+    tuned: int = 0  # of which were tuned in this call
+    untried: int = 0  # of which got no trial (budget spent first): left unscheduled this time
+    trials: int = 0  # candidates measured in this call
+    untunable: int = 0  # tasks MetaSchedule cannot schedule (left unscheduled; see UNTUNABLE)
+    seconds: float = 0.0
+    task_names: list[str] = field(default_factory=list)
+
+
+def _progress_callback(total: int, enabled: bool):
+    """A MeasureCallback that counts trials (and their failures) per task, and shows
+    measured/total on a rich progress bar (stderr) when enabled. Returns (callback, bar, state)."""
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+
+    state = {"measured": 0, "task_ids": set(), "ok": 0, "first_error": None}
+    bar = None
+    if enabled:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        bar = Progress(TextColumn("tuning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                       TextColumn("{task.description}"), transient=True)
+        bar_task = bar.add_task("", total=total)
+
+    @derived_object
+    class _Progress(ms.measure_callback.PyMeasureCallback):
+        def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+            state["measured"] += len(measure_candidates)
+            state["task_ids"].add(int(task_id))
+            for b, r in zip(builder_results, runner_results):  # a failed run still counts as a trial
+                err = b.error_msg or r.error_msg
+                if err is None:
+                    state["ok"] += 1
+                elif state["first_error"] is None:
+                    state["first_error"] = " ".join(str(err).split())[:300]
+            if bar is not None:
+                name = task_scheduler.tasks_[task_id].ctx.task_name
+                bar.update(bar_task, completed=min(state["measured"], total), description=name)
+
+    return _Progress(), bar, state
+
+
+def _extract_tasks(mods: list, target: Target) -> list[tuple[Any, float]]:
+    """Distinct tuning tasks over several graphs, with weights summed over the graphs."""
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    tasks: dict[int, list] = {}  # structural hash -> [task, weight]
+    for mod in mods:
+        for task in ms.relax_integration.extract_tasks(mod, target.tvm_target(), module_equality=MODULE_EQUALITY):
+            key = tvm_ffi.structural_hash(task.dispatched[0])
+            if key in tasks:
+                tasks[key][1] += task.weight
+            else:
+                tasks[key] = [task, task.weight]
+    return [tuple(v) for v in tasks.values()]
+
+
+def tune(
+    mods,
+    target: Target | str,
+    db_dir: Path | str | None = None,
+    trials: int = DEFAULT_TRIALS,
+    *,
+    trials_per_task: int = TRIALS_PER_TASK,
+    runner=None,
+    progress: bool | None = None,
+    seed: int | None = 0,
+) -> TuneReport:
+    """Tune the graphs' TIR tasks that the target's database lacks; add the records to it.
+
+    mods: one imported IRModule or a list (the graphs of one model share one budget).
+    trials: global trial budget of this call; tasks already in the database cost none.
+    runner: a MetaSchedule runner; default: local for a target on this machine, the
+    target's RPC tracker otherwise (needs_rpc). progress: rich bar on stderr (default: if a tty).
+    """
+    target = as_target(target)
+    db_dir = Path(db_dir) if db_dir is not None else default_db_dir(target)
+    mods = mods if isinstance(mods, list | tuple) else [mods]
+    report = TuneReport(db_dir=str(db_dir))
+    t0 = time.perf_counter()
+    database = open_database(db_dir)
+    todo = _new_tasks(mods, target, database, db_dir, report)
+    if todo and trials > 0:
+        _tune_tasks(todo, target, database, db_dir, report, trials=trials, trials_per_task=trials_per_task,
+                    runner=runner if runner is not None else _default_runner(target),
+                    progress=sys.stderr.isatty() if progress is None else progress, seed=seed)
+    else:
+        report.untried = len(todo)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _new_tasks(mods: list, target: Target, database, db_dir: Path, report: TuneReport) -> list[tuple[Any, float]]:
+    """The (task, weight)s of the graphs that have no record and are not known untunable;
+    counts all of them into the report."""
+    tvm_target = target.tvm_target()
+    all_tasks = _extract_tasks([run_passes(m, target, PREPARE) for m in mods], target)
+    untunable = _read_untunable(db_dir)
+    known_bad = [(task, w) for task, w in all_tasks if _task_key(task) in untunable]
+    todo = [
+        (task, w) for task, w in all_tasks
+        if _task_key(task) not in untunable
+        and database.query_tuning_record(task.dispatched[0], tvm_target, task.task_name) is None
+    ]
+    report.tasks, report.untunable = len(all_tasks), len(known_bad)
+    report.cached = len(all_tasks) - len(todo) - len(known_bad)
+    report.task_names = [t.task_name for t, _ in todo]
+    return todo
+
+
+def _tune_tasks(todo, target: Target, database, db_dir: Path, report: TuneReport, *,
+                trials: int, trials_per_task: int, runner, progress: bool, seed: int | None) -> None:
+    """Run MetaSchedule on `todo` and record the outcome (tuned, untried, untunable) in the report."""
+    from tvm.s_tir import meta_schedule as ms
+
+    tvm_target = target.tvm_target()
+    builder = _default_builder(target)
+    _import_tensor_intrinsics(tvm_target)
+    per_round = _trials_per_round(trials, len(todo))
+    contexts = _tune_contexts(todo, tvm_target, db_dir, seed)
+    todo, contexts = _drop_unschedulable(todo, contexts, db_dir, report)
+    if not todo:
+        return
+    callback, bar, state = _progress_callback(min(trials, trials_per_task * len(todo)), progress)
+    if bar is not None:
+        bar.start()
+    try:
+        ms.tune.tune_tasks(
+            tasks=contexts,
+            task_weights=[w for _, w in todo],
+            work_dir=str(db_dir),  # per-task logs go to db_dir/logs/, next to the database
+            max_trials_global=trials,
+            max_trials_per_task=trials_per_task,
+            num_trials_per_iter=per_round,
+            builder=builder,
+            runner=runner,
+            database=database,
+            measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), callback],
+            module_equality=MODULE_EQUALITY,
+        )
+    finally:
+        if bar is not None:
+            bar.stop()
+    _record_outcome(state, todo, target, database, db_dir, report)
+
+
+def _trials_per_round(trials: int, n_tasks: int) -> int:
+    # Spread the budget so that every task gets a round when it can (a task without a record
+    # stays unscheduled, and slow): at most TRIALS_PER_ITER per round, at least 2. With fewer
+    # than 2 trials per new task some tasks get none: the report counts them as `untried`.
+    # Not 1 per round: tried on a tiny subnet (53 tasks), 64 trials at 1 per round touched all
+    # of them and ran 1.9x slower (16.5 ms) than 32 trials at 2 per round (8.7 ms, 32 tasks
+    # left unscheduled): one random schedule is often worse than none.
+    return max(2, min(TRIALS_PER_ITER, trials // n_tasks))
+
+
+def _tune_contexts(todo, tvm_target, db_dir: Path, seed: int | None) -> list:
+    """One MetaSchedule TuneContext per task, logging to db_dir/logs/."""
+    from tvm.s_tir import meta_schedule as ms
+
+    num_cores = int(tvm_target.attrs.get("num-cores", 0) or len(os.sched_getaffinity(0)))
+    # MetaSchedule prints a task table per round to stdout at INFO. Its console handler takes
+    # the level this logger has when the loggers are created; the files in logs/ keep it all.
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    loggers = ms.logging.get_loggers_from_work_dir(str(db_dir), [t.task_name for t, _ in todo])
+    return [
+        ms.TuneContext(
+            mod=task.dispatched[0], target=task.target, space_generator="post-order-apply",
+            search_strategy=ms.search_strategy.EvolutionarySearch(population_size=env.tune_search_population()),
+            task_name=task.task_name, logger=logger,
+            rand_state=rand, num_threads=num_cores,
+        ).clone()
+        for (task, _), logger, rand in zip(todo, loggers, ms.utils.fork_seed(seed, n=len(todo)))
+    ]
+
+
+def _drop_unschedulable(todo, contexts, db_dir: Path, report: TuneReport) -> tuple[list, list]:
+    """(todo, contexts) without the tasks whose design space cannot be generated; remembers them.
+
+    Such a task raises out of tune_tasks and kills the whole run (seen: a matmul fused with
+    the decoder's `slots > pos` mask, where MultiLevelTiling's reverse_compute_at fails on the
+    mask's second producer). Generating the space costs ~5 ms a task, so try it first.
+    """
+    broken = set()
+    for i, ctx in enumerate(contexts):
+        try:
+            ctx.generate_design_space()
+        except Exception:  # TVM raises its own error types (ScheduleError, TVMError)
+            broken.add(i)
+    if not broken:
+        return todo, contexts
+    _remember_untunable(db_dir, [todo[i][0] for i in sorted(broken)])
+    keep = [i for i in range(len(todo)) if i not in broken]
+    report.untunable += len(broken)
+    report.task_names = [todo[i][0].task_name for i in keep]
+    return [todo[i] for i in keep], [contexts[i] for i in keep]
+
+
+def _record_outcome(state: dict, todo, target: Target, database, db_dir: Path, report: TuneReport) -> None:
+    """Count the trials and tuned tasks into the report; remember measured tasks left without a record."""
+    report.trials = state["measured"]
+    if state["measured"] and not state["ok"]:
+        # Not one candidate ran: the device (or the local runner) is broken, not the tasks.
+        # Blacklisting them would make every later compile skip them even once it works.
+        raise MoscError(f"every one of {state['measured']} tuning trials failed on {target.name} "
+                        f"(first error: {state['first_error']}); nothing was recorded; check the device "
+                        f"(`mosc device list`) or compile with --no-tune")
+    # Tasks that were measured and still have no record would be retried by every compile:
+    # remember them. Here that is the embedding `take` (mode="fast": no bounds check), most
+    # likely because MetaSchedule's runner feeds it random, out-of-range indices.
+    tvm_target = target.tvm_target()
+    failed = [
+        todo[i][0] for i in state["task_ids"]
+        if database.query_tuning_record(todo[i][0].dispatched[0], tvm_target, todo[i][0].task_name) is None
+    ]
+    _remember_untunable(db_dir, failed)
+    report.tuned = len(state["task_ids"]) - len(failed)
+    report.untunable += len(failed)
+    report.untried = len(todo) - len(state["task_ids"])

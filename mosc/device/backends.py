@@ -1,0 +1,218 @@
+"""Timing one model with one backend, with HAT's protocol (mosc.device.protocol).
+
+    measure_tvm(art, protocol)               a loaded artifact (local VM or RPC VM: one code path)
+    measure_artifact(dir, protocol, remote)  load an artifact here or over a fresh RPC session, time it
+    measure_ort(export_dir, protocol)        ONNX Runtime on an export folder (side-by-side numbers)
+    measure_torch(subnet, protocol, ...)     PyTorch eager (imports torch inside)
+    measure_prepared(backend, prep, ...)     whichever of these a backend name and a Prepared call for
+    Prepared                                 what a backend needs for one arch
+
+Timing method (TVM): every graph call of a run is timed on the device's own clock with
+`vm.time_evaluator("invoke_stateful", dev, number=1, repeat=1)("main")` after `set_input`,
+and its outputs are read back with `get_outputs` (remote handles over RPC: the caches never
+leave the device). Why not a host-side loop of invoke_stateful around perf_counter: over
+RPC each call costs a network round trip (~0.1 ms on 127.0.0.1, ~1 ms on a LAN), which
+would be measured as model time; the device clock excludes it, and the same code runs
+locally (tvm.cpu) and remotely. Cost: TVM's evaluator makes one untimed call before the
+timed one, so the device does each graph call twice (the timed call runs with warm
+caches, like the steps of a real decoding loop). The token fed to every step is fixed:
+static graphs do the same work for every token value. ORT and torch run in this process
+and are timed with time.perf_counter around each call (same loop, same statistics).
+
+Imports numpy at module level; tvm, onnxruntime and torch only inside the function that
+needs them. Knows nothing of archs, retries, the latency database or how artifacts are
+built (the caller's prepare callback, mosc.jobs.artifacts).
+"""
+
+from __future__ import annotations
+
+import enum
+import gc
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from mosc.contract import BOS_ID, DECODER, ENCODER
+from mosc.device.protocol import Measurement, run_protocol
+from mosc.errors import MoscError
+from mosc.rpc import connect, device_info
+
+if TYPE_CHECKING:
+    from mosc.compiler.targets import Protocol
+    from mosc.rpc import Remote
+
+
+
+class Backend(enum.StrEnum):
+    """How a model is timed."""
+
+    tvm = "tvm"  # the compiled artifact, here or on the device over RPC
+    ort = "ort"  # ONNX Runtime on this machine
+    torch = "torch"  # PyTorch eager on this machine
+
+
+BACKENDS = tuple(Backend)
+
+
+@dataclass
+class Prepared:
+    """What a backend needs for one arch (made by the caller's prepare callback)."""
+
+    artifact: Path | None = None  # tvm
+    export_dir: Path | None = None  # ort
+    subnet: Any = None  # torch (a mosc.subnet.Subnet)
+    notes: dict = field(default_factory=dict)  # recorded in the row's `extra`
+
+
+def _spec(manifest_graph: dict) -> dict[str, dict]:
+    return {s["name"]: s for s in manifest_graph["inputs"]}
+
+
+def _source(batch: int, source_len: int) -> np.ndarray:
+    """A fixed source: ids 4..19 (valid in any vocabulary of mosc's models), no padding."""
+    return (4 + np.arange(batch * source_len) % 16).reshape(batch, source_len).astype(np.int64)
+
+
+def _shapes(batch: int, source_len: int, steps: int) -> dict[str, int]:
+    return {"batch": batch, "source_len": source_len, "decoder_steps": steps}
+
+
+# ----------------------------------------------------------------------------- TVM
+def measure_tvm(art, protocol: Protocol) -> Measurement:
+    """Time a loaded mosc.compiler.artifact.Artifact (local or over RPC) with HAT's protocol."""
+    import tvm
+
+    missing = {ENCODER, DECODER} - set(art.graphs)
+    if missing:
+        raise MoscError(f"{art.dir}: artifact lacks graph(s) {sorted(missing)}: not a translation model")
+    dev = art.device
+    enc_vm, dec_vm = art.vms[ENCODER], art.vms[DECODER]
+    src_spec = art.manifest["graphs"][ENCODER]["inputs"][0]
+    B, S = src_spec["shape"]
+    dspec = _spec(art.manifest["graphs"][DECODER])
+    cache_shape = dspec["self_k"]["shape"]
+    T = cache_shape[2]
+    src = tvm.runtime.tensor(_source(B, S), dev)
+    token = tvm.runtime.tensor(np.full((B,), BOS_ID, np.int64), dev)
+    positions = [tvm.runtime.tensor(np.array([p], np.int64), dev) for p in range(T)]
+    zeros = tvm.runtime.tensor(np.zeros(cache_shape, np.float32), dev)
+    t_enc = enc_vm.time_evaluator("invoke_stateful", dev, number=1, repeat=1)
+    t_dec = dec_vm.time_evaluator("invoke_stateful", dev, number=1, repeat=1)
+
+    def encode():
+        enc_vm.set_input("main", src)
+        seconds = t_enc("main").mean
+        return seconds, tuple(enc_vm.get_outputs("main"))
+
+    def step(pos, k, v, cross):
+        dec_vm.set_input("main", token, positions[pos], k, v, *cross)
+        seconds = t_dec("main").mean
+        _, k, v = dec_vm.get_outputs("main")
+        return seconds, k, v
+
+    enc, dec = run_protocol(encode, step, lambda: (zeros, zeros), T, protocol.warmup, protocol.repeats)
+    return Measurement.of_runs(enc, dec, protocol.warmup, protocol.trim, _shapes(B, S, T),
+                               "tvm time_evaluator(invoke_stateful, number=1, repeat=1) per graph call, device clock")
+
+
+def measure_artifact(artifact: str | Path, protocol: Protocol, remote: Remote | None = None, *,
+                     measure: Callable = measure_tvm) -> tuple[Measurement, dict | None]:
+    """Load an artifact on this machine (remote None) or on the device of `remote` (a new RPC
+    session, ended before returning) and time it with `measure` (measure_tvm; tests may wrap it).
+
+    Returns the measurement and what the device says about itself (None locally). Failures of
+    the device or the connection propagate as they are (ConnectionError, TVM's errors): whether
+    to retry or report them is the caller's choice.
+    """
+    from mosc.compiler.artifact import load_artifact, read_manifest
+
+    artifact = Path(artifact)
+    device = read_manifest(artifact).get("device", "cpu")
+    sess = art = info = None
+    try:
+        if remote is not None:
+            sess = connect(remote)
+            info = device_info(sess)
+        art = load_artifact(artifact, device, session=sess)
+        return measure(art, protocol), info
+    finally:
+        # An RPC session has no close(): it ends when its last handle is freed, and until then
+        # the server stays busy (the next request would wait for it). Free it now.
+        del art, sess
+        gc.collect()
+
+
+# ----------------------------------------------------------------------------- in this process
+def _host_timed(fn):
+    def timed(*a):
+        t0 = time.perf_counter()
+        out = fn(*a)
+        return time.perf_counter() - t0, out
+    return timed
+
+
+def measure_ort(export_dir: str | Path, protocol: Protocol) -> Measurement:
+    """The protocol with ONNX Runtime (CPU) on an export folder, in this process."""
+    from mosc.runtime import ort_backend
+
+    be = ort_backend(export_dir)
+    src = _source(be.batch, be.source_len)
+    token = np.full((be.batch,), BOS_ID, np.int64)
+    positions = [np.array([p], np.int64) for p in range(be.cache_len)]
+    zeros = np.zeros(be.cache_shape, np.float32)
+    enc_fn, step_fn = _host_timed(be.encode), _host_timed(be.step)
+
+    def step(pos, k, v, cross):
+        seconds, (_, k, v) = step_fn([token, positions[pos], k, v, *cross])
+        return seconds, k, v
+
+    enc, dec = run_protocol(lambda: enc_fn([src]), step, lambda: (zeros, zeros), be.cache_len,
+                            protocol.warmup, protocol.repeats)
+    return Measurement.of_runs(enc, dec, protocol.warmup, protocol.trim,
+                               _shapes(be.batch, be.source_len, be.cache_len),
+                               "onnxruntime CPU, time.perf_counter per graph call")
+
+
+def measure_torch(sub, protocol: Protocol, batch: int, source_len: int, steps: int) -> Measurement:
+    """The protocol with PyTorch eager (no_grad, this process's torch threads)."""
+    import torch  # the one torch import of the device world
+
+    sub = sub.eval()
+    src = torch.from_numpy(_source(batch, source_len))
+    token = torch.full((batch,), BOS_ID, dtype=torch.int64)
+    positions = [torch.tensor([p]) for p in range(steps)]
+    zeros = torch.zeros(len(sub.decoder), batch, steps, sub.cfg.qkv_dim)
+    enc_fn, step_fn = _host_timed(sub.encode), _host_timed(sub.decode_step)
+
+    def step(pos, k, v, cross):
+        seconds, (_, k, v) = step_fn(token, positions[pos], k, v, *cross)
+        return seconds, k, v
+
+    with torch.no_grad():
+        enc, dec = run_protocol(lambda: enc_fn(src), step, lambda: (zeros, zeros), steps,
+                                protocol.warmup, protocol.repeats)
+    return Measurement.of_runs(enc, dec, protocol.warmup, protocol.trim, _shapes(batch, source_len, steps),
+                               f"torch eager ({torch.get_num_threads()} threads), time.perf_counter per graph call")
+
+
+# ----------------------------------------------------------------------------- by backend name
+def measure_prepared(backend: str, prep: Prepared, protocol: Protocol,
+                     remote: Remote | None = None) -> tuple[Measurement, str | None]:
+    """Time what `prep` holds for `backend` -> (measurement, sha256 of what was timed: the
+    artifact's manifest for tvm, the .onnx files for ort, None for torch). Only tvm goes to
+    `remote`; ort and torch run in this process."""
+    from mosc.fileio import sha256_file
+
+    if backend == "ort":
+        m = measure_ort(prep.export_dir, protocol)
+        return m, ",".join(sha256_file(f) for f in sorted(Path(prep.export_dir).glob("*.onnx")))
+    if backend == "torch":
+        p = protocol
+        return measure_torch(prep.subnet, p, p.batch, p.source_len, p.decoder_steps), None
+    if backend == "tvm":
+        m, _ = measure_artifact(prep.artifact, protocol, remote)
+        return m, sha256_file(Path(prep.artifact) / "manifest.json")
+    raise MoscError(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
