@@ -100,7 +100,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def command(typer_app: typer.Typer, *args, **kwargs):
-    """Register a command whose MoscErrors print one line and exit 2."""
+    """Register a command whose MoscErrors print one line and exit 2 (Interrupted: 130)."""
 
     def decorate(fn):
         @functools.wraps(fn)
@@ -109,7 +109,10 @@ def command(typer_app: typer.Typer, *args, **kwargs):
                 return fn(*a, **kw)
             except MoscError as e:
                 error_line(str(e))
-                raise typer.Exit(2)
+                raise typer.Exit(e.exit_code)
+            except KeyboardInterrupt:
+                error_line("interrupted (Ctrl-C); every file mosc writes is replaced atomically, so none is half-written")
+                raise typer.Exit(130)
 
         return typer_app.command(*args, **kwargs)(wrapper)
 

@@ -18,11 +18,20 @@ from pathlib import Path
 from mosc.errors import MoscError
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write via a temp file in the same folder + os.replace; the file gets the mode a plain
+    open() would give it (0666 less the umask), not mkstemp's private 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -42,14 +51,85 @@ def atomic_write_json(path: str | Path, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def read_json(path: str | Path, what: str = "file") -> dict:
+# ---- reading: every file mosc reads enters through one of these --------------------------
+# Each turns "not there", "not readable", "not UTF-8", "not JSON/TOML" and "not the expected
+# structure" into one MoscError line naming the file and what is wrong; a UTF-8 BOM is fine.
+def read_text(path: str | Path, what: str = "file") -> str:
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise MoscError(f"{what} {path} is a folder, not a file") from None
     except OSError as e:
-        raise MoscError(f"cannot read {what} {path} ({e.strerror})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MoscError(f"{what} {path} is not valid JSON ({e})") from None
+        raise MoscError(f"cannot read {what} {path} ({e.strerror or e})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise MoscError(f"{what} {path} is not UTF-8 text (line {line}, byte {e.start})") from None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def parse_json(text: str, where: str, expect: type | None = dict):
+    """JSON text -> value (NaN/Infinity rejected); expect: the top-level type (None: any)."""
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except (json.JSONDecodeError, ValueError) as e:
+        raise MoscError(f"{where} is not valid JSON ({e})") from None
+    if expect is not None and not isinstance(value, expect):
+        raise MoscError(f"{where} must hold a JSON {_kind(expect)}, not {_kind(type(value))}")
+    return value
+
+
+def _kind(t: type) -> str:
+    return {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+            type(None): "null"}.get(t, t.__name__)
+
+
+def read_json(path: str | Path, what: str = "file", expect: type | None = dict):
+    """A JSON file whose top level is `expect` (an object by default)."""
+    return parse_json(read_text(path, what), f"{what} {path}", expect)
+
+
+def read_toml(path: str | Path, what: str = "file") -> dict:
+    import tomllib
+
+    try:
+        return tomllib.loads(read_text(path, what))
+    except tomllib.TOMLDecodeError as e:
+        raise MoscError(f"{what} {path} is not valid TOML ({e})") from None
+
+
+def read_csv(path: str | Path, what: str, need: list[str]):
+    """(header, [(line number, row dict)]) of a CSV file that has the columns `need`."""
+    import csv
+    import io
+
+    path = Path(path)
+    text = read_text(path, what)
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        header = reader.fieldnames or []
+        missing = [c for c in need if c not in header]
+        if missing:
+            raise MoscError(f"{what} {path} lacks the column(s) {', '.join(missing)}")
+        return header, [(reader.line_num, row) for row in reader]
+    except csv.Error as e:
+        raise MoscError(f"{what} {path} is not a valid CSV file ({e})") from None
+
+
+def field(d: dict, key: str, kind: type | tuple, where: str):
+    """d[key], which must exist and be of `kind`: the structure check of a file read as JSON."""
+    if not isinstance(d, dict) or key not in d:
+        raise MoscError(f"{where}: missing {key!r}")
+    v = d[key]
+    if not isinstance(v, kind) or (isinstance(v, bool) and kind in (int, float, (int, float))):
+        want = " or ".join(_kind(k) for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise MoscError(f"{where}: {key!r} must be a {want}, not {_kind(type(v))}")
+    return v
 
 
 def sha256_file(path: str | Path) -> str:
