@@ -224,6 +224,7 @@ def arch_sample(
     from mosc.fileio import atomic_write_text
 
     s = _space(space)
+    s.check_count(count, "--count", distinct=False)
     rng = random.Random(seed)
     archs = [s.sample(rng) if which == Which.random else getattr(s, which.value)() for _ in range(count)]
     if out is not None:
@@ -375,9 +376,10 @@ def evaluate_cmd(
 @command(app, "targets")
 def targets_cmd():
     """List the deployment targets (targets/*.toml) with their TVM target and description."""
-    from mosc.compiler.targets import list_targets, load_target, targets_dir
+    from mosc.compiler.targets import aliases, list_targets, load_target, targets_dir
 
     t = Table("name", "TVM target", "cross compiler", "description", title=f"targets in {targets_dir()}")
+    also = aliases()
     broken = []
     for name in list_targets():
         try:  # one broken file must not hide the others
@@ -388,7 +390,8 @@ def targets_cmd():
             t.add_row(name, "-", "-", "[red]BROKEN[/] (below)")
             continue
         spec = tg.tvm_target_spec if isinstance(tg.tvm_target_spec, str) else json.dumps(tg.tvm_target_spec)
-        t.add_row(name, escape(spec), tg.cross_compiler or "-", escape(tg.description))
+        als = ", ".join(a for a, n in also.items() if n == name)
+        t.add_row(name + (f" ({als})" if als else ""), escape(spec), tg.cross_compiler or "-", escape(tg.description))
     console.print(t)
     if broken:
         raise MoscError(f"{len(broken)} broken target file(s): " + " | ".join(broken))
@@ -624,6 +627,7 @@ def device_emulate(
     from mosc.rpc import parse_hostport
 
     tg = _target(target)
+    target = tg.name  # an alias ("rpi") emulates the target it names
     try:
         argv, environ = emulate_command(target, *parse_hostport(tracker), key or tg.rpc.key, host, port,
                                         env.emulate_workdir(target), root)
@@ -659,6 +663,9 @@ def db_import_hat(
 ):
     """Import HAT's published measurements: features only (no full arch), backend hat-pytorch."""
     from mosc.device.db import LatencyDB
+    from mosc.jobs.search import row_target
+
+    target = row_target(target)
 
     with LatencyDB(_db_path(db)) as ldb:
         n = ldb.import_hat_csv(csv_file, target, force=force)
@@ -678,6 +685,9 @@ def db_export(
 ):
     """Write the database (or one target's rows) as CSV, HAT's feature columns included."""
     from mosc.device.db import LatencyDB
+    from mosc.jobs.search import row_target
+
+    target = row_target(target)
 
     with LatencyDB(_db_path(db)) as ldb:
         n = ldb.export_csv(out, target=target, include_emulated=not real_only)
@@ -949,6 +959,7 @@ def search_cmd(
         raise MoscError("give --latency-ms L (or --pareto for the whole front)")
     sp, score = jobs.fitness(fitness, checkpoint, space, val_sentences, max_tokens)
     pred = jobs.latency_model(target, sp, predictor, db, log=lambda m: err_console.print(m, style="yellow"))
+    target = pred.target  # the canonical name ("rpi" -> "rpi4") in search.json, the plot and the feedback rows
     cfg = EvoConfig(population=population, parents=parents, mutations=mutations, mutation_prob=mutation_prob,
                     crossovers=crossovers, generations=generations, seed=seed)
     run = pareto_search if pareto else evolve

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -175,12 +176,14 @@ def load_tensors(path: str | Path, expect_sha256: str | None = None) -> dict:
     try:
         return load(data)
     except Exception as e:  # safetensors raises its own error types for bad headers/truncation
-        raise MoscError(f"weights {path} are corrupt or not a safetensors file ({str(e).splitlines()[0]})") from None
+        raise MoscError(f"weights {path} are corrupt or not a safetensors file "
+                        f"({(str(e).splitlines() or [type(e).__name__])[0]})") from None
 
 
 # A model folder: DIR/model.safetensors + DIR/config.json. The config is written last and
 # records the weights' sha256, so a folder with a config is complete and verifiable.
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def save_model_dir(out_dir: str | Path, kind: str, tensors: dict, meta: dict) -> Path:
@@ -199,23 +202,34 @@ def load_model_dir(path: str | Path, kind: str) -> tuple[dict, dict]:
     if not path.is_dir():
         raise MoscError(f"{path} is not a model folder (expected {path}/{CONFIG} and {path}/{WEIGHTS})")
     meta = read_json(path / CONFIG, "model config")
-    if not isinstance(meta, dict) or meta.get("kind") != kind:
-        got = meta.get("kind") if isinstance(meta, dict) else None
-        raise MoscError(f"{path} holds a {got!r}, expected a {kind!r}")
-    return meta, load_tensors(path / WEIGHTS, meta.get("weights_sha256"))
+    if meta.get("kind") != kind:
+        raise MoscError(f"{path} holds a {meta.get('kind')!r}, expected a {kind!r}")
+    # The hash is what ties config and weights together: without it flipped bytes would load.
+    sha = meta.get("weights_sha256")
+    if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+        what = "has no weights_sha256" if sha is None else "has a malformed weights_sha256"
+        raise MoscError(f"{path / CONFIG} {what}: not written by mosc, or edited")
+    return meta, load_tensors(path / WEIGHTS, sha)
 
 
 # A training run folder: step_NNNNNNN/ model folders and a `latest` pointer file naming the
 # newest complete one (written after it, so a crash mid-checkpoint leaves the previous).
+_STEP_DIR = re.compile(r"step_[0-9]+")
 
 
-def latest_checkpoint(run: Path) -> Path | None:
+def latest_checkpoint(run: str | Path) -> Path | None:
+    """The checkpoint a run folder's `latest` names, or None without one. The pointer may only
+    name a step_N folder directly inside the run: never a path elsewhere."""
+    run = Path(run)
     pointer = run / "latest"
-    if not pointer.exists():
+    if not os.path.lexists(pointer):
         return None
-    ckpt = run / pointer.read_text().strip()
-    if not (ckpt / CONFIG).exists():
-        raise MoscError(f"{run}/latest points at {ckpt.name}, which is missing or incomplete")
+    name = read_text(pointer, "checkpoint pointer").strip()
+    if not _STEP_DIR.fullmatch(name):
+        raise MoscError(f"{pointer} must name a step_N folder inside {run}, not {name[:80]!r}")
+    ckpt = run / name
+    if ckpt.is_symlink() or not (ckpt / CONFIG).is_file():
+        raise MoscError(f"{pointer} points at {name}, which is missing, incomplete or not a folder of the run")
     return ckpt
 
 

@@ -18,7 +18,6 @@ import dataclasses
 import shutil
 import statistics
 import time
-import tomllib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,21 +82,43 @@ class PipelineConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> PipelineConfig:
-        path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise MoscError(f"cannot read config {path} ({e.strerror})") from None
-        except tomllib.TOMLDecodeError as e:
-            raise MoscError(f"{path}: not valid TOML ({e})") from None
-        return cls.from_dict(raw, str(path))
+        from mosc.fileio import read_toml
+
+        return cls.from_dict(read_toml(path, "pipeline config"), str(path))
+
+    # Ranges of the numeric settings: (low, high), inclusive; checked at load, before any work.
+    RANGES = {
+        "max_train_pairs": (0, 10**8), "experts": (1, 64), "train_steps": (1, 10**7), "train_max_tokens": (1, 10**6),
+        "train_lr": (1e-8, 1.0), "train_warmup": (0, 10**7), "train_dropout": (0.0, 0.9), "seed": (0, 2**32 - 1),
+        "measure_archs": (5, 10**5), "measure_trials": (1, 10**6), "measure_warmup": (-1, 10**4),
+        "measure_repeats": (0, 10**5), "latency_budget_ms": (0.0, 1e7), "val_sentences": (1, 10**7),
+        "population": (2, 10**5), "parents": (1, 10**5), "mutations": (0, 10**5), "crossovers": (0, 10**5),
+        "mutation_prob": (0.0, 1.0), "generations": (1, 10**4), "bleu_archs": (0, 1000),
+        "bleu_sentences": (1, 10**7), "compile_trials": (0, 10**6), "translate_sentences": (0, 10**5),
+    }
 
     def check(self, where: str = "config") -> PipelineConfig:
-        for k in ("train_steps", "train_max_tokens", "val_sentences", "population", "generations", "parents"):
-            if getattr(self, k) < 1:
-                raise MoscError(f"{where}: {k} must be >= 1, got {getattr(self, k)}")
-        if self.measure_archs < 5:
-            raise MoscError(f"{where}: measure_archs must be >= 5 (the predictor needs 5 rows), got {self.measure_archs}")
+        """One line for the first setting out of range or not a known choice."""
+        import math
+
+        from mosc.nn.modes import FFNMode
+        from mosc.search.predictor import MODELS
+
+        for k, (lo, hi) in self.RANGES.items():
+            v = getattr(self, k)
+            if not (isinstance(v, int) or math.isfinite(v)) or not lo <= v <= hi:
+                why = " (the predictor needs 5 rows)" if k == "measure_archs" else ""
+                raise MoscError(f"{where}: {k} must be between {lo:g} and {hi:g}{why}, got {v!r}")
+        if self.parents > self.population:
+            raise MoscError(f"{where}: parents ({self.parents}) must not exceed population ({self.population})")
+        if self.mode not in FFNMode.__members__:
+            raise MoscError(f"{where}: mode must be one of {', '.join(FFNMode.__members__)}, got {self.mode!r}")
+        if self.predictor not in MODELS:
+            raise MoscError(f"{where}: predictor must be one of {', '.join(MODELS)}, got {self.predictor!r}")
+        if self.tracker:
+            from mosc.rpc import parse_hostport
+
+            parse_hostport(self.tracker, f"{where}: tracker")
         return self
 
     def to_dict(self) -> dict:
@@ -433,6 +454,8 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, console: Console | No
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     r = Run(cfg, out, console or Console(), _target(cfg.target, cfg))
+    if cfg.cross_target:
+        _target(cfg.cross_target, cfg)  # an unknown cross target is one line now, not after training
     r.summary.update(config=cfg.to_dict(), out_dir=str(out))
     times, t_all = {}, time.perf_counter()
     for i, st in enumerate(stages, 1):

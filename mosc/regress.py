@@ -2,7 +2,8 @@
 
     bench(target, artifact, arch)        measure an artifact with the target's protocol -> result dict
     environment()                        mosc.rpc.machine_info() + TVM / tvm-ffi versions, CPU model, governor
-    compatible(baseline, result)         refuse comparisons that mean nothing (MoscError, one line)
+    compatible(baseline, result)         refuse comparisons that mean nothing (MoscError, one line):
+                                         other target, arch, machine, TVM, threads or protocol
     compare(baseline, result, ...)       bootstrap CIs of current/baseline ratios + Mann-Whitney U
     junit_xml(report) / print-free       CI outputs (the CLI prints the table)
 
@@ -29,8 +30,8 @@ nor of the latency database.
 
 from __future__ import annotations
 
+import math
 import os
-import platform
 import time
 from dataclasses import asdict
 from importlib.metadata import PackageNotFoundError, version
@@ -41,6 +42,7 @@ import numpy as np
 
 from mosc.device.protocol import _trimmed, summarize
 from mosc.errors import MoscError
+from mosc.rpc import cpu_model  # noqa: F401  (re-exported: the CPU model recorded with a result)
 
 FORMAT = "mosc-bench/1"
 RESAMPLES = 2000
@@ -50,6 +52,7 @@ METRICS = ("p50", "p90")
 # protocol fields that must match between baseline and result (repeats may differ)
 PROTOCOL_KEYS = ("source_len", "decoder_steps", "batch", "warmup", "trim")
 EXIT = {"pass": 0, "improved": 0, "regression": 1}
+DEFAULT_TOLERANCES = {"p50_tol": 0.05, "p90_tol": 0.10}  # a target file's [regression] defaults
 
 
 # ----------------------------------------------------------------------------- environment
@@ -67,24 +70,16 @@ def _read(path: str) -> str | None:
         return None
 
 
-def cpu_model() -> str | None:
-    text = _read("/proc/cpuinfo") or ""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("model name", "Model", "Hardware", "cpu model") and value.strip():
-            return value.strip()
-    return platform.processor() or None
-
-
 def environment() -> dict:
     """Where a result was measured (this machine; for RPC the device's own info is added by bench):
-    machine_info() plus what decides comparability (TVM and tvm-ffi versions, TVM_NUM_THREADS)
-    and what explains drift (CPU model, frequency governor)."""
+    machine_info() (hostname and CPU model: a baseline compares only with its own machine) plus
+    what decides comparability (TVM and tvm-ffi versions, TVM_NUM_THREADS) and what explains
+    drift (frequency governor)."""
     from mosc.rpc import machine_info
 
     return {
         "tvm_version": _pkg("apache-tvm"), "tvm_ffi_version": _pkg("apache-tvm-ffi"),
-        "cpu_model": cpu_model(), "governor": _read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"),
+        "governor": _read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"),
         **machine_info(), "tvm_num_threads": os.environ.get("TVM_NUM_THREADS"),
     }
 
@@ -160,29 +155,73 @@ def _result(target, protocol, artifact: Path, manifest: dict, arch, m, remote, d
 
 
 def load_result(path: str | Path, what: str = "result") -> dict:
+    """A `mosc bench` result (or baseline) file, its structure checked (MoscError, one line)."""
     from mosc.fileio import read_json
 
     r = read_json(path, what)
-    if not isinstance(r, dict) or r.get("format") != FORMAT:
-        raise MoscError(f"{what} {path} is not a mosc bench result (format {r.get('format') if isinstance(r, dict) else None!r}, expected {FORMAT!r})")
-    s = r.get("samples_ms")
-    if not isinstance(s, list) or len(s) < 2 or not all(isinstance(x, (int, float)) and x > 0 for x in s):
-        raise MoscError(f"{what} {path} has no usable samples_ms (need >= 2 positive run latencies)")
-    for key in ("target", "protocol", "arch", "environment"):
-        if key not in r:
-            raise MoscError(f"{what} {path} lacks {key!r}")
+    if r.get("format") != FORMAT:
+        raise MoscError(f"{what} {path} is not a mosc bench result (format {r.get('format')!r}, expected {FORMAT!r})")
+    check_result(r, f"{what} {path}")
+    return r
+
+
+def check_result(r: dict, where: str) -> dict:
+    """The structure compatible() and compare() rely on; MoscError naming the field otherwise."""
+    from mosc.fileio import field
+
+    field(r, "target", str, where)
+    protocol = field(r, "protocol", dict, where)
+    for k in PROTOCOL_KEYS:
+        field(protocol, k, (int, float) if k == "trim" else int, f"{where} protocol")
+    if not 0 <= protocol["trim"] < 0.5:
+        raise MoscError(f"{where} protocol: 'trim' must be in [0, 0.5), not {protocol['trim']!r}")
+    field(field(r, "arch", dict, where), "hash", str, f"{where} arch")
+    env = field(r, "environment", dict, where)
+    for k in ("tvm_version", "tvm_ffi_version", "tvm_num_threads", "hostname", "cpu_model"):
+        if env.get(k) is not None:
+            field(env, k, str, f"{where} environment")
+    for k in ("device", "artifact", "regression"):
+        if r.get(k) is not None:
+            field(r, k, dict, where)
+    s = field(r, "samples_ms", list, where)
+    if len(s) < 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+                             for x in s):
+        raise MoscError(f"{where} has no usable samples_ms (need >= 2 positive run latencies)")
     return r
 
 
 # ----------------------------------------------------------------------------- comparability
+def machine(r: dict) -> tuple[str | None, str | None]:
+    """(hostname, CPU model) of the machine a result was timed on: the device's for a result
+    measured over RPC, this machine's otherwise (None where the result does not say)."""
+    dev = r.get("device") or {}
+    src = dev if dev.get("where", "local") != "local" else r.get("environment") or {}
+    return src.get("hostname"), src.get("cpu_model")
+
+
+def machine_slug(r: dict) -> str:
+    """The machine a result was timed on as a file-name part ("vm-amd-epyc"): baselines are kept
+    per machine (examples/ci/latency_check.sh names them <target>-<arch hash>-<this>.json)."""
+    import re
+
+    text = "-".join(x for x in machine(r) if x)
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:80] or "unknown-machine"
+
+
 def compatible(baseline: dict, result: dict) -> None:
     """MoscError (one line) when the two were measured under different conditions."""
+    check_result(baseline, "baseline")
+    check_result(result, "result")
     bt, rt = baseline.get("target"), result.get("target")
     if bt != rt:
         raise MoscError(f"baseline is for target {bt!r}, result for {rt!r}: not comparable (use the {rt} baseline)")
     ba, ra = (baseline.get("arch") or {}).get("hash"), (result.get("arch") or {}).get("hash")
     if ba != ra:
         raise MoscError(f"baseline is for arch {ba}, result for arch {ra}: not comparable")
+    (bh, bc), (rh, rc) = machine(baseline), machine(result)
+    if (bh and rh and bh != rh) or (bc and rc and bc != rc):  # another machine's timings are not a baseline
+        raise MoscError(f"baseline recorded on {bh} / CPU {bc}, result on {rh} / CPU {rc}: re-baseline on this "
+                        "machine with --update-baseline --force")
     be, re_ = baseline.get("environment") or {}, result.get("environment") or {}
     for key, name in (("tvm_version", "TVM"), ("tvm_ffi_version", "tvm-ffi")):
         if be.get(key) != re_.get(key):
@@ -212,25 +251,42 @@ def _boot(x: np.ndarray, metric: str, trim: float, resamples: int, rng: np.rando
     return statistic(x[idx], metric, trim)
 
 
+def tolerances_of(tolerances: dict | None) -> dict[str, float]:
+    """{"p50_tol": .., "p90_tol": ..}: the given ones over DEFAULT_TOLERANCES, each a finite number >= 0.
+    Never taken from a result file: a result must not choose how much slowdown it is allowed."""
+    tol = {**DEFAULT_TOLERANCES, **{k: v for k, v in (tolerances or {}).items() if v is not None}}
+    for k, v in tol.items():
+        if k not in DEFAULT_TOLERANCES:
+            raise MoscError(f"unknown tolerance {k!r} (known: {', '.join(DEFAULT_TOLERANCES)})")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v < 10:
+            raise MoscError(f"tolerance {k} must be a number in [0, 10) (a fraction: 0.05 = 5%), got {v!r}")
+    return {k: float(v) for k, v in tol.items()}
+
+
 def compare(baseline: dict, result: dict, *, tolerances: dict | None = None, resamples: int = RESAMPLES,
             confidence: float = CONFIDENCE, seed: int = SEED, check_compatible: bool = True) -> dict:
-    """The check report: per metric baseline, current, ratio, CI, tolerance, U test, verdict."""
+    """The check report: per metric baseline, current, ratio, CI, tolerance, U test, verdict.
+
+    tolerances: {"p50_tol", "p90_tol"} from the target file (jobs.measure.check reads it) or the
+    command line; missing ones are DEFAULT_TOLERANCES. The result's own `regression` is ignored."""
     from scipy.stats import mannwhitneyu
 
     if check_compatible:
         compatible(baseline, result)
+    else:
+        check_result(baseline, "baseline")
+        check_result(result, "result")
     if resamples < 100:
         raise MoscError("--resamples must be at least 100")
     if not 0.5 <= confidence < 1:
         raise MoscError("--confidence must be in [0.5, 1)")
-    tol = dict(tolerances or result.get("regression") or {})
-    trim = float(result["protocol"].get("trim", 0.1))
+    tol = tolerances_of(tolerances)
+    trim = float(result["protocol"]["trim"])
     b = np.asarray(baseline["samples_ms"], np.float64)
     c = np.asarray(result["samples_ms"], np.float64)
     rng = np.random.default_rng(seed)
     u = mannwhitneyu(c, b, alternative="greater")
-    rows = [_metric_row(metric, b, c, trim, float(tol.get(f"{metric}_tol", 0.05 if metric == "p50" else 0.10)),
-                        resamples, confidence, rng) for metric in METRICS]
+    rows = [_metric_row(metric, b, c, trim, tol[f"{metric}_tol"], resamples, confidence, rng) for metric in METRICS]
     verdicts = {r["verdict"] for r in rows}
     overall = "regression" if "regression" in verdicts else "improved" if "improved" in verdicts else "pass"
     return {

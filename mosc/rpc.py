@@ -5,7 +5,7 @@
     registered_keys     the device keys registered there
     connect(remote)     an RPC session on a free device of the key (waits are polled, bounded)
     device_info         what a device says about itself (`mosc device serve` registers it)
-    machine_info        this machine (hostname, architecture, OS, Python, CPUs, emulated)
+    machine_info        this machine (hostname, architecture, CPU model, OS, Python, CPUs, emulated)
     device_failure      whether an exception is the device or the network failing (retry) or a bug
     parse_hostport      "HOST:PORT" -> (host, port), with a one-line error
 
@@ -57,22 +57,38 @@ class Remote:
         return f"{self.host}:{self.port}"
 
 
+def _no_tracker(host: str, port: int, e: BaseException) -> ConnectionError:
+    why = e.strerror if isinstance(e, OSError) and e.strerror else str(e) or type(e).__name__
+    return ConnectionError(f"no RPC tracker answers at {host}:{port} ({why})")
+
+
 def _tracker_socket(host: str, port: int, timeout: float) -> socket.socket:
+    """A connection to the tracker after the magic-number handshake. Nothing listening, refused,
+    timed out, or closed before answering: "no RPC tracker answers"; only a peer that answers
+    something else is "not an RPC tracker"."""
     from tvm.rpc import base
 
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as e:
-        raise ConnectionError(f"no RPC tracker answers at {host}:{port} ({e.strerror or e})") from None
+        raise _no_tracker(host, port, e) from None
+    answer = b""
     try:
         sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
-        magic = struct.unpack("<i", base.recvall(sock, 4))[0]
-    except OSError as e:
+        while len(answer) < 4:
+            chunk = sock.recv(4 - len(answer))
+            if not chunk:  # closed without answering: a port forwarder with nothing behind it, say
+                break
+            answer += chunk
+    except OSError as e:  # reset, or connected but silent (socket.timeout has no text)
         sock.close()
-        raise ConnectionError(f"{host}:{port} does not answer like an RPC tracker ({e})") from None
-    if magic != base.RPC_TRACKER_MAGIC:
+        raise _no_tracker(host, port, e if str(e) else TimeoutError(f"no answer within {timeout:g} s")) from None
+    if len(answer) < 4:
         sock.close()
-        raise ConnectionError(f"{host}:{port} is not an RPC tracker")
+        raise _no_tracker(host, port, ConnectionError("connection closed without an answer"))
+    if struct.unpack("<i", answer)[0] != base.RPC_TRACKER_MAGIC:
+        sock.close()
+        raise ConnectionError(f"{host}:{port} answers, but is not an RPC tracker (handshake answer {answer!r})")
     return sock
 
 
@@ -157,6 +173,20 @@ def device_info(session=None) -> dict:
     return json.loads(func())
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (/proc/cpuinfo; platform.processor() elsewhere), None when unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("model name", "Model", "Hardware", "cpu model") and value.strip():
+            return value.strip()
+    return platform.processor() or None
+
+
 def machine_info() -> dict:
     """This machine: the one description recorded with measurements and bench results, and the
     base of what a device answers over RPC. Standard library only (the emulated device's Python
@@ -164,7 +194,7 @@ def machine_info() -> dict:
     info = {"hostname": socket.gethostname(), "machine": platform.machine(), "system": platform.system(),
             "release": platform.release(), "python": platform.python_version(),
             "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "emulated": env.emulated()}
+            "cpu_model": cpu_model(), "emulated": env.emulated()}
     if info["emulated"]:
         info["emulator"] = env.emulator()
     return info

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from mosc.contract import DECODER, ENCODER, load_export
+from mosc.contract import DECODER, ENCODER, check_translation_graphs, load_export
 from mosc.errors import MoscError
 
 Fn = Callable[[list[np.ndarray]], list[np.ndarray]]
@@ -69,9 +69,7 @@ def ort_backend(export_dir, meta: dict | None = None) -> Backend:
 
 def artifact_backend(art) -> Backend:
     """A loaded TVM artifact (mosc.compiler.artifact.Artifact) with the encoder and decoder_step graphs."""
-    missing = {ENCODER, DECODER} - set(art.graphs)
-    if missing:
-        raise MoscError(f"{art.dir}: artifact lacks graph(s) {sorted(missing)}: not a translation model")
+    check_translation_graphs(art.manifest["graphs"], f"artifact {art.dir}")
     enc_in = art.manifest["graphs"][ENCODER]["inputs"][0]["shape"]
     return Backend(lambda xs: art.run(ENCODER, xs), lambda xs: art.run(DECODER, xs), enc_in[0], enc_in[1],
                    _cache_shape(art.manifest["graphs"][DECODER]["inputs"]))

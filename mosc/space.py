@@ -16,11 +16,11 @@ import hashlib
 import json
 import math
 import random
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from mosc.errors import MoscError
+from mosc.fileio import parse_json, read_json, read_toml
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "spaces"
 
@@ -32,6 +32,16 @@ DEC_LAYER_FIELDS = {
     "dec_cross_heads": "dec_cross_heads",
     "dec_arbitrary": "dec_arbitrary",
 }
+
+
+MAX_ARCH_VALUE = 1_000_000  # no dim, head count or k of any arch comes near this
+MAX_ARCH_LAYERS = 1000  # per-layer lists longer than this are not archs
+MAX_SPACE_LAYERS = 64  # most layers (and k of arbitrary attention) a space may offer
+MAX_ARCHS_PER_REQUEST = 100_000  # most archs one command may ask for (sample, measure, search)
+
+
+def _arch_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_ARCH_VALUE
 
 
 @dataclass(frozen=True)
@@ -94,33 +104,28 @@ class Arch:
             raise MoscError(f"arch: missing fields {missing}, unknown fields {unknown}; expected exactly {names}")
         for n in names:
             v = d[n]
-            ok = isinstance(v, int) if n.endswith("_embed") else (
-                isinstance(v, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)
-            )
-            if not ok or isinstance(v, bool):
-                kind = "an integer" if n.endswith("_embed") else "a list of integers"
-                raise MoscError(f"arch: field {n!r} must be {kind}, got {v!r}")
+            if n.endswith("_embed"):
+                ok = _arch_int(v)
+            else:
+                ok = isinstance(v, (list, tuple)) and 0 < len(v) <= MAX_ARCH_LAYERS and all(map(_arch_int, v))
+            if not ok:
+                kind = "a whole number" if n.endswith("_embed") else f"a list of 1 to {MAX_ARCH_LAYERS} whole numbers"
+                shown = repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."
+                raise MoscError(f"arch: field {n!r} must be {kind} from 1 to {MAX_ARCH_VALUE:,}, got {shown}")
         return cls(**{n: d[n] for n in names})
 
     @classmethod
-    def from_json(cls, text: str) -> Arch:
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise MoscError(f"arch: malformed JSON ({e})") from None
-        return cls.from_dict(d)
+    def from_json(cls, text: str, where: str = "arch") -> Arch:
+        return cls.from_dict(parse_json(text, where, expect=dict))
 
     @classmethod
     def load(cls, path: str | Path) -> Arch:
-        path = Path(path)
+        """An arch JSON file; anything unreadable or malformed is one line naming the file."""
+        d = read_json(path, "arch file", expect=dict)
         try:
-            text = path.read_text()
-        except OSError as e:
-            raise MoscError(f"arch: cannot read {path} ({e.strerror})") from None
-        try:
-            return cls.from_json(text)
+            return cls.from_dict(d)
         except MoscError as e:
-            raise MoscError(f"{path}: {e}") from None
+            raise MoscError(f"arch file {path}: {str(e).removeprefix('arch: ')}") from None
 
     def hat_features(self) -> list[float]:
         """HAT's 10 summary features, raw (unnormalised), in HAT's CSV column order."""
@@ -160,18 +165,24 @@ class SearchSpace:
     # ---- loading -----------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict, where: str = "space") -> SearchSpace:
+        if not isinstance(d, dict):
+            raise MoscError(f"{where}: a search space is a table of settings, not {type(d).__name__}")
+
         def choices(section: str, key: str) -> tuple[int, ...]:
             try:
                 v = d[section][key]
-            except (KeyError, TypeError):
+            except (KeyError, TypeError, IndexError):
                 raise MoscError(f"{where}: missing [{section}] {key}") from None
-            if not isinstance(v, list) or not v or not all(isinstance(x, int) and x > 0 for x in v):
-                raise MoscError(f"{where}: [{section}] {key} must be a non-empty list of positive integers, got {v!r}")
+            top = MAX_SPACE_LAYERS if key in ("layers", "arbitrary_attn") else MAX_ARCH_VALUE
+            if not isinstance(v, list) or not v or not all(_arch_int(x) and x <= top for x in v):
+                shown = repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."
+                raise MoscError(f"{where}: [{section}] {key} must be a non-empty list of whole numbers "
+                                f"from 1 to {top:,}, got {shown}")
             return tuple(sorted(set(v)))
 
         qkv = d.get("qkv_dim")
-        if not isinstance(qkv, int) or qkv <= 0:
-            raise MoscError(f"{where}: qkv_dim must be a positive integer, got {qkv!r}")
+        if not _arch_int(qkv):
+            raise MoscError(f"{where}: qkv_dim must be a whole number from 1 to {MAX_ARCH_VALUE:,}, got {qkv!r}")
         space = cls(
             name=str(d.get("name", where)),
             description=str(d.get("description", "")),
@@ -210,16 +221,10 @@ class SearchSpace:
         """A built-in space by name (`tiny`, `wmt`) or a TOML file by path."""
         path = Path(name_or_path)
         if not path.suffix == ".toml":
-            path = BUILTIN_DIR / f"{name_or_path}.toml"
-            if not path.exists():
+            if str(name_or_path) not in builtin_spaces():  # a name, never a path out of BUILTIN_DIR
                 raise MoscError(f"unknown search space {str(name_or_path)!r}; built-ins: {', '.join(builtin_spaces())} (or give a .toml path)")
-        try:
-            d = tomllib.loads(path.read_text())
-        except OSError as e:
-            raise MoscError(f"cannot read search space {path} ({e.strerror})") from None
-        except tomllib.TOMLDecodeError as e:
-            raise MoscError(f"{path}: malformed TOML ({e})") from None
-        return cls.from_dict(d, where=str(path))
+            path = BUILTIN_DIR / f"{name_or_path}.toml"
+        return cls.from_dict(read_toml(path, "search space"), where=f"search space {path}")
 
     # ---- size and extremes -------------------------------------------------------
     def arbitrary_choices(self, enc_layers: int) -> tuple[int, ...]:
@@ -235,6 +240,34 @@ class SearchSpace:
             per_dec_layer = dec_base * len(self.arbitrary_choices(le))
             total += enc_layer_opts**le * sum(per_dec_layer**ld for ld in self.dec_layers)
         return total * len(self.enc_embed) * len(self.dec_embed)
+
+    def check_count(self, n, what: str = "the number of archs", distinct: bool = True) -> int:
+        """n, if a request for n archs (n distinct ones unless `distinct` is False) can be met:
+        every command that makes, measures or searches archs one by one asks this first, so a
+        typo such as -n 1000000000 is one line instead of a run that never ends."""
+        size = self.size() if distinct else MAX_ARCHS_PER_REQUEST
+        limit = min(size, MAX_ARCHS_PER_REQUEST)
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limit:
+            why = (f"space {self.name!r} holds only {size:,} distinct archs" if size < MAX_ARCHS_PER_REQUEST
+                   else f"at most {MAX_ARCHS_PER_REQUEST:,} archs per request")
+            shown = f"{n:,}" if isinstance(n, int) and not isinstance(n, bool) else repr(n)
+            raise MoscError(f"{what} must be from 1 to {limit:,} ({why}), got {shown}")
+        return n
+
+    def sample_distinct(self, n: int, seed: int, what: str = "the number of archs") -> list[Arch]:
+        """n distinct archs, the same for the same (space, n, seed); refuses an n the space
+        cannot meet, and gives up (one line) after 50 draws per arch asked for."""
+        self.check_count(n, what)
+        rng, out, seen = random.Random(seed), [], set()
+        for _ in range(n * 50):
+            a = self.sample(rng)
+            if a not in seen:
+                seen.add(a)
+                out.append(a)
+                if len(out) == n:
+                    return out
+        raise MoscError(f"space {self.name!r}: found only {len(out):,} distinct archs in {n * 50:,} draws with "
+                        f"seed {seed}; ask for fewer")
 
     def largest(self) -> Arch:
         le, ld = max(self.enc_layers), max(self.dec_layers)

@@ -109,3 +109,19 @@ def host_test_env(work: Path, protocol: dict) -> dict:
     (tdir / "host.toml").write_text(text)
     return {**ENV, "MOSC_TARGETS_DIR": str(tdir), "MOSC_ARTIFACT_CACHE": str(work / "cache"),
             "MOSC_TUNE_DIR": str(work / "tune"), "COLUMNS": "200"}
+
+
+LOCK_HOLDER = """
+import sqlite3, sys, time
+c = sqlite3.connect(sys.argv[1], isolation_level=None)
+c.execute("BEGIN IMMEDIATE")  # the write lock, held until killed
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def hold_write_lock(path) -> subprocess.Popen:
+    """Another process holding an SQLite database's write lock (an open write transaction) until killed."""
+    p = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(path)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "locked"
+    return p

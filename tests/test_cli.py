@@ -104,7 +104,7 @@ def test_bad_input_is_one_line(args, needle):
 def test_malformed_arch_and_corrupt_checkpoint(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text("{ nope")
-    one_line_error(runner.invoke(app, ["collapse", "--arch", str(bad)]), "malformed JSON")
+    one_line_error(runner.invoke(app, ["collapse", "--arch", str(bad)]), "is not valid JSON")
     outside = tmp_path / "outside.json"
     from mosc.space import SearchSpace
 
@@ -116,6 +116,11 @@ def test_malformed_arch_and_corrupt_checkpoint(tmp_path):
     ck.mkdir()
     (ck / "config.json").write_text('{"kind": "mosc-supernet", "config": {}}')
     (ck / "model.safetensors").write_bytes(b"garbage")
+    one_line_error(runner.invoke(app, ["collapse", "--checkpoint", str(ck)]), "has no weights_sha256")
+    import hashlib
+
+    (ck / "config.json").write_text(json.dumps({"kind": "mosc-supernet", "config": {},
+                                                "weights_sha256": hashlib.sha256(b"garbage").hexdigest()}))
     one_line_error(runner.invoke(app, ["collapse", "--checkpoint", str(ck)]), "corrupt or not a safetensors")
 
 
@@ -130,7 +135,7 @@ def test_targets_lists_tvm_targets():
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["compile", "--target", "pi5", "--onnx-dir", ".", "-o", "x"], "unknown target 'pi5'; valid targets: host, nvidia, rpi4, xeon"),
+    (["compile", "--target", "pi5", "--onnx-dir", ".", "-o", "x"], "unknown target 'pi5'; valid targets: host, nvidia, rpi4 (also pi, raspberrypi, rpi), xeon"),
     (["compile", "--target", "host", "-o", "x"], "give exactly one of --onnx-dir DIR, --subnet DIR or --checkpoint"),
     (["compile", "--target", "host", "--onnx-dir", "/nonexistent", "-o", "x"], "is not an export folder"),
     (["export", "-o", "x"], "give exactly one of --subnet DIR or --checkpoint RUN"),

@@ -2,6 +2,7 @@
 for many archs of both spaces; the collapsed model's size and its cached decoding."""
 
 import random
+import re
 
 import pytest
 import torch
@@ -189,3 +190,65 @@ def test_collapse_refuses_arch_outside_space():
     bad = Arch.from_dict({**model.space.largest().to_dict(), "enc_embed": 256})
     with pytest.raises(MoscError, match="enc_embed = 256"):
         collapse(model, bad)
+
+
+@pytest.mark.parametrize("kind", ["supernet", "subnet"])
+def test_model_folder_without_weights_hash_is_refused(tmp_path, kind):
+    """Every writer stores weights_sha256 and every loader demands it: a folder without one
+    (hand-made or edited) would load flipped weight bytes silently."""
+    import json
+
+    model = make_supernet("tiny", "layer")
+    folder = tmp_path / kind
+    if kind == "supernet":
+        save_supernet(model, folder)
+        load = load_supernet
+    else:
+        save_subnet(collapse(model, model.space.smallest()), folder)
+        load = load_subnet
+    meta = json.loads((folder / "config.json").read_text())
+    assert len(meta["weights_sha256"]) == 64 and int(meta["weights_sha256"], 16) >= 0
+    load(folder)
+    w = folder / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-3] ^= 0x80  # a flipped bit in the last weight
+    w.write_bytes(bytes(data))
+    with pytest.raises(MoscError, match="do not match the sha256"):
+        load(folder)
+    for bad, says in [(None, "has no weights_sha256: not written by mosc, or edited"),
+                      ("", "malformed weights_sha256"), (123, "malformed weights_sha256"),
+                      ("A" * 64, "malformed weights_sha256")]:
+        edited = {k: v for k, v in meta.items() if k != "weights_sha256"}
+        if bad is not None:
+            edited["weights_sha256"] = bad
+        (folder / "config.json").write_text(json.dumps(edited))
+        with pytest.raises(MoscError, match=says) as e:
+            load(folder)
+        assert str(folder / "config.json") in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("kw,says", [
+    ({"n_experts": 0}, "n_experts must be"), ({"n_experts": 10**6}, "n_experts must be"),
+    ({"router_hidden": 0}, "router_hidden must be"), ({"dropout": 1.0}, "dropout must be"),
+    ({"dropout": float("nan")}, "dropout must be"), ({"attn_dropout": -0.1}, "attn_dropout must be"),
+    ({"vocab_size": 3}, "vocab_size must be"), ({"vocab_size": 10**7}, "vocab_size must be"),
+    ({"vocab_size": 100.0}, "vocab_size must be"), ({"max_positions": 10**9}, "max_positions must be"),
+    ({"ffn_mode": "moe"}, "ffn_mode must be one of shared, layer, neuron"),
+    ({"space": {"qkv_dim": 64}}, "missing [encoder]"),
+])
+def test_supernet_config_rejects_out_of_range(kw, says):
+    base = {"space": SearchSpace.load("tiny").to_dict(), "vocab_size": 60, "ffn_mode": "neuron"}
+    with pytest.raises(MoscError, match=re.escape(says)) as e:
+        SupernetConfig(**{**base, **kw})
+    assert "\n" not in str(e.value)
+
+
+def test_supernet_folder_with_out_of_range_config_is_one_line(tmp_path):
+    import json
+
+    save_supernet(make_supernet("tiny", "shared"), tmp_path / "sn")
+    cfg_file = tmp_path / "sn" / "config.json"
+    meta = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({**meta, "config": {**meta["config"], "n_experts": -2}}))
+    with pytest.raises(MoscError, match=r"sn: supernet config: n_experts must be"):
+        load_supernet(tmp_path / "sn")

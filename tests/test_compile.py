@@ -310,7 +310,9 @@ def test_tuning_a_remote_target_needs_a_real_tracker_with_the_key(tmp_path):
 
     threading.Thread(target=accept_and_close, daemon=True).start()
     fake = dataclasses.replace(rpi4, rpc=Rpc("127.0.0.1", srv.getsockname()[1], "rpi4"))
-    with pytest.raises(MoscError, match="does not answer like an RPC tracker|dropped the connection"):
+    # a port that accepts and then closes (or resets) counts as no tracker answering
+    with pytest.raises(MoscError, match="does not answer like an RPC tracker|dropped the connection|"
+                                        "no RPC tracker answers"):
         check_tracker(fake)
     srv.close()
     tracker, port = start_tracker()
@@ -319,3 +321,142 @@ def test_tuning_a_remote_target_needs_a_real_tracker_with_the_key(tmp_path):
             check_tracker(dataclasses.replace(rpi4, rpc=Rpc("127.0.0.1", port, "rpi4")))
     finally:
         tracker.kill()
+
+
+# ----------------------------------------------------------------------------- damaged manifests
+def _edit_manifest(src: Path, dst: Path, edit) -> Path:
+    """A copy of an artifact whose manifest.json was edited by hand (not re-sealed)."""
+    bad = shutil.copytree(src, dst)
+    m = json.loads((bad / "manifest.json").read_text())
+    m = edit(m)
+    (bad / "manifest.json").write_text(json.dumps(m))
+    return bad
+
+
+def _set(path, value):
+    def edit(m):
+        d = m
+        for k in path[:-1]:
+            d = d[k]
+        d[path[-1]] = value
+        return m
+    return edit
+
+
+def _without(key):
+    return lambda m: {k: v for k, v in m.items() if k != key}
+
+
+def _swap_files(m):
+    g = m["graphs"]
+    g["encoder"]["file"], g["decoder_step"]["file"] = g["decoder_step"]["file"], g["encoder"]["file"]
+    return m
+
+
+MANIFEST_DAMAGE = [
+    ("a list", lambda m: [m], "must hold a JSON object, not array"),
+    ("no graphs", _without("graphs"), "missing 'graphs'"),
+    ("graphs as a list", lambda m: {**m, "graphs": list(m["graphs"].values())}, "'graphs' must be a object"),
+    ("no files", _without("files"), "missing 'files'"),
+    ("files as a list", lambda m: {**m, "files": list(m["files"])}, "'files' must be a object"),
+    ("edited input shape", _set(["graphs", "encoder", "inputs", 0, "shape"], [1, 99]), "was edited after it was written"),
+    ("negative shape", _set(["graphs", "encoder", "inputs", 0, "shape"], [1, -1]), "list of positive integers"),
+    ("shape as a string", _set(["graphs", "encoder", "inputs", 0, "shape"], "1x8"), "'shape' must be a array"),
+    ("no dtype", lambda m: (m["graphs"]["encoder"]["inputs"][0].pop("dtype"), m)[1], "missing 'dtype'"),
+    ("no inputs", lambda m: (m["graphs"]["encoder"].pop("inputs"), m)[1], "missing 'inputs'"),
+    ("graph not an object", _set(["graphs", "encoder"], "encoder.so"), "must be an object with file"),
+    ("graph files swapped", _swap_files, "'file' is 'encoder.so', expected 'decoder_step.so'"),
+    ("file without sha256", lambda m: (m["files"].pop("encoder.so"), m)[1], "has no sha256 in 'files'"),
+    ("file outside the folder", lambda m: (m["files"].update({"../x.so": "0" * 64}), m)[1], "not a plain file name"),
+    ("bad sha256", _set(["files", "encoder.so"], "abc"), "not a sha256"),
+    ("edited target", _set(["target"], "rpi4"), "was edited after it was written"),
+    ("edited tvm version", _set(["tvm_version"], "0.1"), "was edited after it was written"),
+    ("older artifact", _without("manifest_sha256"), "has no manifest_sha256"),
+    ("no format", _without("format"), "missing 'format'"),
+]
+
+
+@pytest.mark.parametrize("case,edit,needle", MANIFEST_DAMAGE, ids=[c[0] for c in MANIFEST_DAMAGE])
+def test_damaged_manifest_is_one_line(host_artifact, tmp_path, case, edit, needle):
+    bad = _edit_manifest(host_artifact, tmp_path / "bad", edit)
+    for fn in (verify_artifact, load_artifact):
+        with pytest.raises(MoscError) as e:
+            fn(bad)
+        assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+    if case == "older artifact":
+        assert "recompile" in str(e.value)
+
+
+def test_swapped_graph_libraries_fail_their_sha256(host_artifact, tmp_path):
+    bad = shutil.copytree(host_artifact, tmp_path / "bad")
+    enc, dec = (bad / "encoder.so").read_bytes(), (bad / "decoder_step.so").read_bytes()
+    (bad / "encoder.so").write_bytes(dec)
+    (bad / "decoder_step.so").write_bytes(enc)
+    with pytest.raises(MoscError, match="does not match its sha256"):
+        load_artifact(bad)
+
+
+def test_manifest_seal_covers_every_field(host_artifact):
+    from mosc.contract import canonical_sha256
+
+    m = json.loads((host_artifact / "manifest.json").read_text())
+    assert m["manifest_sha256"] == canonical_sha256(m, "manifest_sha256")
+    assert verify_artifact(host_artifact) == m
+
+
+def test_bad_graph_name_is_refused_before_building(onnx_files, tmp_path):
+    with pytest.raises(MoscError, match="graph name '../enc' must match"):
+        compile_artifact({"../enc": onnx_files["encoder"]}, "host", tmp_path / "a", tune=False, db_dir=tmp_path / "db")
+
+
+# ----------------------------------------------------------------------------- artifact cache key
+def test_artifact_cache_is_keyed_on_trials_and_database_content(tmp_path, monkeypatch):
+    """The cache rebuilds when the trial budget, tuning on/off or the tuning database's content
+    change, and reuses otherwise (the compile itself is faked: only the keying is under test)."""
+    from mosc.compiler.artifact import write_manifest
+    from mosc.compiler.targets import load_target
+    from mosc.jobs import artifacts, build
+    from mosc.space import SearchSpace
+
+    arch = SearchSpace.load("tiny").smallest()
+    sig = {"inputs": [{"name": "x", "shape": [1], "dtype": "float32"}],
+           "outputs": [{"name": "y", "shape": [1], "dtype": "float32"}]}
+    builds = []
+
+    def fake_compile(onnx, target, out, *, trials, tune, tune_db, **kw):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "g.so").write_bytes(os.urandom(32))
+        write_manifest(out, {"g": {"file": "g.so", **sig}}, target=target.name, tvm_target="llvm", device="cpu",
+                       cuda_kernels=None, tuning={"tuned": tune, "database": database_id(tune_db), "report": None},
+                       compile_seconds=0.0, extra={"model": {"arch_hash": arch.hash}})
+        builds.append((tune, trials))
+
+    monkeypatch.setattr(build, "compile_export", fake_compile)
+    monkeypatch.setattr(artifacts.ArtifactCache, "export_dir", lambda self, a: tmp_path / "onnx")
+    db = tmp_path / "db"
+
+    def get(db_dir=db, **kw):
+        cache = artifacts.ArtifactCache(load_target("host"), artifacts.ModelSource(), root=tmp_path / "cache",
+                                        tune_db=db_dir, log=lambda m: None, **kw)
+        return cache.artifact(arch)
+
+    a8, reused = get(trials=8)
+    assert not reused and get(trials=8) == (a8, True)
+    a256, reused = get(trials=256)
+    assert not reused and a256 != a8 and "tuned256" in str(a256) and "tuned8" in str(a8)
+    assert get(trials=8) == (a8, True)  # each budget keeps its own artifact
+    notune, reused = get(tune=False, trials=8)
+    assert not reused and notune not in (a8, a256) and get(tune=False, trials=99) == (notune, True)
+    db.mkdir()
+    (db / "database_workload.json").write_text('["w"]\n')
+    (db / "database_tuning_record.json").write_text('[0, "r"]\n')
+    assert get(trials=8) == (a8, False)  # new records: rebuilt in place
+    assert get(trials=8) == (a8, True)
+    (db / "database_tuning_record.json").write_text('[0, "other"]\n')  # same count, other content
+    assert get(trials=8) == (a8, False)
+    shutil.copytree(db, tmp_path / "db2")
+    assert get(db_dir=tmp_path / "db2", trials=8) == (a8, True)  # the content counts, not the path
+    assert builds == [(True, 8), (True, 256), (False, 8), (True, 8), (True, 8)]
+    m = json.loads((a8 / "manifest.json").read_text())
+    (a8 / "manifest.json").write_text(json.dumps({**m, "target": "rpi4"}))  # edited: rebuilt, not trusted
+    assert get(trials=8) == (a8, False)

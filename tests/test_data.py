@@ -160,7 +160,7 @@ def test_tokenizer_json_and_file_round_trip(syn, tmp_path):
     assert loaded == tok
     s = syn.test.tgt_text[3]
     assert loaded.encode(s) == tok.encode(s)
-    with pytest.raises(MoscError, match="cannot parse"):
+    with pytest.raises(MoscError, match="not valid JSON"):
         SubwordTokenizer.from_json("{not json")
 
 
@@ -170,6 +170,67 @@ def test_tokenizer_training_is_deterministic(syn):
     assert SubwordTokenizer.train(texts, 600) == SubwordTokenizer.train(texts, 600)
     with pytest.raises(MoscError, match="too small"):
         SubwordTokenizer.train(texts, 100)
+    for bad in (10**7, 600.0, True, "600"):
+        with pytest.raises(MoscError, match="vocab_size must be a whole number from 300 to 1000000"):
+            SubwordTokenizer.train(texts, bad)
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+@pytest.mark.parametrize("data,says", [
+    (b"\xff\xfe\x00binary", "not UTF-8"),
+    ('{"model": "café"}'.encode("latin-1"), "not UTF-8"),
+    (b"", "not valid JSON"),
+    (b'{"version": "1.0", "model": ', "not valid JSON"),
+    (b"[1, 2, 3]", "must hold a JSON object, not array"),
+    (b'{"version": NaN}', "not valid JSON"),
+    (b'{"version": "1.0"}', "cannot parse tokenizer JSON"),
+    (BOM + b'"a string"', "must hold a JSON object"),
+])
+def test_tokenizer_file_unreadable_is_one_line_naming_it(tmp_path, data, says):
+    f = tmp_path / "tok.json"
+    f.write_bytes(data)
+    with pytest.raises(MoscError, match=says) as e:
+        SubwordTokenizer.load(f)
+    assert str(f) in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(MoscError, match="cannot read tokenizer"):
+        SubwordTokenizer.load(tmp_path / "missing.json")
+
+
+def test_tokenizer_file_foreign_or_with_bom(syn, tmp_path):
+    import json
+
+    f = tmp_path / "tok.json"
+    f.write_bytes(BOM + syn.tokenizer.to_json().encode())
+    assert SubwordTokenizer.load(f) == syn.tokenizer
+    spec = json.loads(syn.tokenizer.to_json())
+    vocab = spec["model"]["vocab"]
+    vocab["<pad>"], vocab["<s>"] = vocab["<s>"], vocab["<pad>"]  # ids swapped: not a mosc tokenizer
+    f.write_text(json.dumps(spec))
+    with pytest.raises(MoscError, match=r"tok\.json: <pad> has id 1, expected 0; not a mosc tokenizer"):
+        SubwordTokenizer.load(f)
+
+
+def test_corpus_settings_checked_before_reading(tmp_path, monkeypatch):
+    import mosc.nn.corpus as C
+
+    monkeypatch.setattr(C, "synthetic_splits", lambda *a: pytest.fail("read the corpus before checking settings"))
+    for kw, says in [({"vocab_size": 10}, "too small"), ({"vocab_size": 10**7}, "vocab_size must be"),
+                     ({"max_train_pairs": 0}, "max_train_pairs must be a whole number >= 1"),
+                     ({"max_train_pairs": -3}, "max_train_pairs must be")]:
+        with pytest.raises(MoscError, match=says):
+            load_corpus("synthetic", **kw)
+        with pytest.raises(MoscError, match=says):
+            load_corpus(str(tmp_path / "nothing_"), **kw)  # before looking for files, too
+
+
+def test_corpus_file_with_bom_and_bad_bytes(tmp_path):
+    (tmp_path / "bom.en").write_bytes(BOM + "a b\nc d\n".encode())
+    assert read_lines(tmp_path / "bom.en") == ["a b", "c d"]
+    (tmp_path / "latin.en").write_bytes("one\ntwo\ncafé au lait\n".encode("latin-1"))
+    with pytest.raises(MoscError, match=r"latin\.en:3: not UTF-8"):
+        read_lines(tmp_path / "latin.en")
 
 
 # ---------------------------------------------------------------- batching

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from rpc_helpers import hold_write_lock
+
 from mosc.cli import app
 from mosc.device.db import HAT_BACKEND, LatencyDB
 from mosc.errors import MoscError
@@ -66,7 +68,7 @@ def _writer(path, worker, n):
     rng = random.Random(worker)
     with LatencyDB(path) as db:
         for i in range(n):
-            db.insert(_record(s.sample(rng), float(worker * 1000 + i), device_key=f"w{worker}"))
+            db.insert(_record(s.sample(rng), float(worker * 1000 + i + 1), device_key=f"w{worker}"))
 
 
 def test_concurrent_writers_lose_nothing(tmp_path):
@@ -82,7 +84,7 @@ def test_concurrent_writers_lose_nothing(tmp_path):
     with LatencyDB(path) as db:
         assert db.count() == 160
         got = sorted(r["latency_ms"] for r in db.query())
-        assert got == sorted(float(w * 1000 + i) for w in range(4) for i in range(40))
+        assert got == sorted(float(w * 1000 + i + 1) for w in range(4) for i in range(40))
     assert sqlite3.connect(path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
@@ -123,3 +125,193 @@ def test_import_rejects_a_non_hat_csv(tmp_path):
     bad.write_text("a,b\n1,2\n")
     r = CliRunner().invoke(app, ["db", "import-hat", str(bad), "--target", "x", "--db", str(tmp_path / "l.db")])
     assert r.exit_code == 2 and "not a HAT latency CSV" in r.output
+
+
+# ----------------------------------------------------------------------------- a locked database
+def test_locked_database_keeps_rows_aside_then_merges_them_once(tmp_path):
+    path = tmp_path / "lat.db"
+    a, b, c = _archs(3)
+    logged = []
+    with LatencyDB(path, busy_timeout_s=0.3, log=logged.append) as db:
+        db.insert(_record(a, 1.0))
+        holder = hold_write_lock(path)
+        try:
+            with pytest.raises(MoscError, match="stayed locked"):
+                db.insert(_record(b, 2.0))  # insert() itself never hides a failure
+            assert db.insert_or_keep(_record(b, 2.0)) is None
+            assert db.insert_or_keep(_record(c, 3.0)) is None
+            assert db.count() == 1  # reads go on while another process writes
+        finally:
+            holder.kill()
+            holder.wait()
+    assert any("kept in" in m and "pending.jsonl" in m for m in logged), logged
+    pending = tmp_path / "lat.db.pending.jsonl"
+    kept = pending.read_text()
+    assert len(kept.splitlines()) == 2
+    with LatencyDB(path) as db:  # opening to read merges nothing and writes nothing
+        assert db.count() == 1 and pending.exists()
+    with LatencyDB(path, readonly=False, log=logged.append) as db:  # the next writer merges them
+        assert db.count() == 3 and not pending.exists()
+        assert sorted(r.latency_ms for r in db.rows("host")) == [1.0, 2.0, 3.0]
+    assert any("merged 2 measurement(s)" in m for m in logged), logged
+    # merged rows that come back (a crash between the commit and the removal) are not added twice
+    pending.write_text(kept + '{"cut short')
+    with LatencyDB(path, readonly=False, log=logged.append) as db:
+        assert db.count() == 3 and not pending.exists()
+    assert any("incomplete" in m for m in logged)
+
+
+def test_corrupt_pending_file_is_one_line(tmp_path):
+    path = tmp_path / "lat.db"
+    LatencyDB(path).close()
+    (tmp_path / "lat.db.pending.jsonl").write_text('{"target": "host"}\n')
+    with pytest.raises(MoscError, match=r"pending measurements file .* line 1 is not a kept measurement"):
+        LatencyDB(path, readonly=False)
+
+
+# ----------------------------------------------------------------------------- reading never writes
+def _foreign_sqlite(path):
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE songs (title TEXT)")
+    con.execute("INSERT INTO songs VALUES ('x')")
+    con.commit()
+    con.close()
+    return path
+
+
+def _snapshot(path):
+    con = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+    try:
+        tables = sorted(r[0] for r in con.execute("SELECT name FROM sqlite_master"))
+        return path.read_bytes(), tables, con.execute("PRAGMA journal_mode").fetchone()[0]
+    finally:
+        con.close()
+
+
+def test_read_commands_refuse_a_foreign_sqlite_file_and_leave_it_alone(tmp_path):
+    from mosc.search.predictor import read_db
+
+    other = _foreign_sqlite(tmp_path / "music.sqlite")
+    before = _snapshot(other)
+    runner = CliRunner()
+    for args in (["db", "stats"], ["db", "export", "--out", str(tmp_path / "o.csv")]):
+        r = runner.invoke(app, [*args, "--db", str(other)])
+        assert r.exit_code == 2, r.output
+        errors = [l for l in r.output.splitlines() if l.strip()]
+        assert len(errors) == 1 and "is an SQLite database but not a mosc latency database" in errors[0], r.output
+    for readonly in (True, None, False):
+        with pytest.raises(MoscError, match="not a mosc latency database"):
+            LatencyDB(other, readonly=readonly)
+    with pytest.raises(MoscError, match="not a mosc latency database"):
+        read_db(other, "host", "tiny")
+    assert _snapshot(other) == before  # no table created, journal mode untouched, not a byte changed
+    assert before[2] == "delete" and not (tmp_path / "o.csv").exists()
+
+
+def test_read_commands_refuse_a_file_that_is_not_sqlite(tmp_path):
+    junk = tmp_path / "notes.db"
+    junk.write_text("these are not the rows you are looking for\n" * 50)
+    before = junk.read_bytes()
+    r = CliRunner().invoke(app, ["db", "stats", "--db", str(junk)])
+    assert r.exit_code == 2 and "not an SQLite file" in r.output, r.output
+    with pytest.raises(MoscError, match="not an SQLite file"):
+        LatencyDB(junk, readonly=False)
+    assert junk.read_bytes() == before
+
+
+def test_read_only_database_file_is_readable(tmp_path):
+    import os
+
+    path = tmp_path / "lat.db"
+    (a,) = _archs(1)
+    with LatencyDB(path) as db:
+        db.insert(_record(a, 2.5))
+    path.chmod(0o444)
+    try:
+        with LatencyDB(path, readonly=True) as db:
+            assert db.count() == 1 and db.rows("host")[0].latency_ms == 2.5
+        r = CliRunner().invoke(app, ["db", "stats", "--db", str(path)], env={"COLUMNS": "200"})
+        assert r.exit_code == 0 and "local:test" in r.output, r.output
+        r = CliRunner().invoke(app, ["db", "export", "--db", str(path), "--out", str(tmp_path / "o.csv")])
+        assert r.exit_code == 0 and "wrote 1 rows" in r.output, r.output
+        with LatencyDB(path, readonly=True) as db:
+            with pytest.raises(MoscError, match="opened read-only"):
+                db.insert(_record(a, 1.0))
+        if os.geteuid() != 0:  # root writes anyway
+            with pytest.raises(MoscError, match="is read-only"):
+                LatencyDB(path, readonly=False)
+    finally:
+        path.chmod(0o644)
+
+
+def test_export_of_a_database_missing_a_column_is_one_line(tmp_path):
+    path = tmp_path / "lat.db"
+    (a,) = _archs(1)
+    with LatencyDB(path) as db:
+        db.insert(_record(a))
+    con = sqlite3.connect(path)
+    con.execute("ALTER TABLE measurements DROP COLUMN host")
+    con.commit()
+    con.close()
+    r = CliRunner().invoke(app, ["db", "export", "--db", str(path), "--out", str(tmp_path / "o.csv")])
+    assert r.exit_code == 2 and "lacks the column(s) host" in r.output and "Traceback" not in r.output, r.output
+    assert len([l for l in r.output.splitlines() if l.strip()]) == 1
+
+
+def test_a_poisoned_row_names_itself_instead_of_crashing_a_fit(tmp_path):
+    path = tmp_path / "lat.db"
+    (a,) = _archs(1)
+    with LatencyDB(path) as db:
+        rid = db.insert(_record(a))
+        db.conn.execute("UPDATE measurements SET features = ? WHERE id = ?",  # as an old mosc let in
+                        (json.dumps([float("nan")] + a.hat_features()[1:]), rid))
+        with pytest.raises(MoscError, match=f"row id {rid} .*encoder_embed_dim = nan"):
+            db.rows("host")
+
+
+# ----------------------------------------------------------------------------- HAT CSV checks
+HAT_COLUMNS = HAT_FEATURE_NAMES + ["latency_mean_encoder", "latency_mean_decoder", "latency_std_encoder",
+                                   "latency_std_decoder"]
+GOOD_ROW = ["512", "6", "2048", "8", "512", "6", "2048", "8", "8", "1", "10.5", "120.25", "0.1", "2.0"]
+
+
+def _hat_csv(path, rows, bom=False, encoding="utf-8"):
+    text = ",".join(HAT_COLUMNS) + "\n" + "".join(",".join(r) + "\n" for r in rows)
+    path.write_bytes(("\ufeff" if bom else "").encode() + text.encode(encoding))
+    return path
+
+
+@pytest.mark.parametrize("column, value, needle", [
+    ("encoder_embed_dim", "nan", "encoder_embed_dim = nan"),
+    ("decoder_layer_num", "inf", "decoder_layer_num = inf"),
+    ("encoder_ffn_embed_dim_avg", "1e12", "encoder_ffn_embed_dim_avg = 1000000000000.0"),
+    ("latency_mean_encoder", "nan", "latency_mean_encoder = nan"),
+    ("latency_mean_decoder", "-inf", "latency_mean_decoder = -inf"),
+    ("latency_mean_decoder", "0", "latency_mean_decoder = 0.0"),
+    ("latency_mean_decoder", "2e6", "latency_mean_decoder = 2000000.0"),
+    ("latency_std_encoder", "-1", "latency_std_encoder = -1.0"),
+])
+def test_import_refuses_non_finite_or_absurd_values_with_the_line(tmp_path, column, value, needle):
+    bad = list(GOOD_ROW)
+    bad[HAT_COLUMNS.index(column)] = value
+    csv_file = _hat_csv(tmp_path / "hat.csv", [GOOD_ROW, bad, GOOD_ROW])
+    db = tmp_path / "l.db"
+    r = CliRunner().invoke(app, ["db", "import-hat", str(csv_file), "--target", "rpi4", "--db", str(db)])
+    assert r.exit_code == 2, r.output
+    lines = [l for l in r.output.splitlines() if l.strip()]
+    assert len(lines) == 1 and f"hat.csv:3: {needle}" in lines[0], r.output
+    assert not db.exists() or LatencyDB(db, readonly=True).count() == 0  # nothing imported
+
+
+def test_import_reads_a_csv_with_a_bom_and_refuses_non_utf8(tmp_path):
+    db = tmp_path / "l.db"
+    r = CliRunner().invoke(app, ["db", "import-hat", str(_hat_csv(tmp_path / "bom.csv", [GOOD_ROW] * 3, bom=True)),
+                                 "--target", "rpi4", "--db", str(db)])
+    assert r.exit_code == 0 and "imported 3 rows" in r.output, r.output
+    with LatencyDB(db) as ldb:
+        assert [x.features[0] for x in ldb.rows("rpi4")] == [512.0] * 3
+    latin = _hat_csv(tmp_path / "latin.csv", [GOOD_ROW], encoding="utf-8")
+    latin.write_bytes(latin.read_bytes().replace(b"512", b"5\xe912", 1))
+    r = CliRunner().invoke(app, ["db", "import-hat", str(latin), "--target", "rpi4", "--db", str(db)])
+    assert r.exit_code == 2 and "is not UTF-8 text (line 2" in r.output, r.output
+    assert len([l for l in r.output.splitlines() if l.strip()]) == 1

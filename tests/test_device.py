@@ -95,3 +95,156 @@ def test_emulated_rpi4_measurement_is_marked(tmp_path):
         assert row["emulated"] == 1 and row["device_key"] == "rpi4"
         assert json.loads(row["host"])["device"]["machine"] == "aarch64"
         assert ldb.rows("rpi4") == [] and len(ldb.rows("rpi4", include_emulated=True)) == 1
+
+
+# ----------------------------------------------------------------------------- the tracker comes and goes
+def _registered(port, key, within):
+    import time
+
+    from mosc.rpc import registered_keys, tracker_summary
+
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            if key in registered_keys(tracker_summary("127.0.0.1", port)):
+                return True
+        except ConnectionError:
+            pass
+        time.sleep(0.25)
+    return False
+
+
+def test_server_registers_again_after_the_tracker_restarts():
+    tracker, port = start_tracker()
+    server = None
+    try:
+        server = start_server(port, "farm")
+        tracker.kill()
+        tracker, _ = start_tracker(port)  # same port, empty: knows no device
+        assert _registered(port, "farm", 20), "the server did not register with the restarted tracker"
+    finally:
+        if server:
+            server.kill()
+        tracker.kill()
+
+
+class _Forwarder:
+    """127.0.0.1:<port> -> 127.0.0.1:<dest>. silence() makes every open connection drop what it
+    carries without closing anything: a tracker machine that vanished (reboot, cable pulled)."""
+
+    def __init__(self, dest: int):
+        import socket
+        import threading
+
+        self.dest, self.pairs = dest, []
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.lsock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        import threading
+
+        while True:
+            try:
+                client, _ = self.lsock.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.dest))
+            except OSError:
+                client.close()
+                continue
+            pair = {"silent": False, "socks": (client, upstream)}
+            self.pairs.append(pair)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b, pair), daemon=True).start()
+
+    @staticmethod
+    def _pump(a, b, pair):
+        import socket
+
+        while True:
+            try:
+                data = a.recv(65536)
+            except OSError:
+                return
+            if pair["silent"]:
+                continue
+            try:
+                if not data:
+                    b.shutdown(socket.SHUT_WR)
+                    return
+                b.sendall(data)
+            except OSError:
+                return
+
+    def silence(self):
+        for p in self.pairs:
+            p["silent"] = True
+
+    def close(self):
+        self.lsock.close()
+        for p in self.pairs:
+            for s in p["socks"]:
+                s.close()
+
+
+@pytest.mark.slow
+def test_server_registers_again_when_the_tracker_vanishes_silently():
+    """TVM waits for ever on a tracker connection that went silent; ours times out and reconnects."""
+    tracker, port = start_tracker()
+    fwd = _Forwarder(port)
+    server = None
+    try:
+        server = start_server(fwd.port, "farm")
+        fwd.silence()  # the server's tracker connection now carries nothing, and never closes
+        tracker.kill()
+        tracker, _ = start_tracker(port)
+        assert _registered(port, "farm", 30), "the server did not notice the tracker was gone"
+    finally:
+        if server:
+            server.kill()
+        tracker.kill()
+        fwd.close()
+
+
+def test_tracker_address_problems_are_named(monkeypatch):
+    """Nothing listening, closed at once, silent: "no RPC tracker answers"; something else: "not an RPC tracker"."""
+    import socket
+    import threading
+
+    from mosc import rpc
+
+    def listener(behaviour):
+        srv = socket.create_server(("127.0.0.1", 0))
+
+        def serve():
+            conns = []
+            while True:
+                try:
+                    c, _ = srv.accept()
+                except OSError:
+                    return
+                conns.append(c)
+                c.recv(4)
+                if behaviour == "close":
+                    c.close()
+                elif behaviour == "http":
+                    c.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+        threading.Thread(target=serve, daemon=True).start()
+        return srv
+
+    nobody = free_port()
+    with pytest.raises(ConnectionError, match=rf"no RPC tracker answers at 127.0.0.1:{nobody} \(Connection refused\)"):
+        rpc.tracker_summary("127.0.0.1", nobody)
+    for behaviour, needle in (("close", r"no RPC tracker answers at .*connection closed without an answer"),
+                              ("silent", r"no RPC tracker answers at .*(timed out|no answer within)"),
+                              ("http", r"answers, but is not an RPC tracker")):
+        srv = listener(behaviour)
+        try:
+            with pytest.raises(ConnectionError, match=needle):
+                rpc.tracker_summary("127.0.0.1", srv.getsockname()[1], timeout=0.5)
+        finally:
+            srv.close()

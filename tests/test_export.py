@@ -211,7 +211,8 @@ def test_cli_translate_matches_torch(host_artifact, sub, tok, tmp_path):
     f.write_text(f"{text}\n\nanother one\n")
     r = invoke("translate", "--artifact", host_artifact, "--file", f)
     lines = [l for l in r.stdout.splitlines() if "sentence(s) in" not in l]
-    assert lines == [tok.decode(x) for x in torch_greedy(sub, [tok.encode(text), tok.encode("another one")])]
+    first, second = (tok.decode(x) for x in torch_greedy(sub, [tok.encode(text), tok.encode("another one")]))
+    assert lines == [first, "", second]  # output line N answers input line N: the blank line stays
 
 
 def test_tampered_artifact_is_refused_by_translate(host_artifact, tmp_path):
@@ -298,3 +299,95 @@ def test_compile_one_step_from_subnet(subnet_dir, sub, tok, work):
     for ids in rows:
         src = pad_source([ids], 1, 12, PAD)[0]
         assert greedy(backend, src, BOS, EOS) == sub.translate(torch.from_numpy(src), BOS, EOS, max_len=8)
+
+
+# ----------------------------------------------------------------------------- damaged records
+def _edited(src: Path, dst: Path, name: str, edit) -> Path:
+    bad = shutil.copytree(src, dst)
+    (bad / name).write_text(json.dumps(edit(json.loads((bad / name).read_text()))))
+    return bad
+
+
+def _put(path, value):
+    def edit(d):
+        x = d
+        for k in path[:-1]:
+            x = x[k]
+        x[path[-1]] = value
+        return d
+    return edit
+
+
+def _drop(key):
+    return lambda d: {k: v for k, v in d.items() if k != key}
+
+
+def _swap(d):
+    g = d["graphs"]
+    g["encoder"]["file"], g["decoder_step"]["file"] = g["decoder_step"]["file"], g["encoder"]["file"]
+    return d
+
+
+def _sealed_then_edited(d):
+    from mosc.contract import EXPORT_SEAL, seal
+
+    return {**seal(d, EXPORT_SEAL), "arch_hash": "0" * 16}
+
+
+EXPORT_DAMAGE = [
+    ("a list", lambda d: [d], "must hold a JSON object"),
+    ("no graphs", _drop("graphs"), "missing 'graphs'"),
+    ("graphs as a list", lambda d: {**d, "graphs": list(d["graphs"].values())}, "'graphs' must be a object"),
+    ("no files", _drop("files"), "missing 'files'"),
+    ("no arch hash", _drop("arch_hash"), "missing 'arch_hash'"),
+    ("edited source length", _put(["graphs", "encoder", "inputs", 0, "shape"], [1, 99]), "disagree with shapes"),
+    ("zero batch", _put(["shapes", "batch"], 0), "shapes batch must be >= 1"),
+    ("graph files swapped", _swap, "expected 'decoder_step.onnx'"),
+    ("renamed input", _put(["graphs", "decoder_step", "inputs", 1, "name"], "position"), "the contract says"),
+    ("missing graph", lambda d: (d["graphs"].pop("decoder_step"), d)[1], "no graph uses"),
+    ("sealed, then edited", _sealed_then_edited, "was edited after it was written"),
+]
+
+
+@pytest.mark.parametrize("case,edit,needle", EXPORT_DAMAGE, ids=[c[0] for c in EXPORT_DAMAGE])
+def test_damaged_export_json_is_one_line(export_dir, tmp_path, case, edit, needle):
+    from mosc.contract import load_export
+
+    bad = _edited(export_dir, tmp_path / "bad", "export.json", edit)
+    with pytest.raises(MoscError) as e:
+        load_export(bad)
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_sealed_export_loads(export_dir, tmp_path):
+    from mosc.contract import EXPORT_SEAL, load_export, seal
+
+    ok = _edited(export_dir, tmp_path / "ok", "export.json", lambda d: seal(d, EXPORT_SEAL))
+    assert load_export(ok)["arch_hash"] == load_export(export_dir)["arch_hash"]
+
+
+def test_cli_damaged_export_and_manifest_are_one_line(export_dir, host_artifact, tmp_path):
+    bad = _edited(export_dir, tmp_path / "onnx", "export.json", _drop("graphs"))
+    one_line_error(runner.invoke(app, ["compile", "-t", "host", "--onnx-dir", str(bad), "--no-tune",
+                                       "-o", str(tmp_path / "a")]), "missing 'graphs'")
+    art = _edited(host_artifact, tmp_path / "art", "manifest.json", _put(["target"], "rpi4"))
+    one_line_error(runner.invoke(app, ["translate", "--artifact", str(art), "--text", "hello"]),
+                   "was edited after it was written")
+    art = _edited(host_artifact, tmp_path / "art2", "manifest.json", lambda d: [d])
+    one_line_error(runner.invoke(app, ["translate", "--artifact", str(art), "--text", "hello"]),
+                   "must hold a JSON object")
+
+
+def test_artifact_backend_checks_the_contract(host_artifact):
+    from types import SimpleNamespace
+
+    from mosc.compiler.artifact import verify_artifact
+    from mosc.runtime import artifact_backend
+
+    m = verify_artifact(host_artifact)
+    m["graphs"]["decoder_step"]["inputs"][2]["shape"] = [1, 2, 3]
+    with pytest.raises(MoscError, match="inconsistent shapes"):
+        artifact_backend(SimpleNamespace(dir=host_artifact, manifest=m, graphs=list(m["graphs"])))
+    del m["graphs"]["encoder"]
+    with pytest.raises(MoscError, match="lacks graph"):
+        artifact_backend(SimpleNamespace(dir=host_artifact, manifest=m, graphs=list(m["graphs"])))

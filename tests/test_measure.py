@@ -18,7 +18,7 @@ import numpy as np
 import psutil
 import pytest
 
-from rpc_helpers import REPO, free_port, host_test_env, rpc_device, start_server, start_tracker
+from rpc_helpers import REPO, free_port, hold_write_lock, host_test_env, rpc_device, start_server, start_tracker
 
 from mosc.device.protocol import run_protocol, summarize
 
@@ -66,7 +66,7 @@ def test_protocol_feeds_caches_back_in_order():
 
 # ----------------------------------------------------------------------------- retries
 class _MemoryDB:
-    path = ":memory:"
+    path = pending_path = ":memory:"
 
     def __init__(self):
         self.rows = []
@@ -74,12 +74,12 @@ class _MemoryDB:
     def has(self, *key):
         return False
 
-    def insert(self, row):
+    def insert_or_keep(self, row):
         self.rows.append(row)
         return len(self.rows)
 
 
-def _fake_campaign(monkeypatch, measure=None, log=None):
+def _fake_campaign(monkeypatch, measure=None, log=None, db=None):
     """A Campaign (backend torch, this machine) whose timing is a stub, and its in-memory DB."""
     from mosc.compiler.targets import Protocol
     from mosc.device import campaign
@@ -92,7 +92,7 @@ def _fake_campaign(monkeypatch, measure=None, log=None):
 
     monkeypatch.setattr(campaign, "measure_prepared", measure or timed)
     target = SimpleNamespace(name="host", protocol=Protocol(**PROTOCOL))
-    db = _MemoryDB()
+    db = _MemoryDB() if db is None else db
     return campaign.Campaign(target, "torch", db, backoff_s=0, log=log or (lambda m: None)), db
 
 
@@ -156,6 +156,90 @@ def test_campaign_retries_connection_failures(monkeypatch):
     with pytest.raises(MoscError, match="after 3 tries: TimeoutError: timed out; 0 arch"):
         camp.run([_arch()], lambda a: Prepared())
     assert len(calls) == 3 and db.rows == []
+
+
+def test_campaign_keeps_every_measurement_while_the_database_is_locked(monkeypatch, tmp_path):
+    """Another process holds the write lock through the inserts: each row goes to the side file
+    with a warning, every arch is still measured, and the next writer merges them all."""
+    from mosc.device.backends import Prepared
+    from mosc.device.db import LatencyDB
+    from mosc.space import SearchSpace
+
+    path = tmp_path / "lat.db"
+    LatencyDB(path).close()
+    archs = [SearchSpace.load("tiny").smallest(), SearchSpace.load("tiny").largest()]
+    logged = []
+    holder = hold_write_lock(path)
+    try:
+        with LatencyDB(path, busy_timeout_s=0.3, log=logged.append) as db:
+            camp, _ = _fake_campaign(monkeypatch, log=logged.append, db=db)
+            res = camp.run(archs, lambda a: Prepared())
+            assert len(res.measured) == 2 and res.kept == 2 and all(r["id"] is None for r in res.measured)
+            assert "2 of them kept in" in camp.saved_where()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sum("stayed locked" in m and "kept in" in m for m in logged) == 2, logged
+    assert sum(m.startswith("[") and "ms trimmed mean" in m for m in logged) == 2  # both archs measured
+    with LatencyDB(path, readonly=False, log=logged.append) as db:
+        rows = db.query("host")
+        assert {r["arch_hash"] for r in rows} == {a.hash for a in archs} and len(rows) == 2
+    assert not (tmp_path / "lat.db.pending.jsonl").exists()
+
+
+def test_ctrl_c_during_measure_says_what_was_kept(monkeypatch, tmp_path):
+    import random
+
+    from mosc.device.backends import Prepared
+    from mosc.errors import Interrupted
+    from mosc.jobs.measure import measure_into_db
+    from mosc.space import SearchSpace
+
+    camp, _ = _fake_campaign(monkeypatch)  # the stub timer, installed in mosc.device.campaign
+    space = SearchSpace.load("tiny")
+    archs = [space.smallest(), space.largest(), space.sample(random.Random(3))]
+    calls = []
+
+    def prepare(arch, backend):
+        calls.append(arch)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return Prepared()
+
+    db = tmp_path / "lat.db"
+    with pytest.raises(Interrupted) as e:
+        measure_into_db(camp.target, archs, SimpleNamespace(prepare=prepare), db, backend="torch", log=lambda m: None)
+    assert str(e.value) == (f"interrupted: 1 arch(s) measured in this run are saved in {db}; run the same command "
+                            "again to measure the remaining 2")
+    assert e.value.exit_code == 130 and len(db_rows(db)) == 1
+
+
+def test_foreign_architecture_is_refused_before_upload(monkeypatch, tmp_path):
+    """An x86-64 artifact and an aarch64 device: one line at once, nothing sent."""
+    from mosc.device import backends
+    from mosc.errors import MoscError
+    from mosc.rpc import Remote
+
+    art = tmp_path / "art"
+    art.mkdir()
+    elf = bytearray(64)
+    elf[:6] = b"\x7fELF\x02\x01"
+    elf[18:20] = (62).to_bytes(2, "little")  # EM_X86_64
+    (art / "encoder.so").write_bytes(bytes(elf))
+    manifest = {"target": "host", "device": "cpu", "graphs": {"encoder": {"file": "encoder.so"}}}
+    monkeypatch.setattr("mosc.compiler.artifact.read_manifest", lambda d: manifest)
+    monkeypatch.setattr(backends, "connect", lambda remote: object())
+    monkeypatch.setattr(backends, "device_info", lambda sess: {"machine": "aarch64", "hostname": "pi"})
+
+    def no_upload(*a, **k):
+        raise AssertionError("uploaded anyway")
+
+    monkeypatch.setattr("mosc.compiler.artifact.load_artifact", no_upload)
+    with pytest.raises(MoscError, match=r"holds x86_64 code \(compiled for target 'host'\), but device 'rpi4' is "
+                                        r"aarch64: compile it for that device's target"):
+        backends.measure_artifact(art, None, Remote("127.0.0.1", 9, "rpi4"))
+    # the same machine, spelled differently, passes the check
+    backends.check_machine(art, manifest, {"machine": "AMD64"}, "this machine")
 
 
 def test_device_failure_tells_transport_from_bugs():

@@ -25,8 +25,14 @@ def test_defaults_and_examples_parse():
     ("train_steps = 'five'\n", "train_steps must be int"),
     ("pareto = 1\n", "pareto must be bool"),
     ("train_steps = true\n", "train_steps must be int"),
-    ("measure_archs = 3\n", "measure_archs must be >= 5"),
+    ("measure_archs = 3\n", "measure_archs must be between 5 and"),
     ("train_steps = \n", "not valid TOML"),
+    ("mutation_prob = 7.0\n", "mutation_prob must be between 0 and 1"),
+    ("population = 1000000000\n", "population must be between 2 and 100000"),
+    ("train_lr = nan\n", "train_lr must be between"),
+    ("mode = 'moe'\n", "mode must be one of shared, layer, neuron"),
+    ("predictor = 'forest'\n", "predictor must be one of lsq, mlp, gbt, hybrid"),
+    ("parents = 50\n", "parents (50) must not exceed population (40)"),
 ])
 def test_bad_config_is_one_line(tmp_path, text, msg):
     f = tmp_path / "c.toml"

@@ -161,3 +161,133 @@ def test_cli_refuses_feature_rows_of_another_space(tmp_path):
     r = runner.invoke(app, ["predictor", "fit", "--db", str(tmp_path / "lat.db"), "--target", "synth",
                             "--backend", "torch", "--out", str(tmp_path / "p.json")])
     assert r.exit_code == 0, r.output  # one backend's rows: fine
+
+
+# ------------------------------------------------------------------- damaged predictor files
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """{model: saved predictor file} for lsq, mlp and gbt."""
+    d = tmp_path_factory.mktemp("saved")
+    synthetic_db(d / "lat.db", n=40)
+    data = read_db(d / "lat.db", "synth", "tiny")
+    out = {}
+    for model, kw in [("lsq", {}), ("mlp", {"mlp_steps": 5}), ("gbt", {"gbt_rounds": 5})]:
+        out[model] = fit(data, model=model, **kw).save(d / f"{model}.json")
+    return out
+
+
+def _damaged(tmp_path, src: Path, edit) -> Path:
+    doc = json.loads(src.read_text())
+    edit(doc)
+    for f in src.parent.glob(src.stem + ".xgb.json"):
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    dst = tmp_path / src.name
+    dst.write_text(json.dumps(doc))
+    return dst
+
+
+def _pop(key):
+    return lambda d: d.pop(key)
+
+
+def _set(path, value):
+    def edit(d):
+        *head, last = path
+        for k in head:
+            d = d[k]
+        d[last] = value
+    return edit
+
+
+DAMAGE = [
+    ("lsq", _pop("state"), "missing 'state'"),
+    ("lsq", _set(["state"], []), "'state' must be a object"),
+    ("lsq", lambda d: d["state"]["coef"].pop(), "state.coef has 16 values, the model needs 17"),
+    ("lsq", _set(["state", "coef"], "x"), "state.coef must be a list of finite numbers"),
+    ("lsq", _set(["state", "scale", 0], -1.0), "state.scale must be a list of finite positive numbers"),
+    ("lsq", _set(["model"], "forest"), "unknown model 'forest'; known: lsq, mlp, gbt, hybrid"),
+    ("lsq", _set(["features"], "pixels"), "unknown features 'pixels'"),
+    ("lsq", _set(["features"], "hat"), "model lsq needs cost features"),
+    ("lsq", _set(["model"], 3), "'model' must be a string"),
+    ("lsq", _set(["target"], 7), "'target' must be a string"),
+    ("lsq", _set(["shapes"], "big"), "'shapes' must be a object"),
+    ("lsq", _set(["shapes", "rows"], 0), "shapes rows must be a positive integer"),
+    ("lsq", _set(["shapes", "beam"], 4), "shapes has unknown key 'beam'"),
+    ("lsq", _set(["meta"], []), "'meta' must be a object"),
+    ("lsq", _set(["space_def"], "tiny"), "'space_def' must be a object"),
+    ("mlp", lambda d: d["state"]["layers"].pop(), "the last layer of state.layers has 400 outputs, not 1"),
+    ("mlp", lambda d: d["state"]["layers"][0][0].pop(), "state.layers[0] weights must be 10 rows"),
+    ("mlp", _set(["state", "y_scale"], None), "state.y_scale must be a list of finite positive numbers"),
+    ("mlp", _set(["state", "layers"], {}), "state.layers must be a non-empty list"),
+    ("gbt", _pop("xgboost_model"), "model gbt needs its xgboost model"),
+    ("gbt", _set(["xgboost_model", "file"], "../x.json"), "must be a file name next to the predictor"),
+    ("gbt", _set(["features"], "layers"), "the xgboost model reads 26 features, the predictor's layers features are 46"),
+    ("gbt", _set(["xgboost_model", "sha256"], 5), "'sha256' must be a string"),
+]
+
+
+@pytest.mark.parametrize("model,edit,needle", DAMAGE)
+def test_damaged_predictor_files_are_one_line_errors(tmp_path, saved, model, edit, needle):
+    bad = _damaged(tmp_path, saved[model], edit)
+    with pytest.raises(MoscError) as e:
+        Predictor.load(bad)
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_undamaged_predictor_files_load(saved):
+    for f in saved.values():
+        assert math.isfinite(Predictor.load(f, target="synth", space="tiny").latency(TINY.smallest()))
+
+
+def test_cli_damaged_predictor_is_one_line(tmp_path, saved):
+    bad = _damaged(tmp_path, saved["lsq"], _pop("state"))
+    r = runner.invoke(app, ["search", "-t", "synth", "-p", str(bad), "--fitness", "macs", "-l", "100",
+                            "-o", str(tmp_path / "o")])
+    lines = [x for x in r.output.splitlines() if x.strip()]
+    assert r.exit_code == 2 and len(lines) == 1 and "missing 'state'" in lines[0], r.output
+
+
+# ------------------------------------------------------------------- HAT CSV input
+HAT_HEADER = ("encoder_embed_dim,encoder_layer_num,encoder_ffn_embed_dim_avg,encoder_self_attention_heads_avg,"
+              "decoder_embed_dim,decoder_layer_num,decoder_ffn_embed_dim_avg,decoder_self_attention_heads_avg,"
+              "decoder_ende_attention_heads_avg,decoder_arbitrary_ende_attn_avg,latency_mean_encoder,"
+              "latency_mean_decoder")
+GOOD_ROW = "512,6,2048,8,512,6,2048,8,8,1,20.5,100.25"
+
+
+def test_hat_csv_header_matches_the_feature_names():
+    from mosc.space import HAT_FEATURE_NAMES
+
+    assert HAT_HEADER.split(",")[:10] == HAT_FEATURE_NAMES
+
+
+@pytest.mark.parametrize("row,needle", [
+    ("512,6,2048,8,512,6,2048,8,8,1,nan,100", ":3: latency must be a finite positive number"),
+    ("512,6,2048,8,512,6,2048,8,8,1,20,inf", ":3: latency must be a finite positive number"),
+    ("512,6,2048,8,512,6,2048,8,8,1,0,100", ":3: latency must be a finite positive number"),
+    ("512,6,2048,8,512,6,2048,8,8,1,-5,100", ":3: latency must be a finite positive number"),
+    ("512,nan,2048,8,512,6,2048,8,8,1,20,100", ":3: a feature is not a finite number"),
+    ("512,6,2048,8,512,6,2048,8,8,1,fast,100", ":3: a feature or latency is not a number"),
+    ("512,6,2048", ":3: a feature or latency is not a number"),
+])
+def test_hat_csv_bad_rows_name_their_line(tmp_path, row, needle):
+    f = tmp_path / "hat.csv"
+    f.write_text(f"{HAT_HEADER}\n{GOOD_ROW}\n{row}\n")
+    with pytest.raises(MoscError, match=needle) as e:
+        read_hat_csv(f)
+    assert "\n" not in str(e.value)
+
+
+def test_hat_csv_encodings(tmp_path):
+    f = tmp_path / "bom.csv"
+    f.write_bytes(b"\xef\xbb\xbf" + f"{HAT_HEADER}\n{GOOD_ROW}\n".encode())
+    d = read_hat_csv(f)  # a BOM is fine
+    assert len(d) == 1 and d.latency_ms[0] == pytest.approx(120.75)
+    f.write_bytes(f"{HAT_HEADER}\n{GOOD_ROW}\n".encode() + b"\xff\xfe,1\n")
+    with pytest.raises(MoscError, match="is not UTF-8 text"):
+        read_hat_csv(f)
+    f.write_text("a,b\n1,2\n")
+    with pytest.raises(MoscError, match="lacks the column"):
+        read_hat_csv(f)
+    with pytest.raises(MoscError, match="cannot read"):
+        read_hat_csv(tmp_path / "missing.csv")

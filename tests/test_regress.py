@@ -278,3 +278,107 @@ def test_cli_bench_then_check_in_one_call(env, built, tmp_path):
     assert wrong.returncode == 2 and "rpi4" in wrong.stderr
     none = inproc(env, "bench", "--target", "host", "--out", tmp_path / "x.json")
     assert none.returncode == 2 and "--artifact" in none.stderr
+
+
+# ----------------------------------------------------------------------------- what a check may trust
+@pytest.mark.parametrize("change, needle", [
+    (lambda r: r.update(protocol="30 tokens"), "'protocol' must be a object, not string"),
+    (lambda r: r["protocol"].pop("trim"), "protocol: missing 'trim'"),
+    (lambda r: r["protocol"].update(warmup="5"), "'warmup' must be a number, not string"),
+    (lambda r: r.update(arch=["fc12"]), "'arch' must be a object, not array"),
+    (lambda r: r.update(environment="x86"), "'environment' must be a object, not string"),
+    (lambda r: r["environment"].update(tvm_version=27), "'tvm_version' must be a string, not number"),
+    (lambda r: r.update(samples_ms={"a": 1}), "'samples_ms' must be a array, not object"),
+    (lambda r: r.update(samples_ms=[1.0, True]), "no usable samples_ms"),
+    (lambda r: r.update(device="local"), "'device' must be a object, not string"),
+])
+def test_result_structure_is_checked_before_use(env, baseline, tmp_path, change, needle):
+    from mosc.regress import compare, load_result
+
+    bad = copy.deepcopy(baseline)
+    change(bad)
+    path = write(tmp_path / "bad.json", bad)
+    with pytest.raises(MoscError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        load_result(path)
+    with pytest.raises(MoscError, match="result"):
+        compare(baseline, bad)
+    base = write(tmp_path / "base.json", baseline)
+    for args in (["--baseline", base, "--result", path], ["--baseline", path, "--result", base]):
+        r = inproc(env, "check", *args)
+        assert r.returncode == 2, r.stdout + r.stderr
+        lines = [l for l in r.stderr.splitlines() if l.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], r.stderr
+
+
+def test_tolerance_comes_from_the_target_file_not_the_result(env, baseline, tmp_path):
+    from mosc.jobs.measure import check
+
+    slow = copy.deepcopy(baseline)
+    slow["samples_ms"] = [x * 1.2 for x in baseline["samples_ms"]]
+    slow["regression"] = {"p50_tol": 10, "p90_tol": 10}  # a result that would let itself off
+    base = write(tmp_path / "base.json", baseline)
+    r = inproc(env, "check", "--baseline", base, "--result", write(tmp_path / "slow.json", slow),
+               "--json-out", tmp_path / "rep.json")
+    assert r.returncode == 1 and "regression" in r.stdout, r.stdout + r.stderr
+    rep = json.loads((tmp_path / "rep.json").read_text())
+    assert [m["tolerance"] for m in rep["metrics"]] == [0.05, 0.10]  # targets/host.toml [regression]
+    assert rep["method"]["tolerances"] == "target file 'host'"
+    # explicit tolerances (the command line's) win; a partial set takes the rest from the target
+    os.environ["MOSC_TARGETS_DIR"] = env["MOSC_TARGETS_DIR"]
+    try:
+        c = check(tmp_path / "base.json", baseline, slow, tolerances={"p50_tol": 0.5, "p90_tol": 0.5})
+        assert c.exit_code == 0 and c.report["method"]["tolerances"] == "command line"
+        c = check(tmp_path / "base.json", baseline, slow, tolerances={"p50_tol": 0.5, "p90_tol": None})
+        assert [m["tolerance"] for m in c.report["metrics"]] == [0.5, 0.10]
+        with pytest.raises(MoscError, match="tolerance p50_tol must be a number"):
+            check(tmp_path / "base.json", baseline, slow, tolerances={"p50_tol": float("nan")})
+    finally:
+        os.environ.pop("MOSC_TARGETS_DIR")
+
+
+def test_target_given_must_be_the_result_and_baseline_target(baseline, tmp_path):
+    from mosc.jobs.measure import check
+
+    with pytest.raises(MoscError, match="--target rpi4: the result is for target 'host', not 'rpi4'"):
+        check(tmp_path / "b.json", baseline, baseline, target="rpi4")
+    other = copy.deepcopy(baseline)
+    other["target"] = "rpi4"
+    with pytest.raises(MoscError, match="--target rpi4: the baseline is for target 'host'"):
+        check(tmp_path / "b.json", baseline, other, target="rpi4")
+    assert not (tmp_path / "b.json").exists()
+
+
+@pytest.mark.parametrize("change", [
+    lambda r: r["environment"].update(hostname="ci-runner-7"),
+    lambda r: r["environment"].update(cpu_model="Intel(R) Xeon(R) Gold 6230"),
+    lambda r: r.update(device={"where": "rpc rpi4@127.0.0.1:9190", "hostname": "pi-2", "machine": "aarch64"}),
+])
+def test_a_result_from_another_machine_is_refused_not_a_regression(env, baseline, tmp_path, change):
+    from mosc.regress import compare, machine
+
+    other = copy.deepcopy(baseline)
+    other["samples_ms"] = [x * 2 for x in baseline["samples_ms"]]  # slower: another machine
+    change(other)
+    if other["device"]["where"] != "local":
+        baseline = copy.deepcopy(baseline)
+        baseline["device"] = {**other["device"], "hostname": "pi-1"}
+    (bh, bc), (rh, rc) = machine(baseline), machine(other)
+    expected = (f"baseline recorded on {bh} / CPU {bc}, result on {rh} / CPU {rc}: re-baseline on this machine "
+                "with --update-baseline --force")
+    with pytest.raises(MoscError) as e:
+        compare(baseline, other)
+    assert str(e.value) == expected
+    base = write(tmp_path / "base.json", baseline)
+    r = inproc(env, "check", "--baseline", base, "--result", write(tmp_path / "o.json", other))
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {expected}" and "regression" not in r.stdout
+    r = inproc(env, "check", "--baseline", base, "--result", tmp_path / "o.json", "--update-baseline", "--force")
+    assert r.returncode == 0 and json.loads(base.read_text())["samples_ms"] == other["samples_ms"]
+
+
+def test_committed_ci_baseline_is_a_valid_result():
+    from mosc.regress import load_result, machine
+
+    (path,) = (REPO / "examples/ci/baselines").glob("*.json")
+    r = load_result(path, "baseline")
+    host, cpu = machine(r)
+    assert host and cpu and r["target"] == "host"

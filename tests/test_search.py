@@ -178,3 +178,119 @@ def test_rpi4_search_without_measurements_uses_the_labelled_prior(tmp_path):
     assert "ANALYTIC PRIOR" in r.output and (tmp_path / "s" / "best.json").exists()
     r = runner.invoke(app, [*args[:2], "xeon", *args[3:]])
     assert r.exit_code == 2 and "--predictor is required for 'xeon'" in r.output
+
+
+# ---------------------------------------------------------------------- bounds (no hangs)
+@pytest.mark.parametrize("kw,pattern", [
+    ({"population": 10**9}, "population must be between 2 and 100,000"),
+    ({"population": 1}, "population must be between 2"),
+    ({"generations": 10**6}, "generations must be between 1 and 10,000"),
+    ({"generations": 0}, "generations must be between 1"),
+    ({"mutations": 10**9}, "mutations must be between 0 and 100,000"),
+    ({"crossovers": -1}, "crossovers must be between 0"),
+    ({"mutation_prob": float("nan")}, "mutation probability must be in"),
+    ({"max_tries": 0}, "max_tries must be between 1"),
+])
+def test_evo_config_is_bounded(kw, pattern):
+    with pytest.raises(MoscError, match=pattern):
+        EvoConfig(**kw).check()
+    with pytest.raises(MoscError, match=pattern):  # the search checks before any work
+        evolve(TINY, loss, latency, 1e9, EvoConfig(**kw))
+
+
+def test_population_larger_than_the_space_is_refused():
+    small = SearchSpace.from_dict({"name": "small", "qkv_dim": 8,
+                                   "encoder": {"embed_dim": [8], "layers": [1], "ffn_dim": [8, 16], "heads": [1]},
+                                   "decoder": {"embed_dim": [8], "layers": [1], "ffn_dim": [8], "heads": [1],
+                                               "cross_heads": [1], "arbitrary_attn": [1]}})
+    assert small.size() == 2
+    with pytest.raises(MoscError, match="population 3 exceeds the 2 distinct archs of space 'small'"):
+        pareto_search(small, loss, latency, None, EvoConfig(population=3, parents=1))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0, 0.0])
+def test_latency_budget_must_be_finite_and_positive(bad):
+    for run in (evolve, pareto_search):
+        with pytest.raises(MoscError, match="must be a finite positive number of ms"):
+            run(TINY, loss, latency, bad, SMALL)
+
+
+def test_non_finite_latency_or_fitness_stops_the_search():
+    with pytest.raises(MoscError, match=r"predicted latency of arch \w+ is nan"):
+        evolve(TINY, loss, lambda a: float("nan"), 1e9, SMALL)
+    with pytest.raises(MoscError, match=r"fitness of arch \w+ is inf"):
+        pareto_search(TINY, lambda a: float("inf"), latency, None, SMALL)
+
+
+def test_two_objective_sort_matches_the_definition_and_scales():
+    import time
+
+    from mosc.search.evolve import _dominates
+
+    def brute(objs):
+        left, out = set(range(len(objs))), []
+        while left:
+            front = sorted(i for i in left if not any(_dominates(objs[j], objs[i]) for j in left))
+            out.append(front)
+            left -= set(front)
+        return out
+
+    rng = random.Random(0)
+    for _ in range(500):  # small integer grids: many ties and duplicates
+        k = rng.choice([2, 4, 50])
+        objs = [(float(rng.randint(0, k)), float(rng.randint(0, k))) for _ in range(rng.randint(0, 25))]
+        assert non_dominated_sort(objs) == brute(objs), objs
+    big = [(rng.random(), rng.random()) for _ in range(100_000)]
+    t0 = time.perf_counter()
+    fronts = non_dominated_sort(big)
+    assert sum(map(len, fronts)) == len(big) and time.perf_counter() - t0 < 30
+
+
+def test_sample_archs_is_bounded():
+    from mosc.jobs.artifacts import sample_archs
+
+    with pytest.raises(MoscError, match="at most 100,000"):
+        sample_archs(SearchSpace.load("wmt"), 10**9, 0)
+    with pytest.raises(MoscError, match="must be from 1 to"):
+        sample_archs(TINY, 0, 0)
+    small = SearchSpace.from_dict({"name": "small", "qkv_dim": 8,
+                                   "encoder": {"embed_dim": [8], "layers": [1], "ffn_dim": [8, 16], "heads": [1]},
+                                   "decoder": {"embed_dim": [8], "layers": [1], "ffn_dim": [8], "heads": [1],
+                                               "cross_heads": [1], "arbitrary_attn": [1]}})
+    with pytest.raises(MoscError, match="space 'small' holds only 2 distinct archs"):
+        sample_archs(small, 3, 0)
+    assert len(sample_archs(small, 2, 0)) == 2
+
+
+def test_cli_search_bounds_and_budget_are_one_line(tmp_path, predictor_file):
+    base = ["search", "-t", "synth", "-p", str(predictor_file), "--fitness", "macs", "-o", str(tmp_path / "o")]
+    for extra, needle in [(["-l", "100", "--population", "1000000000"], "population must be between 2 and 100,000"),
+                          (["-l", "100", "--generations", "1000000"], "generations must be between 1 and 10,000"),
+                          (["-l", "nan"], "finite positive number of ms, got nan"),
+                          (["-l", "inf"], "finite positive number of ms, got inf"),
+                          (["-l", "-3"], "finite positive number of ms, got -3")]:
+        r = runner.invoke(app, base + extra)
+        lines = [x for x in r.output.splitlines() if x.strip()]
+        assert r.exit_code == 2 and len(lines) == 1 and needle in lines[0], r.output
+
+
+def test_cli_search_target_aliases_and_unknown_targets(tmp_path, predictor_file):
+    args = ["--latency-ms", "300", "--fitness", "macs", "--generations", "2", "--population", "20", "--parents", "5",
+            "--mutations", "8", "--crossovers", "8", "-o", str(tmp_path / "s")]
+    r = runner.invoke(app, ["search", "--target", "rpi", *args])
+    assert r.exit_code == 0, r.output
+    assert "ANALYTIC PRIOR" in r.output and (tmp_path / "s" / "best.json").exists()
+    r = runner.invoke(app, ["search", "--target", "nope", *args])
+    assert r.exit_code == 2 and "unknown target 'nope'; valid targets: " in r.output and "rpi4" in r.output
+    r = runner.invoke(app, ["search", "--target", "../targets/host", *args])
+    assert r.exit_code == 2 and "invalid target name" in r.output
+
+
+def test_latency_model_resolves_aliases(predictor_file):
+    from mosc.jobs.search import latency_model, row_target
+
+    assert row_target("pi") == "rpi4" and row_target("synth") == "synth" and row_target("hat:x") == "hat:x"
+    assert latency_model("raspberrypi", TINY, None, None, log=lambda m: None).target == "rpi4"
+    assert latency_model("synth", TINY, predictor_file, None).target == "synth"
+    with pytest.raises(MoscError, match="--predictor is required for 'xeon'"):
+        latency_model("xeon", TINY, None, None)

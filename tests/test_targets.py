@@ -81,7 +81,7 @@ def test_env_dir_and_malformed_files(tmp_path, monkeypatch):
     assert list_targets() == ["badtype", "broken", "nokind", "ok", "typo"]
     ok = load_target("ok")
     assert isinstance(ok, Target) and ok.rpc.key == "k" and ok.protocol.repeats == 50  # defaults
-    for name, pattern in [("broken", "malformed TOML"), ("typo", "unknown key.*repeat"),
+    for name, pattern in [("broken", "not valid TOML"), ("typo", "unknown key.*repeat"),
                           ("badtype", "repeats must be int"), ("nokind", "with a 'kind'")]:
         with pytest.raises(MoscError, match=pattern):
             load_target(name)
@@ -114,3 +114,73 @@ def test_targets_cli_lists_good_files_and_names_broken_ones(tmp_path, monkeypatc
     assert r.exit_code == 2
     assert "fine" in r.output and "BROKEN" in r.output
     assert "typo.toml [rpc]: unknown key 'port'" in r.output  # "[rpc]" printed, not eaten as markup
+
+
+def test_aliases_resolve_to_the_canonical_target():
+    for alias in ("rpi", "pi", "raspberrypi", "rpi4"):
+        t = load_target(alias)
+        assert t.name == "rpi4" and t.rpc.key == "rpi4"
+    with pytest.raises(MoscError) as e:
+        load_target("nope")
+    msg = str(e.value)
+    assert "\n" not in msg and "unknown target 'nope'" in msg and "rpi4 (also pi, raspberrypi, rpi)" in msg
+
+
+@pytest.mark.parametrize("name", ["../targets/host", "/etc/passwd", "a/b", ".hidden", "", "host\n", "x y"])
+def test_target_names_with_path_separators_are_refused(name):
+    with pytest.raises(MoscError, match="invalid target name") as e:
+        load_target(name)
+    assert "\n" not in str(e.value).replace(repr(name), "")
+
+
+def test_alias_clashes_are_one_line_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOSC_TARGETS_DIR", str(tmp_path))
+    _write(tmp_path, "a", 'aliases = ["x"]\ndescription = "a"\ntvm_target = "llvm"\n')
+    _write(tmp_path, "b", 'aliases = ["x"]\ndescription = "b"\ntvm_target = "llvm"\n')
+    with pytest.raises(MoscError, match="alias 'x' is claimed by both a.toml and b.toml"):
+        load_target("x")
+    assert load_target("a").name == "a"  # by its file name a target is always found
+    _write(tmp_path, "c", 'aliases = ["a"]\ndescription = "c"\ntvm_target = "llvm"\n')
+    with pytest.raises(MoscError, match="alias 'a' is the name of another target file"):
+        load_target("c")
+    _write(tmp_path, "d", 'aliases = ["../up"]\ndescription = "d"\ntvm_target = "llvm"\n')
+    with pytest.raises(MoscError, match="aliases must be a list of names"):
+        load_target("d")
+
+
+BAD_SETTINGS = [
+    ("protocol", "repeats = 0", "repeats must be between 2"),
+    ("protocol", "repeats = 1", "repeats must be between 2"),
+    ("protocol", "warmup = -1", "warmup must be between 0"),
+    ("protocol", "trim = 0.7", "trim must be >= 0 and < 0.5"),
+    ("protocol", "trim = 0.5", "trim must be >= 0 and < 0.5"),
+    ("protocol", "trim = -0.1", "trim must be >= 0 and < 0.5"),
+    ("protocol", "trim = nan", "trim must be >= 0 and < 0.5"),
+    ("protocol", "batch = 0", "batch must be between 1"),
+    ("protocol", "source_len = 0", "source_len must be between 1"),
+    ("protocol", "source_len = 1000000000", "source_len must be between 1 and 4096"),
+    ("protocol", "decoder_steps = 0", "decoder_steps must be between 1"),
+    ("rpc", "tracker_port = 99999", "tracker_port must be between 1 and 65535"),
+    ("rpc", "tracker_port = 0", "tracker_port must be between 1 and 65535"),
+    ("rpc", 'tracker_host = ""', "tracker_host is empty"),
+    ("regression", "p50_tol = -0.1", "p50_tol must be between 0"),
+    ("regression", "p90_tol = inf", "p90_tol must be between 0"),
+    ("regression", "p90_tol = nan", "p90_tol must be between 0"),
+]
+
+
+@pytest.mark.parametrize("section,line,pattern", BAD_SETTINGS)
+def test_settings_out_of_range_are_refused_at_load(tmp_path, monkeypatch, section, line, pattern):
+    monkeypatch.setenv("MOSC_TARGETS_DIR", str(tmp_path))
+    _write(tmp_path, "t", f'description = "x"\ntvm_target = "llvm"\n[{section}]\n{line}\n')
+    with pytest.raises(MoscError, match=pattern) as e:
+        load_target("t")
+    assert "\n" not in str(e.value) and f"t.toml [{section}]" in str(e.value)
+
+
+def test_settings_at_their_limits_load(tmp_path, monkeypatch):
+    monkeypatch.setenv("MOSC_TARGETS_DIR", str(tmp_path))
+    _write(tmp_path, "t", 'description = "x"\ntvm_target = "llvm"\n[protocol]\nrepeats = 2\nwarmup = 0\ntrim = 0.0\n'
+                          '[rpc]\ntracker_port = 65535\n[regression]\np50_tol = 0\n')
+    t = load_target("t")
+    assert (t.protocol.repeats, t.protocol.warmup, t.rpc.tracker_port, t.regression.p50_tol) == (2, 0, 65535, 0.0)

@@ -2,10 +2,12 @@
 
     <graph>.so      one shared library per graph (its own Relax `main`, its own weights)
     manifest.json   written last, atomically: format, target, TVM versions, tuning, each
-                    graph's signature and file, each file's sha256
+                    graph's signature and file, each file's sha256, and manifest_sha256 (a
+                    sha256 over all the rest, so no field can be edited unnoticed)
 
     write_manifest  the compiler's last step: a folder without a manifest is not an artifact
-    verify_artifact check every sha256 against the manifest; loads no code
+    read_manifest   the manifest, its structure and seal checked (the files are not read)
+    verify_artifact read_manifest + every file's sha256; loads no code
     load_artifact   verify, then load each .so into a Relax VM (here, or over an RPC session)
     Artifact        the loaded VMs, run with numpy in, numpy out
 
@@ -17,7 +19,6 @@ tvm only inside functions and needs only the TVM runtime, so a device can use it
 from __future__ import annotations
 
 import hashlib
-import json
 import platform
 import shutil
 import tempfile
@@ -25,11 +26,14 @@ from pathlib import Path
 
 import numpy as np
 
+from mosc.contract import check_graphs, check_seal, seal
 from mosc.errors import MoscError
-from mosc.fileio import atomic_write_json, sha256_file, verify_files
+from mosc.fileio import atomic_write_json, field, read_json, sha256_file, verify_files
 
 MANIFEST = "manifest.json"
 ARTIFACT_FORMAT = "mosc-artifact/1"
+SEAL = "manifest_sha256"
+RECOMPILE = "recompile it (mosc compile; cached artifacts are rebuilt on their own)"
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -58,34 +62,44 @@ def write_manifest(art_dir: Path | str, graphs: dict[str, dict], *, target: str,
         "files": {g["file"]: sha256_file(art_dir / g["file"]) for g in graphs.values()},
         "compile_seconds": round(compile_seconds, 2),
     }
-    clash = set(extra or {}) & set(manifest)
+    clash = set(extra or {}) & (set(manifest) | {SEAL})
     if clash:
         raise MoscError(f"extra_manifest may not override {sorted(clash)}")
-    manifest.update(extra or {})
+    manifest = seal({**manifest, **(extra or {})}, SEAL)
+    check_manifest(manifest, f"manifest of {art_dir}")  # what a reader would refuse is never written
     atomic_write_json(art_dir / MANIFEST, manifest)
     return manifest
 
 
+def check_manifest(manifest: dict, where: str) -> dict:
+    """The structure a loader relies on: format, target, device, tuning, graphs and files."""
+    if field(manifest, "format", str, where) != ARTIFACT_FORMAT:
+        raise MoscError(f"{where}: format {manifest['format']!r}, expected {ARTIFACT_FORMAT!r}")
+    for key in ("target", "tvm_target", "device"):
+        if not field(manifest, key, str, where):
+            raise MoscError(f"{where}: {key!r} is empty")
+    tuning = field(manifest, "tuning", dict, where)
+    field(tuning, "tuned", bool, f"{where} tuning")
+    field(tuning, "database", dict, f"{where} tuning")
+    check_graphs(manifest, where, ".so")
+    return manifest
+
+
 def read_manifest(art_dir: Path | str) -> dict:
+    """The manifest of an artifact folder, its structure and seal checked; reads no library."""
     path = Path(art_dir) / MANIFEST
     if not path.is_file():
         raise MoscError(f"{art_dir} is not a mosc artifact (no {MANIFEST})")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise MoscError(f"{path}: malformed manifest ({e})") from None
-    if manifest.get("format") != ARTIFACT_FORMAT:
-        raise MoscError(f"{path}: format {manifest.get('format')!r}, expected {ARTIFACT_FORMAT!r}")
+    manifest = read_json(path, "artifact manifest")
+    check_manifest(manifest, str(path))
+    check_seal(manifest, SEAL, str(path), RECOMPILE)
     return manifest
 
 
 def verify_artifact(art_dir: Path | str) -> dict:
-    """Check every file's sha256 against the manifest; return the manifest. Loads no code."""
+    """Check the manifest and every file's sha256 against it; return the manifest. Loads no code."""
     art_dir = Path(art_dir)
     manifest = read_manifest(art_dir)
-    for graph in manifest["graphs"].values():
-        if graph["file"] not in manifest["files"]:
-            raise MoscError(f"{art_dir}: {graph['file']} has no sha256 in the manifest")
     verify_files(art_dir, manifest["files"], "the manifest")
     return manifest
 

@@ -20,6 +20,7 @@ from mosc.compiler.passes import FINISH, PREPARE, drop_known_tvm_noise, import_o
 from mosc.compiler.targets import Target, as_target
 from mosc.compiler.tune import DEFAULT_TRIALS, check_tracker, database_id, default_db_dir, open_database
 from mosc.compiler.tune import tune as _tune  # compile_artifact's `tune` flag shadows the name there
+from mosc.contract import GRAPH_NAME
 from mosc.errors import MoscError
 
 
@@ -116,6 +117,9 @@ def compile_artifact(
     The manifest is written last and atomically: a folder without one is not an artifact.
     """
     target = as_target(target)
+    bad = [g for g in onnx_files if not GRAPH_NAME.match(g)]
+    if bad:  # a graph's name is its library's file name
+        raise MoscError(f"graph name {bad[0]!r} must match {GRAPH_NAME.pattern[:-2]}")
     require_cross_compiler(target)  # fail now, not after minutes of tuning
     if tune and trials > 0 and target.needs_rpc:
         check_tracker(target)  # measuring needs the device

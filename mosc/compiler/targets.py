@@ -12,17 +12,21 @@ Pure Python (tomllib). TVM is imported only by `Target.tvm_target()`, which buil
 
 from __future__ import annotations
 
+import math
 import os
-import tomllib
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mosc import env
 from mosc.errors import MoscError
+from mosc.fileio import read_toml
 from mosc.rpc import parse_hostport
 from mosc.tables import from_table
 
 AUTO = "auto"  # value of "mcpu" / "num-cores" in an inline tvm_target: detect on this machine
+# A target name (or alias) is a file's stem and a folder of the tuning cache: no path separators.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 
 
 def targets_dir() -> Path:
@@ -30,11 +34,26 @@ def targets_dir() -> Path:
     return env.targets_dir()
 
 
+def _in_range(where: str, name: str, value, lo, hi, why: str = "") -> None:
+    """MoscError unless lo <= value <= hi (and finite)."""
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise MoscError(f"{where}: {name} must be between {lo:g} and {hi:g}{why}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class Rpc:
     tracker_host: str = "127.0.0.1"
     tracker_port: int = 9190
     key: str = ""  # device key registered with the tracker; "" = the target's name
+
+    def check(self, where: str) -> Rpc:
+        if not self.tracker_host.strip():
+            raise MoscError(f"{where}: tracker_host is empty")
+        _in_range(where, "tracker_port", self.tracker_port, 1, 65535)
+        return self
+
+
+MAX_SHAPE = 4096  # tokens of source or decoder steps: far beyond any model here, short of a typo's 10**9
 
 
 @dataclass(frozen=True)
@@ -46,11 +65,26 @@ class Protocol:
     repeats: int = 50  # timed runs
     trim: float = 0.1  # fraction dropped from each tail before p50/p90
 
+    def check(self, where: str) -> Protocol:
+        _in_range(where, "source_len", self.source_len, 1, MAX_SHAPE)
+        _in_range(where, "decoder_steps", self.decoder_steps, 1, MAX_SHAPE)
+        _in_range(where, "batch", self.batch, 1, 1024)
+        _in_range(where, "warmup", self.warmup, 0, 10_000)
+        _in_range(where, "repeats", self.repeats, 2, 100_000, " (a statistic needs several runs)")
+        if not (math.isfinite(self.trim) and 0 <= self.trim < 0.5):
+            raise MoscError(f"{where}: trim must be >= 0 and < 0.5 (a fraction cut from each tail), got {self.trim!r}")
+        return self
+
 
 @dataclass(frozen=True)
 class Regression:
     p50_tol: float = 0.05  # allowed relative slowdown of the median
     p90_tol: float = 0.10  # allowed relative slowdown of the 90th percentile
+
+    def check(self, where: str) -> Regression:
+        _in_range(where, "p50_tol", self.p50_tol, 0, 100, " (a relative slowdown)")
+        _in_range(where, "p90_tol", self.p90_tol, 0, 100, " (a relative slowdown)")
+        return self
 
 
 @dataclass(frozen=True)
@@ -144,7 +178,7 @@ def _tvm_target(spec: str | dict, name: str, key: str):
 
 
 def as_target(target: Target | str) -> Target:
-    """A Target, or the target file of that name."""
+    """A Target, or the target file of that name (or alias)."""
     return target if isinstance(target, Target) else load_target(target)
 
 
@@ -153,22 +187,52 @@ def list_targets() -> list[str]:
     return sorted(p.stem for p in targets_dir().glob("*.toml"))
 
 
-def load_target(name: str) -> Target:
-    """Read `targets/<name>.toml`. Unknown name or malformed file -> MoscError."""
-    path = targets_dir() / f"{name}.toml"
-    valid = list_targets()
-    if not path.is_file():
-        raise MoscError(
-            f"unknown target {name!r}; valid targets: {', '.join(valid) or '(none)'} (in {targets_dir()})"
-        )
-    where = str(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise MoscError(f"{where}: malformed TOML ({e})") from None
+def aliases() -> dict[str, str]:
+    """alias -> target name, from the `aliases` lists of the target files. A file that does not
+    parse is left out here (loading it by name reports what is wrong with it)."""
+    out: dict[str, str] = {}
+    for name in list_targets():
+        try:
+            raw = read_toml(targets_dir() / f"{name}.toml", "target file")
+        except MoscError:
+            continue
+        for alias in raw.get("aliases", []) if isinstance(raw.get("aliases"), list) else []:
+            if isinstance(alias, str) and out.setdefault(alias, name) != name:
+                raise MoscError(f"target alias {alias!r} is claimed by both {out[alias]}.toml and {name}.toml "
+                                f"(in {targets_dir()})")
+    return out
 
+
+def _valid_names() -> str:
+    by_target: dict[str, list[str]] = {}
+    for alias, name in aliases().items():
+        by_target.setdefault(name, []).append(alias)
+    return ", ".join(n + (f" (also {', '.join(sorted(by_target[n]))})" if n in by_target else "")
+                     for n in list_targets()) or "(none)"
+
+
+def resolve_name(name: str) -> str:
+    """The target file name for a name or alias ("rpi" -> "rpi4"); MoscError when it is neither."""
+    if not isinstance(name, str) or not NAME.match(name):
+        raise MoscError(f"invalid target name {name!r}: letters, digits, '_', '.' and '-' only, no path "
+                        f"separators; valid targets: {_valid_names()}")
+    if (targets_dir() / f"{name}.toml").is_file():
+        return name
+    canonical = aliases().get(name)
+    if canonical is None:
+        raise MoscError(f"unknown target {name!r}; valid targets: {_valid_names()} (in {targets_dir()})")
+    return canonical
+
+
+def load_target(name: str) -> Target:
+    """Read `targets/<name>.toml` (name may be an alias: the Target carries the file's name).
+    Unknown name, malformed file or a setting out of range -> MoscError."""
+    name = resolve_name(name)
+    path = targets_dir() / f"{name}.toml"
+    where = str(path)
+    raw = read_toml(path, "target file")
     sections = {"rpc": Rpc, "protocol": Protocol, "regression": Regression}
-    top = {"description", "tvm_target", "host", "cross_compiler", *sections}
+    top = {"description", "tvm_target", "host", "cross_compiler", "aliases", *sections}
     unknown = sorted(set(raw) - top)
     if unknown:
         raise MoscError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(top))}")
@@ -184,10 +248,12 @@ def load_target(name: str) -> Target:
     for key in ("description", "cross_compiler"):
         if not isinstance(raw.get(key, ""), str):
             raise MoscError(f"{where}: {key} must be a string")
+    _check_aliases(raw.get("aliases", []), where)
 
-    parsed = {k: from_table(cls, raw.get(k, {}), f"{where} [{k}]") for k, cls in sections.items()}
+    parsed = {k: from_table(cls, raw.get(k, {}), f"{where} [{k}]").check(f"{where} [{k}]")
+              for k, cls in sections.items()}
     if not parsed["rpc"].key:
-        parsed["rpc"] = Rpc(parsed["rpc"].tracker_host, parsed["rpc"].tracker_port, name)
+        parsed["rpc"] = replace(parsed["rpc"], key=name)
     return Target(
         name=name,
         description=raw["description"],
@@ -197,3 +263,11 @@ def load_target(name: str) -> Target:
         path=path,
         **parsed,
     )
+
+
+def _check_aliases(value, where: str) -> None:
+    if not isinstance(value, list) or not all(isinstance(a, str) and NAME.match(a) for a in value):
+        raise MoscError(f"{where}: aliases must be a list of names (letters, digits, '_', '.', '-'), got {value!r}")
+    taken = [a for a in value if (targets_dir() / f"{a}.toml").is_file()]
+    if taken:
+        raise MoscError(f"{where}: alias {taken[0]!r} is the name of another target file")

@@ -2,7 +2,7 @@
 
     tune            tune the TIR tasks of some graphs that the database lacks; add the records
     open_database   the database in a folder; default_db_dir: ~/.cache/mosc/tune/<target>/
-    database_id     path, record count and sha256 of a database (what a manifest records)
+    database_id     path, record count and content sha256 of a database (what a manifest records)
     check_tracker   fail in one line, before any trial, when the device cannot be reached
 
 Why tuning matters: `tvm.compile` applies no schedule to CPU code (legalize + lower only),
@@ -71,13 +71,25 @@ def open_database(db_dir: Path | str):
     )
 
 
+DB_FILES = ("database_workload.json", "database_tuning_record.json")
+
+
 def database_id(db_dir: Path | str) -> dict:
-    """Identity of a tuning database: its path, record count and sha256 of its records file."""
-    records = Path(db_dir) / "database_tuning_record.json"
-    if not records.is_file():
-        return {"path": str(db_dir), "records": 0, "sha256": None}
-    data = records.read_bytes()
-    return {"path": str(db_dir), "records": data.count(b"\n"), "sha256": hashlib.sha256(data).hexdigest()}
+    """Identity of a tuning database: its path, record count and one sha256 over the content of
+    its workload and records files (what a build applies). Equal content, equal id, at any path."""
+    h, records = hashlib.sha256(), 0
+    for name in DB_FILES:
+        path = Path(db_dir) / name
+        data = path.read_bytes() if path.is_file() else b""
+        h.update(f"{name}:{len(data)}:".encode() + data)
+        if name == "database_tuning_record.json":
+            records = data.count(b"\n")
+    return {"path": str(db_dir), "records": records, "sha256": h.hexdigest() if records else None}
+
+
+def same_database(a: dict, b: dict) -> bool:
+    """Two database_id()s of the same content (the path does not matter)."""
+    return (a.get("records"), a.get("sha256")) == (b.get("records"), b.get("sha256"))
 
 
 def _task_key(task) -> str:

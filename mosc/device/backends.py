@@ -38,7 +38,7 @@ import numpy as np
 from mosc.contract import BOS_ID, DECODER, ENCODER
 from mosc.device.protocol import Measurement, run_protocol
 from mosc.errors import MoscError
-from mosc.rpc import connect, device_info
+from mosc.rpc import connect, device_info, machine_info
 
 if TYPE_CHECKING:
     from mosc.compiler.targets import Protocol
@@ -130,19 +130,58 @@ def measure_artifact(artifact: str | Path, protocol: Protocol, remote: Remote | 
     from mosc.compiler.artifact import load_artifact, read_manifest
 
     artifact = Path(artifact)
-    device = read_manifest(artifact).get("device", "cpu")
+    manifest = read_manifest(artifact)
     sess = art = info = None
     try:
         if remote is not None:
             sess = connect(remote)
             info = device_info(sess)
-        art = load_artifact(artifact, device, session=sess)
+        check_machine(artifact, manifest, info or machine_info(),
+                      f"device {remote.key!r}" if remote is not None else "this machine")
+        art = load_artifact(artifact, manifest.get("device", "cpu"), session=sess)
         return measure(art, protocol), info
     finally:
         # An RPC session has no close(): it ends when its last handle is freed, and until then
         # the server stays busy (the next request would wait for it). Free it now.
         del art, sess
         gc.collect()
+
+
+# ELF e_machine -> the name platform.machine() gives that CPU architecture
+ELF_MACHINES = {3: "i686", 40: "arm", 62: "x86_64", 183: "aarch64", 243: "riscv64"}
+# platform.machine() spellings of one architecture -> the name above
+MACHINE_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "armv6l": "arm", "armv7l": "arm",
+                   "armv8l": "arm", "i386": "i686", "i586": "i686", "x86": "i686"}
+
+
+def artifact_machine(art_dir: Path, manifest: dict) -> str | None:
+    """The CPU architecture of an artifact's graph libraries, read from their ELF headers (the
+    code itself says what it runs on, whatever the target file said); None when not ELF."""
+    found = set()
+    for entry in manifest["graphs"].values():
+        try:
+            with open(Path(art_dir) / entry["file"], "rb") as f:
+                head = f.read(20)
+        except OSError:
+            return None  # loading it reports the missing file
+        if len(head) < 20 or head[:4] != b"\x7fELF":
+            return None
+        em = int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
+        found.add(ELF_MACHINES.get(em, f"ELF machine {em}"))
+    return ", ".join(sorted(found)) or None
+
+
+def check_machine(art_dir: Path, manifest: dict, info: dict, where: str) -> None:
+    """MoscError (one line) before anything is uploaded when the artifact's code is for another CPU
+    architecture than the device's (its `machine`, from mosc.device_info or machine_info)."""
+    have = str(info.get("machine") or "")
+    want = artifact_machine(art_dir, manifest)
+    if not have or not want or MACHINE_ALIASES.get(have.lower(), have.lower()) == want:
+        return
+    hint = ("measure it over RPC on such a device (--tracker HOST:PORT --key KEY)" if where == "this machine"
+            else "compile it for that device's target (--target) and measure again")
+    raise MoscError(f"{art_dir} holds {want} code (compiled for target {manifest.get('target')!r}), but {where} "
+                    f"is {have}: {hint}")
 
 
 # ----------------------------------------------------------------------------- in this process

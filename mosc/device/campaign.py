@@ -53,8 +53,13 @@ class _Failed(Exception):
 
 @dataclass
 class CampaignResult:
-    measured: list[dict] = field(default_factory=list)  # rows written
+    measured: list[dict] = field(default_factory=list)  # rows written (id None: kept in the DB's pending file)
     skipped: list[str] = field(default_factory=list)  # arch hashes already in the DB
+
+    @property
+    def kept(self) -> int:
+        """Rows the database could not take (locked), kept in its side file until the next writer merges them."""
+        return sum(r.get("id") is None for r in self.measured)
 
 
 class Campaign:
@@ -78,6 +83,7 @@ class Campaign:
         self.force, self.tries, self.backoff_s, self.log, self.source = force, tries, backoff_s, log, source
         self.device: dict = {}
         self.key = remote.key if remote else f"local:{socket.gethostname()}"
+        self.result = CampaignResult()  # of the current run(), filled as it goes (what an interrupted run kept)
 
     # -- device ------------------------------------------------------------------------
     def _retry(self, what: str, fn: Callable[[], T], over_session: bool = False) -> T:
@@ -131,7 +137,7 @@ class Campaign:
     def run(self, archs: list[Arch], prepare: Callable[[Arch], Prepared],
             done: Callable[[], None] | None = None) -> CampaignResult:
         """Measure (or skip) every arch in order; `done()` is called after each one (a progress bar)."""
-        res = CampaignResult()
+        res = self.result = CampaignResult()
         if not self.device:
             self.probe()
         for i, arch in enumerate(archs, 1):
@@ -141,13 +147,13 @@ class Campaign:
                 res.skipped.append(arch.hash)
                 self.log(f"{where}: already in the database, skipped (--force re-measures)")
             else:
-                res.measured.append(self._measure_one(arch, prepare, where, len(res.measured)))
+                self._measure_one(arch, prepare, where)
             if done:
                 done()
         return res
 
-    def _measure_one(self, arch: Arch, prepare: Callable[[Arch], Prepared], where: str, saved: int) -> dict:
-        """Prepare, time and store one arch -> its row (committed). saved: rows of this run so far."""
+    def _measure_one(self, arch: Arch, prepare: Callable[[Arch], Prepared], where: str) -> dict:
+        """Prepare, time and store one arch -> its row (committed, and added to self.result)."""
         t0 = time.perf_counter()
         try:
             prep = self._retry(f"preparing arch {arch.hash}", lambda: prepare(arch))
@@ -155,8 +161,7 @@ class Campaign:
                                  lambda: measure_prepared(self.backend, prep, self.target.protocol, self.remote),
                                  over_session=self.remote is not None)
         except _Failed as e:
-            raise MoscError(f"{e}; {saved} arch(s) measured in this run are saved in {self.db.path}; "
-                            f"re-run the same command to measure the rest") from None
+            raise MoscError(f"{e}; {self.saved_where()}; re-run the same command to measure the rest") from None
         if m.shapes != self.shapes:
             raise MoscError(f"arch {arch.hash}: graphs have shapes {m.shapes}, the {self.target.name} protocol "
                             f"says {self.shapes} (stale artifact? rebuild it)")
@@ -164,9 +169,17 @@ class Campaign:
         noise = noisy(m.stats)
         if noise:
             row["extra"]["noisy"] = noise
-        row["id"] = self.db.insert(row)  # committed now: a later failure loses nothing
+        # committed now: a later failure loses nothing (a database locked too long: kept in its side file)
+        row["id"] = self.db.insert_or_keep(row)
+        self.result.measured.append(row)
         self._report(where, m, time.perf_counter() - t0, noise)
         return row
+
+    def saved_where(self) -> str:
+        """Where this run's measurements are: "N arch(s) measured in this run are saved in DB"."""
+        kept = self.result.kept
+        side = f" ({kept} of them kept in {self.db.pending_path} until the database takes them)" if kept else ""
+        return f"{len(self.result.measured)} arch(s) measured in this run are saved in {self.db.path}{side}"
 
     def _report(self, where: str, m: Measurement, seconds: float, noise: str | None) -> None:
         s = m.stats

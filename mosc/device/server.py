@@ -2,7 +2,8 @@
 
     run_tracker(host, port)                  the tracker, in this process, until killed
     run_server(tracker, key, host, port)     an RPC server registered with the tracker, in this
-                                             process; a session that crashes restarts the loop
+                                             process; a session that crashes restarts the loop, a
+                                             tracker that restarts or drops is registered with again
     emulate_command(...)                     the argv + env of an aarch64 server under qemu-user
     own_info()                               what `mosc.device_info` answers over RPC
 
@@ -43,6 +44,8 @@ DEFAULT_TRACKER_PORT = 9190
 DEFAULT_SERVER_PORT = 9091  # first port tried; the server takes the next free one below port_end
 PORT_RANGE = 100
 EMULATORS = {"rpi4": "aarch64"}  # target -> qemu-user architecture
+TRACKER_TIMEOUT_S = 10.0  # a tracker that does not answer (connect, ping, register) within this is gone
+RECONNECT_MAX_S = 10.0  # longest pause between tries to reach a tracker that is down
 
 
 def own_info() -> dict:
@@ -83,10 +86,49 @@ def run_tracker(host: str = DEFAULT_HOST, port: int = DEFAULT_TRACKER_PORT, port
     state.thread.join()
 
 
+def _tracker_connector(key: str, host: str, port: int):
+    """What this server process uses in place of tvm.rpc.base.connect_with_retry.
+
+    TVM's RPC server (tvm/rpc/server.py, _listen_loop) reconnects and registers again whenever
+    its tracker connection raises OSError, through connect_with_retry, which retries only a
+    refused connection, every 5 s, for 60 s, then raises RuntimeError and the listen thread
+    dies. Its tracker socket has no timeout: a tracker that vanished without closing the
+    connection (machine rebooted, network cut) leaves the server waiting for an answer for
+    ever, never registered again. This one retries every failure for as long as it takes
+    (backoff up to RECONNECT_MAX_S) and bounds every exchange on the connection it returns by
+    TRACKER_TIMEOUT_S, so that a silent tracker is an OSError and TVM's loop reconnects."""
+    import socket
+
+    seen = {"connected": False, "down": False}
+
+    def connect_with_retry(addr, timeout=None, retry_period=None):  # noqa: ARG001 (TVM's signature)
+        pause = 0.5
+        while True:
+            try:
+                sock = socket.create_connection(tuple(addr), timeout=TRACKER_TIMEOUT_S)
+                sock.settimeout(TRACKER_TIMEOUT_S)  # every request to the tracker is bounded too
+            except OSError as e:
+                if not seen["down"]:
+                    print(f"RPC server {key!r}: no RPC tracker answers at {host}:{port} ({e.strerror or e}); "
+                          f"retrying (every {RECONNECT_MAX_S:g} s at most)", file=sys.stderr, flush=True)
+                    seen["down"] = True
+                time.sleep(pause)
+                pause = min(2 * pause, RECONNECT_MAX_S)
+                continue
+            if seen["connected"]:
+                print(f"RPC server {key!r}: connected to tracker {host}:{port} again; registering",
+                      file=sys.stderr, flush=True)
+            seen["connected"], seen["down"] = True, False
+            return sock
+
+    return connect_with_retry
+
+
 def run_server(tracker_host: str, tracker_port: int, key: str, host: str = DEFAULT_HOST,
                port: int = DEFAULT_SERVER_PORT, port_end: int | None = None, load_library: str | None = None) -> None:
     """Run a TVM RPC server registered with a tracker under `key`, in this process, until killed.
 
+    It registers again after the tracker restarts or the way to it breaks (_tracker_connector).
     TVM's listen loop dies when a session child exits abnormally (a crashed session); it is
     restarted here, so one crash costs one session, not the device.
     """
@@ -95,10 +137,11 @@ def run_server(tracker_host: str, tracker_port: int, key: str, host: str = DEFAU
 
     logging.getLogger("RPCServer").setLevel(logging.WARNING)
     tvm_ffi.register_global_func(DEVICE_INFO_FUNC, lambda: json.dumps(own_info()), override=True)
+    rpc_server.base.connect_with_retry = _tracker_connector(key, tracker_host, tracker_port)
     _exit_on_signals(f"RPC server {key!r}")
-    threading.excepthook = lambda a: print(f"RPC server {key!r}: session ended abnormally: "
+    threading.excepthook = lambda a: print(f"RPC server {key!r}: listen loop stopped: "
                                            f"{a.exc_type.__name__}: {a.exc_value}", file=sys.stderr, flush=True)
-    first = True
+    first, pause = True, 0.5
     while True:
         try:
             state = rpc_server.PopenRPCServerState(host, port, port_end or port + PORT_RANGE,
@@ -112,10 +155,12 @@ def run_server(tracker_host: str, tracker_port: int, key: str, host: str = DEFAU
                   f"{', emulated' if info['emulated'] else ''}), registered with tracker {tracker_host}:{tracker_port}",
                   flush=True)
             first = False
+        started = time.monotonic()
         state.thread.join()
         state.sock.close()
-        print(f"RPC server {key!r}: listen loop ended; restarting", file=sys.stderr, flush=True)
-        time.sleep(0.5)
+        pause = 0.5 if time.monotonic() - started > 60 else min(2 * pause, RECONNECT_MAX_S)  # a loop that keeps dying waits longer
+        print(f"RPC server {key!r}: listen loop ended; restarting in {pause:g} s", file=sys.stderr, flush=True)
+        time.sleep(pause)
 
 
 # ----------------------------------------------------------------------------- qemu

@@ -1,4 +1,4 @@
-"""Job: arch -> measurable model files, built once and cached by arch hash.
+"""Job: arch -> measurable model files, built once and cached by everything that changes them.
 
 `mosc measure` needs, per arch: a TVM artifact (backend tvm), an ONNX export (backend ort)
 or a collapsed Subnet (backend torch). `ArtifactCache.prepare(arch, backend)` makes them
@@ -6,19 +6,24 @@ from a supernet (a checkpoint, or a seeded randomly initialised supernet of a sp
 does not depend on weight values) with the export and compile jobs, and
 keeps them in
 
-    <root>/<target>/<arch hash>-b<B>s<S>t<T>-<weights>-<tuned|notune>/{onnx,art}/
+    <root>/<target>/<arch hash>-b<B>s<S>t<T>-<weights>/onnx/
+    <root>/<target>/<arch hash>-b<B>s<S>t<T>-<weights>-<tuned<N>|notune>-<build key>/art/
 
-(root: $MOSC_ARTIFACT_CACHE or ~/.cache/mosc/artifacts). A folder is reused when its
-export.json / manifest.json verify (sha256s) and name the same arch; anything else is
-rebuilt. One process builds a folder at a time (an flock on <folder>/.lock): several
-`mosc measure` processes may share a cache. Imports torch (lazily, when something has to be built).
+(root: $MOSC_ARTIFACT_CACHE or ~/.cache/mosc/artifacts). The build key is a sha256 over the
+arch, shapes, weights, the resolved TVM target (host included), the cross compiler, tuning on
+or off and the trial budget. A folder is reused when its export.json / manifest.json verify
+(structure, seal, sha256s), name the same arch and TVM version, and the artifact was built
+with a tuning database of the same content as the one there now (records the build did not
+see could change its schedules); anything else is rebuilt. One process builds a folder at a
+time (an flock on <folder>/.lock): several `mosc measure` processes may share a cache.
+Imports torch (lazily, when something has to be built).
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
-import random
+import json
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,30 +75,50 @@ def load_space(source: ModelSource) -> SearchSpace:
 
 
 def sample_archs(space: SearchSpace, n: int, seed: int) -> list[Arch]:
-    """n distinct archs, the same for the same (space, n, seed): `--sample N --seed S`."""
-    rng, out, seen = random.Random(seed), [], set()
-    for _ in range(n * 50):
-        a = space.sample(rng)
-        if a.hash not in seen:
-            seen.add(a.hash)
-            out.append(a)
-        if len(out) == n:
-            return out
-    raise MoscError(f"space {space.name!r} has fewer than {n} distinct archs reachable with seed {seed}")
+    """n distinct archs, the same for the same (space, n, seed): `--sample N --seed S`. An n the
+    space cannot give, or beyond MAX_ARCHS_PER_REQUEST, is one line before any sampling."""
+    return space.sample_distinct(n, seed, "the number of archs to sample")
 
 
 class ArtifactCache:
     def __init__(self, target: Target, source: ModelSource, *, root: Path | None = None, tune: bool = True,
                  trials: int | None = None, tune_db: Path | None = None, log: Callable[[str], None] = print):
+        from mosc.compiler.tune import DEFAULT_TRIALS
+
         self.target, self.source, self.root = target, source, Path(root or env.artifact_cache_root())
-        self.tune, self.trials, self.tune_db, self.log = tune, trials, tune_db, log
+        self.trials = DEFAULT_TRIALS if trials is None else trials
+        self.tune = tune and self.trials > 0  # what compile_export does: no trials, no tuning
+        self.tune_db, self.log = tune_db, log
         self._supernet = None
         self._tag = source.tag()
+        self._build_id = None
+
+    def model_folder(self, arch: Arch) -> Path:
+        """The export's folder: depends on the arch, the shapes and the weights only."""
+        p = self.target.protocol
+        return self.root / self.target.name / f"{arch.hash}-b{p.batch}s{p.source_len}t{p.decoder_steps}-{self._tag}"
 
     def folder(self, arch: Arch) -> Path:
-        p = self.target.protocol
-        tuned = "tuned" if self.tune else "notune"
-        return self.root / self.target.name / f"{arch.hash}-b{p.batch}s{p.source_len}t{p.decoder_steps}-{self._tag}-{tuned}"
+        """The artifact's folder: the model folder's name + tuning + a key of the whole build."""
+        tuned = f"tuned{self.trials}" if self.tune else "notune"
+        m = self.model_folder(arch)
+        return m.with_name(f"{m.name}-{tuned}-{self.build_key(arch)}")
+
+    def build_key(self, arch: Arch) -> str:
+        """12 hex digits of a sha256 over everything the build depends on (but the tuning
+        database, whose content is compared with the manifest's record instead)."""
+        if self._build_id is None:
+            t, p = self.target, self.target.protocol
+            self._build_id = {"tvm_target": str(t.tvm_target()), "cross_compiler": t.cross_compiler,
+                              "shapes": [p.batch, p.source_len, p.decoder_steps], "weights": self._tag,
+                              "tune": self.tune, "trials": self.trials if self.tune else 0}
+        doc = json.dumps({**self._build_id, "arch": arch.hash}, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(doc.encode()).hexdigest()[:12]
+
+    def db_dir(self) -> Path:
+        from mosc.compiler.tune import default_db_dir
+
+        return Path(self.tune_db) if self.tune_db is not None else default_db_dir(self.target)
 
     def supernet(self):
         if self._supernet is None:
@@ -109,18 +134,21 @@ class ArtifactCache:
         return collapse(self.supernet(), arch)
 
     @contextmanager
-    def _locked(self, arch: Arch):
-        """Hold the arch folder's lock: a second process waits, then finds the build done."""
-        d = self.folder(arch)
-        d.mkdir(parents=True, exist_ok=True)
-        with open(d / ".lock", "a") as f:
+    def _locked(self, folder: Path):
+        """Hold a folder's lock: a second process waits, then finds the build done."""
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / ".lock", "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)  # released when f closes
             yield
 
     def export_dir(self, arch: Arch) -> Path:
+        with self._locked(self.model_folder(arch)):
+            return self._export_dir(arch)
+
+    def _export_dir(self, arch: Arch) -> Path:
         from mosc.contract import load_export
 
-        d = self.folder(arch) / "onnx"
+        d = self.model_folder(arch) / "onnx"
         try:
             if load_export(d)["arch_hash"] == arch.hash:
                 return d
@@ -135,21 +163,32 @@ class ArtifactCache:
 
     def artifact(self, arch: Arch) -> tuple[Path, bool]:
         """(artifact folder, whether it was reused)."""
-        with self._locked(arch):
+        with self._locked(self.folder(arch)):
             return self._artifact(arch)
 
-    def _artifact(self, arch: Arch) -> tuple[Path, bool]:
+    def reusable(self, art: Path, arch: Arch) -> bool:
+        """An artifact that verifies, holds this arch, was built by this TVM and with a tuning
+        database of the same content as the one there now."""
+        import tvm
+
         from mosc.compiler.artifact import verify_artifact
+        from mosc.compiler.tune import database_id, same_database
+
+        try:
+            m = verify_artifact(art)
+        except MoscError:
+            return False
+        return ((m.get("model") or {}).get("arch_hash") == arch.hash and m.get("tvm_version") == tvm.__version__
+                and same_database(m["tuning"]["database"], database_id(self.db_dir())))
+
+    def _artifact(self, arch: Arch) -> tuple[Path, bool]:
         from mosc.jobs.build import compile_export
 
         d = self.folder(arch) / "art"
-        try:
-            if verify_artifact(d).get("model", {}).get("arch_hash") == arch.hash:
-                return d, True
-        except MoscError:
-            pass
+        if self.reusable(d, arch):
+            return d, True
         onnx = self.export_dir(arch)
-        compile_export(onnx, self.target, d, trials=self.trials, tune=self.tune, tune_db=self.tune_db,
+        compile_export(onnx, self.target, d, trials=self.trials, tune=self.tune, tune_db=self.db_dir(),
                        source=self.source.describe(), progress=False, log=lambda m: self.log("  " + m))
         return d, False
 
@@ -164,8 +203,7 @@ class ArtifactCache:
                           "tuning_records": m["tuning"]["database"].get("records")})
             return Prepared(artifact=art, notes=notes)
         if backend == "ort":
-            with self._locked(arch):
-                return Prepared(export_dir=self.export_dir(arch), notes=notes)
+            return Prepared(export_dir=self.export_dir(arch), notes=notes)
         if backend == "torch":
             import torch
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from mosc.errors import MoscError
+from mosc.errors import Interrupted, MoscError
 
 Log = Callable[[str], None]
 
@@ -51,24 +51,38 @@ def measure_into_db(target, archs: list, cache, db_path: Path, *, backend: str =
     it is taken, archs already in the DB are skipped (unless force). cache: an ArtifactCache
     that prepares what the backend needs per arch. refuse_emulated: a MoscError when the
     device is emulated (its timings check function, not speed: nothing to fit or search on).
-    announce: log which device was found before measuring."""
+    announce: log which device was found before measuring. Ctrl-C: Interrupted, saying what was
+    saved and that the same command continues."""
     from mosc.device.campaign import Campaign
     from mosc.device.db import LatencyDB
 
     kw = {"tries": tries} if tries else {}
-    with LatencyDB(db_path) as ldb:
+    with LatencyDB(db_path, readonly=False, log=log) as ldb:  # for writing now: rows kept earlier are merged first
         camp = Campaign(target, backend, ldb, remote=remote, force=force, log=log, source=source, **kw)
-        dev = camp.probe()  # fails fast (one line) when the tracker or the device is not there
-        if refuse_emulated and camp.emulated:
-            raise MoscError(f"the {target.name} device is emulated: its timings are not speeds, nothing to fit on")
-        where = f"device {remote.key!r} via tracker {remote.addr}" if remote else f"this machine ({dev.get('machine')})"
-        if announce:
-            emu = " [EMULATED: timings check function, not speed; stored with emulated=1]" if camp.emulated else ""
-            log(f"measuring {len(archs)} arch(s) for {target.name} with {backend} on {where}{emu}")
-        res = camp.run(archs, lambda a: cache.prepare(a, backend), **({"done": done} if done else {}))
-        rows = {r.arch.hash: r.latency_ms for r in ldb.rows(target.name, backend=backend) if r.arch is not None}
+        try:
+            where = _start(camp, target, backend, remote, len(archs), refuse_emulated, announce, log)
+            res = camp.run(archs, lambda a: cache.prepare(a, backend), **({"done": done} if done else {}))
+        except KeyboardInterrupt:
+            left = len(archs) - len(camp.result.measured) - len(camp.result.skipped)
+            raise Interrupted(f"interrupted: {camp.saved_where()}; run the same command again to measure "
+                              f"the remaining {left}") from None
+        latency = {r["arch_hash"]: r["latency_ms"] for r in ldb.query(target.name, backend=backend)}
+    if not camp.emulated:  # rows kept in the side file are not in the DB yet
+        latency.update({r["arch_hash"]: r["latency_ms"] for r in res.measured})
     return Measured(res.measured, res.skipped, camp.key, camp.emulated, where,
-                    {a.hash: rows[a.hash] for a in archs if a.hash in rows})
+                    {a.hash: latency[a.hash] for a in archs if a.hash in latency})
+
+
+def _start(camp, target, backend: str, remote, n: int, refuse_emulated: bool, announce: bool, log: Log) -> str:
+    """Probe the device (fails fast, one line, when the tracker or the device is not there) -> where it is."""
+    dev = camp.probe()
+    if refuse_emulated and camp.emulated:
+        raise MoscError(f"the {target.name} device is emulated: its timings are not speeds, nothing to fit on")
+    where = f"device {remote.key!r} via tracker {remote.addr}" if remote else f"this machine ({dev.get('machine')})"
+    if announce:
+        emu = " [EMULATED: timings check function, not speed; stored with emulated=1]" if camp.emulated else ""
+        log(f"measuring {n} arch(s) for {target.name} with {backend} on {where}{emu}")
+    return where
 
 
 def bench(target, *, artifact: Path | None = None, arch=None, cache=None, repeats: int | None = None,
@@ -100,17 +114,26 @@ class Checked:
         return self.report["exit_code"] if self.report else 0
 
 
-def check(baseline_path: Path, baseline: dict | None, result: dict, *, update_baseline: bool = False,
-          force: bool = False, resamples: int = 2000, confidence: float = 0.95, seed: int = 0) -> Checked:
+def check(baseline_path: Path, baseline: dict | None, result: dict, *, tolerances: dict | None = None,
+          target: str | None = None, update_baseline: bool = False, force: bool = False, resamples: int = 2000,
+          confidence: float = 0.95, seed: int = 0) -> Checked:
     """Compare a result with a baseline and apply the baseline-update policy:
     no baseline yet -> the result becomes it; not comparable -> MoscError unless
     --update-baseline --force replaces it; --update-baseline writes the result when the
-    verdict is not a regression (or with --force)."""
+    verdict is not a regression (or with --force).
+
+    tolerances: {"p50_tol", "p90_tol"} given explicitly (command line); the ones missing come
+    from the target file the baseline names, never from the result file (a result must not
+    choose how much slowdown it is allowed). target: when given (--target), the result's and
+    the baseline's target must be it."""
     from mosc.fileio import atomic_write_json
     from mosc.regress import compare, compatible
 
     if force and not update_baseline:
         raise MoscError("--force only goes with --update-baseline")
+    for what, r in (("result", result), ("baseline", baseline)):
+        if target is not None and r is not None and r.get("target") != target:
+            raise MoscError(f"--target {target}: the {what} is for target {r.get('target')!r}, not {target!r}")
     if baseline is None:
         atomic_write_json(baseline_path, result)
         return Checked(None, baseline_written="no baseline yet")
@@ -121,7 +144,10 @@ def check(baseline_path: Path, baseline: dict | None, result: dict, *, update_ba
             raise
         atomic_write_json(baseline_path, result)
         return Checked(None, baseline_written="baseline was not comparable; replaced (--force)")
-    rep = compare(baseline, result, resamples=resamples, confidence=confidence, seed=seed, check_compatible=False)
+    tol, source = check_tolerances(baseline["target"], tolerances)
+    rep = compare(baseline, result, tolerances=tol, resamples=resamples, confidence=confidence, seed=seed,
+                  check_compatible=False)
+    rep["method"]["tolerances"] = source
     out = Checked(rep)
     if update_baseline:
         if rep["verdict"] != "regression" or force:
@@ -130,3 +156,18 @@ def check(baseline_path: Path, baseline: dict | None, result: dict, *, update_ba
         else:
             out.baseline_kept = "baseline not updated (regression; --force replaces it anyway)"
     return out
+
+
+def check_tolerances(target: str, given: dict | None = None) -> tuple[dict[str, float], str]:
+    """(tolerances, where they came from): those given (command line) over the target file's [regression]."""
+    from dataclasses import asdict
+
+    from mosc.regress import DEFAULT_TOLERANCES, tolerances_of
+
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    if set(DEFAULT_TOLERANCES) <= set(given):
+        return tolerances_of(given), "command line"
+    from mosc.compiler.targets import load_target
+
+    tol = {**asdict(load_target(target).regression), **given}
+    return tolerances_of(tol), f"target file {target!r}" + (" and command line" if given else "")

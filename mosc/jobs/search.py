@@ -28,6 +28,19 @@ class Fitness(enum.StrEnum):
 
 
 # ---------------------------------------------------------------------------- predictor
+def row_target(name: str | None) -> str | None:
+    """The name rows and predictors are filed under: a target file's name for a target or its
+    alias ("rpi" -> "rpi4"); any other label (a synthetic "synth", "hat:<file>") unchanged."""
+    from mosc.compiler.targets import resolve_name
+
+    if name is None:
+        return None
+    try:
+        return resolve_name(name)
+    except MoscError:
+        return name
+
+
 def predictor_data(db: Path | None, csv_file: Path | None, target: str | None, space: str | None,
                    max_rows: int | None = None, backend: str | None = None):
     """(Dataset, SearchSpace) from a latency DB's rows of one target, or a HAT CSV."""
@@ -36,6 +49,7 @@ def predictor_data(db: Path | None, csv_file: Path | None, target: str | None, s
 
     if (db is None) == (csv_file is None):
         raise MoscError("give either --db PATH --target T or --csv FILE")
+    target = row_target(target)
     if csv_file is not None:
         data = read_hat_csv(csv_file, target, max_rows)  # HAT's CSVs are the WMT space
         if space not in (None, "wmt"):
@@ -80,11 +94,14 @@ def fit_predictor(data, space, *, model: str = "lsq", features: str | None = Non
 
 def latency_model(target: str, space, predictor: Path | None, db: Path | None, log: Log = print):
     """The latency model the search uses for a target: a fitted predictor file, or for rpi4 with
-    no real measurements the clearly labelled analytic prior (refits replace it once rows arrive)."""
+    no real measurements the clearly labelled analytic prior (refits replace it once rows arrive).
+    Its `.target` is the name the rows are filed under (an alias resolved)."""
+    from mosc.compiler.targets import load_target
     from mosc.search.predictor import AnalyticPrior, Predictor
 
-    if predictor is not None:
-        return Predictor.load(predictor, target=target, space=space.name)
+    if predictor is not None:  # a predictor may be for a label that is no target file (synthetic rows)
+        return Predictor.load(predictor, target=row_target(target), space=space.name)
+    target = load_target(target).name  # an alias resolved; an unknown name is one line listing the valid ones
     if target != PRIOR_TARGET:
         raise MoscError(f"--predictor is required for {target!r} (fit one with: mosc predictor fit --db DB --target "
                         f"{target}); only {PRIOR_TARGET} has an analytic prior")
@@ -106,7 +123,7 @@ def refit_latency(pred, db: Path, target: str, space, backend: str):
     measurements replace the analytic prior."""
     from mosc.search.predictor import AnalyticPrior, fit, read_db
 
-    data = read_db(db, target, space.name, backend=backend)
+    data = read_db(db, row_target(target), space.name, backend=backend)
     if isinstance(pred, AnalyticPrior):
         return fit(data, space=space).latency
     return fit(data, model=pred.model, features=pred.features, space=space).latency
@@ -165,7 +182,7 @@ def measured_points(db: Path | None, target: str, space, score) -> list[tuple[fl
     from mosc.device.db import LatencyDB
 
     with LatencyDB(db) as ldb:
-        rows = [r for r in ldb.rows(target) if r.arch is not None and space.contains(r.arch)]
+        rows = [r for r in ldb.rows(row_target(target)) if r.arch is not None and space.contains(r.arch)]
     return [(r.latency_ms, score(r.arch)) for r in rows]
 
 

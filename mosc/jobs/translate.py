@@ -20,14 +20,25 @@ class Translation:
     target: str  # the artifact's target
 
 
+MAX_SENTENCES = 1_000_000  # one request; more is a mistake (a binary file read as text)
+
+
 def read_sentences(text: list[str] | None, file: Path | None) -> list[str]:
-    """--text values, or a file's non-empty lines."""
+    """--text values, or every line of a file: output line N answers input line N, so blank
+    lines stay (they translate to blank lines)."""
+    from mosc.fileio import read_text
+
     if file is None:
-        return list(text or [])
-    try:
-        return [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except OSError as e:
-        raise MoscError(f"cannot read {file} ({e.strerror})") from None
+        sentences = [s.strip() for s in text or []]
+        if not any(sentences):
+            raise MoscError("--text is empty: give a sentence to translate")
+        return sentences
+    lines = [line.strip() for line in read_text(file, "text file").splitlines()]
+    if not any(lines):
+        raise MoscError(f"{file} has no sentence to translate (empty or blank lines only)")
+    if len(lines) > MAX_SENTENCES:
+        raise MoscError(f"{file} has {len(lines):,} lines; translate at most {MAX_SENTENCES:,} per call")
+    return lines
 
 
 def translate(artifact: Path, sentences: list[str], tokenizer: Path | None = None) -> Translation:
@@ -48,8 +59,13 @@ def translate(artifact: Path, sentences: list[str], tokenizer: Path | None = Non
         raise MoscError(f"{artifact} carries no tokenizer (the subnet came from an untrained supernet); pass --tokenizer FILE")
     art = load_artifact(artifact)
     backend = artifact_backend(art)
-    src = [tok.encode(s) for s in sentences]
+    todo = [i for i, s in enumerate(sentences) if s]  # blank lines stay blank, untranslated
+    src = [tok.encode(sentences[i]) for i in todo]
     t0 = time.perf_counter()
-    out, truncated = translate_ids(backend, src, model["bos_id"], model["eos_id"], model["pad_id"])
+    out, truncated = translate_ids(backend, src, model["bos_id"], model["eos_id"], model["pad_id"]) if todo else ([], 0)
     ms = (time.perf_counter() - t0) * 1000
-    return Translation([tok.decode(row) for row in out], out, truncated, backend.source_len, ms, art.manifest["target"])
+    ids: list[list[int]] = [[] for _ in sentences]
+    for i, row in zip(todo, out):
+        ids[i] = row
+    lines = [tok.decode(row) if sentences[i] else "" for i, row in enumerate(ids)]
+    return Translation(lines, ids, truncated, backend.source_len, ms, art.manifest["target"])

@@ -191,9 +191,12 @@ class BatchIterator:
         if diff:
             k = diff[0]
             raise MoscError(f"cannot resume batches: {k} was {state[k]}, now {mine[k]} (data or batching settings changed)")
-        if not 0 <= state["position"] < max(len(self), 1):
-            raise MoscError(f"cannot resume batches: position {state['position']} outside an epoch of {len(self)}")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        epoch, position = state.get("epoch"), state.get("position")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (epoch, position)):
+            raise MoscError(f"cannot resume batches: epoch and position must be whole numbers, got {epoch!r} and {position!r}")
+        if not position < max(len(self), 1):
+            raise MoscError(f"cannot resume batches: position {position} outside an epoch of {len(self)}")
+        self.epoch, self.position = epoch, position
 
 
 def eval_batches(split: Split, max_tokens: int = 4096, max_len: int = 256) -> list[Batch]:

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from mosc.errors import MoscError
 from mosc.nn.synthetic import SyntheticConfig, synthetic_splits
-from mosc.nn.tokenizer import DEFAULT_VOCAB_REAL, DEFAULT_VOCAB_SYNTHETIC, SubwordTokenizer
+from mosc.nn.settings import whole
+from mosc.nn.tokenizer import DEFAULT_VOCAB_REAL, DEFAULT_VOCAB_SYNTHETIC, SubwordTokenizer, check_vocab_size
 
 VAL_NAMES = ("val", "valid", "dev")  # split file names tried, in order, for the validation set
 TRAIN_NAME = "train"  # split file name of the training set
@@ -201,6 +202,10 @@ def load_corpus(
 
     spec: "synthetic", or a directory / bare shared name / path prefix (see find_corpus_files)."""
     t0 = time.perf_counter()
+    if vocab_size is not None:
+        check_vocab_size(vocab_size)  # before hours of reading, not after
+    if max_train_pairs is not None:
+        whole("max_train_pairs", max_train_pairs, 1)
     if spec == "synthetic":
         raw = synthetic_splits(synthetic)
         name, src_lang, tgt_lang = "synthetic", "src", "tgt"

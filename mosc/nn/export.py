@@ -35,7 +35,7 @@ import torch
 from mosc.errors import MoscError
 from mosc.fileio import atomic_write_json, sha256_file
 from mosc.nn.subnet import Subnet
-from mosc.contract import (BOS_ID, DEC_INPUTS, DEC_OUTPUTS, DECODER, ENC_INPUTS, ENC_OUTPUTS, ENCODER, EOS_ID, EXPORT_FORMAT,
+from mosc.contract import (EXPORT_SEAL, seal, BOS_ID, DEC_INPUTS, DEC_OUTPUTS, DECODER, ENC_INPUTS, ENC_OUTPUTS, ENCODER, EOS_ID, EXPORT_FORMAT,
                            EXPORT_JSON, load_export)
 from mosc.runtime import greedy, ort_backend
 
@@ -181,10 +181,10 @@ def export_subnet(
         "export_seconds": round(time.perf_counter() - t0, 2),
         **(extra or {}),
     }
-    atomic_write_json(out_dir / EXPORT_JSON, meta)
+    atomic_write_json(out_dir / EXPORT_JSON, seal(meta, EXPORT_SEAL))
     if check:
         meta["parity"] = check_parity(sub, out_dir, meta, seed=seed, atol=atol)
-        atomic_write_json(out_dir / EXPORT_JSON, meta)
+        atomic_write_json(out_dir / EXPORT_JSON, seal(meta, EXPORT_SEAL))
     return meta
 
 

@@ -31,7 +31,14 @@ import torch.nn.functional as F
 from mosc.errors import MoscError
 from mosc.nn.modes import FFNMode  # noqa: F401  (part of the model's interface)
 from mosc.fileio import load_model_dir, save_model_dir
+from mosc.nn.settings import MAX_VOCAB, real, whole
 from mosc.space import Arch, SearchSpace
+
+
+MIN_VOCAB = 8  # pad, bos, eos, unk and a few tokens to translate
+MAX_EXPERTS = 256  # m: every FFN matrix is stored m times
+MAX_ROUTER_HIDDEN = 65_536
+MAX_POSITIONS = 131_072  # the sinusoidal tables hold max_positions rows per embed dim
 
 
 @dataclass
@@ -48,9 +55,19 @@ class SupernetConfig:
     pad_id: int = 0  # padding token id: masked out of attention
 
     def __post_init__(self):
+        """Every setting in range before a weight is allocated (one line per bad value)."""
+        if self.ffn_mode not in [m.value for m in FFNMode]:
+            raise MoscError(f"ffn_mode must be one of {', '.join(FFNMode.__members__)}, got {self.ffn_mode!r}")
         self.ffn_mode = FFNMode(self.ffn_mode)
-        if self.ffn_mode is not FFNMode.shared and self.n_experts < 1:
-            raise MoscError(f"n_experts must be >= 1, got {self.n_experts}")
+        SearchSpace.from_dict(self.space, where="the model's search space")  # its own checks: dims, heads
+        whole("vocab_size", self.vocab_size, MIN_VOCAB, MAX_VOCAB)
+        whole("n_experts", self.n_experts, 1, MAX_EXPERTS)
+        whole("router_hidden", self.router_hidden, 1, MAX_ROUTER_HIDDEN)
+        real("router_dropout", self.router_dropout, 0, 1, below=True)
+        real("dropout", self.dropout, 0, 1, below=True)
+        real("attn_dropout", self.attn_dropout, 0, 1, below=True)
+        whole("max_positions", self.max_positions, 2, MAX_POSITIONS)
+        whole("pad_id", self.pad_id, 0, self.vocab_size - 1)
 
     @property
     def search_space(self) -> SearchSpace:
@@ -340,6 +357,8 @@ def load_supernet(path) -> tuple[Supernet, dict]:
         model = Supernet(SupernetConfig(**meta["config"]))
     except (KeyError, TypeError, ValueError) as e:
         raise MoscError(f"{path}: malformed supernet config ({e})") from None
+    except MoscError as e:
+        raise MoscError(f"{path}: supernet config: {e}") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -23,14 +23,25 @@ import torch
 
 from mosc.contract import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from mosc.errors import MoscError
+from mosc.fileio import atomic_write_text, parse_json, read_text
+from mosc.nn.settings import MAX_VOCAB, whole
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]  # in id order
 BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]  # ids 4..259, sentencepiece-style byte fallback
 N_RESERVED = len(SPECIAL_TOKENS) + len(BYTE_TOKENS)  # 260 ids before the first learned subword
 
+MIN_VOCAB = N_RESERVED + 40  # a vocab below this could learn almost no subwords
 DEFAULT_VOCAB_REAL = 8000  # joint BPE vocab for real corpora (Multi30k: ~14 tokens/sentence)
 DEFAULT_VOCAB_SYNTHETIC = 1000  # the synthetic task has ~250 distinct words; BPE stops early
 DEFAULT_MIN_FREQUENCY = 2  # a merge must occur at least this often in training text
+
+
+def check_vocab_size(vocab_size) -> int:
+    """A vocabulary size BPE can train: the reserved ids, room to learn, and not absurdly large."""
+    if isinstance(vocab_size, int) and not isinstance(vocab_size, bool) and vocab_size < MIN_VOCAB:
+        raise MoscError(f"tokenizer: vocab_size {vocab_size} too small; it must be at least {MIN_VOCAB} "
+                        f"({N_RESERVED} reserved ids and room to learn subwords)")
+    return whole("vocab_size", vocab_size, MIN_VOCAB, MAX_VOCAB)
 
 
 class SubwordTokenizer:
@@ -43,7 +54,7 @@ class SubwordTokenizer:
         want = {**{t: i for i, t in enumerate(SPECIAL_TOKENS)}, BYTE_TOKENS[0]: 4, BYTE_TOKENS[-1]: N_RESERVED - 1}
         for t, i in want.items():
             if tok.token_to_id(t) != i:
-                raise MoscError(f"tokenizer: {t} has id {tok.token_to_id(t)}, expected {i}; not a mosc tokenizer")
+                raise MoscError(f"{t} has id {tok.token_to_id(t)}, expected {i}; not a mosc tokenizer")
         self._tok = tok
         self.pad_id, self.bos_id, self.eos_id, self.unk_id = PAD_ID, BOS_ID, EOS_ID, UNK_ID
 
@@ -56,8 +67,7 @@ class SubwordTokenizer:
         vocab_size counts the 260 reserved ids; BPE stops early if it runs out of merges."""
         from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-        if vocab_size < N_RESERVED + 40:
-            raise MoscError(f"tokenizer: vocab_size {vocab_size} too small; it must exceed {N_RESERVED + 40}")
+        check_vocab_size(vocab_size)
         tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
         tok.normalizer = normalizers.NFC()
         # Metaspace splits on spaces only and keeps them as "▁", so decode restores the exact
@@ -113,25 +123,31 @@ class SubwordTokenizer:
         return self._tok.to_str()
 
     @classmethod
-    def from_json(cls, s: str) -> SubwordTokenizer:
+    def from_json(cls, s: str, where: str = "tokenizer") -> SubwordTokenizer:
         from tokenizers import Tokenizer
 
+        if not isinstance(s, str):
+            raise MoscError(f"{where}: a tokenizer is JSON text, not {type(s).__name__}")
+        parse_json(s, where, expect=dict)  # NaN, wrong top-level type: one line before HF sees it
         try:
             tok = Tokenizer.from_str(s)
         except Exception as e:  # HF raises a bare Exception on malformed JSON
-            raise MoscError(f"tokenizer: cannot parse tokenizer JSON: {(str(e).splitlines() or ['?'])[0]}") from None
-        return cls(tok)
+            raise MoscError(f"{where}: cannot parse tokenizer JSON: {(str(e).splitlines() or ['?'])[0]}") from None
+        except BaseException as e:  # a Rust panic in HF (pyo3's PanicException is a BaseException)
+            if type(e).__name__ != "PanicException":
+                raise
+            raise MoscError(f"{where}: cannot parse tokenizer JSON: {(str(e).splitlines() or ['?'])[0]}") from None
+        try:
+            return cls(tok)
+        except MoscError as e:
+            raise MoscError(f"{where}: {e}") from None
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json(), encoding="utf-8")
+        atomic_write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> SubwordTokenizer:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except OSError as e:
-            raise MoscError(f"{path}: cannot read tokenizer: {e.strerror}") from None
-        return cls.from_json(text)
+        return cls.from_json(read_text(path, "tokenizer"), where=f"tokenizer {path}")
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, SubwordTokenizer) and self.to_json() == other.to_json()

@@ -8,10 +8,12 @@ arch. With `arch=` the same loop trains one fixed architecture from scratch: the
 "standalone" baseline (a supernet whose every update uses one arch only computes, and
 updates, exactly that arch's slices).
 
-A run folder holds `step_NNNNNNN/` checkpoints and a `latest` pointer written after the
-checkpoint is complete, so a crash mid-write leaves the previous one valid. A checkpoint
-has the weights, the Adam moments, the torch RNG (dropout), the arch sampler's RNG and the
-batch iterator's position: resuming continues exactly where the run stopped.
+A run folder holds `step_NNNNNNN/` checkpoints and a `latest` pointer. A checkpoint is
+written under a hidden name, renamed into place when complete, and only then named by
+`latest`, so a crash mid-write leaves the previous one valid. A checkpoint has the weights,
+the Adam moments, the torch RNG (dropout), the arch sampler's RNG and the batch iterator's
+position, always of the same update: resuming continues exactly where the run stopped, also
+after Ctrl-C pressed any number of times at any moment (see `_CtrlC`).
 
 Data parallel: started under `torchrun` (WORLD_SIZE > 1) every process takes a disjoint
 shard of each epoch's batches, gradients are averaged with one all-reduce per update
@@ -33,7 +35,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -44,9 +46,14 @@ from mosc.nn.batching import BatchIterator
 from mosc.nn.corpus import ParallelData, load_corpus
 from mosc.nn.tokenizer import SubwordTokenizer
 from mosc.errors import MoscError
-from mosc.fileio import atomic_write_text, latest_checkpoint, load_tensors, save_tensors
+from mosc.fileio import atomic_write_text, field as json_field, latest_checkpoint, load_tensors, save_tensors
 from mosc.nn.model import FFNMode, Supernet, SupernetConfig, load_supernet, save_supernet
+from mosc.nn.settings import real, whole
 from mosc.space import Arch, SearchSpace
+
+CORPUS_ARGS = ("src_lang", "tgt_lang", "vocab_size", "test_split", "max_train_pairs")  # what a run records
+MAX_LEN = 100_000  # longest sentence in tokens; the position table grows with it
+MAX_SANDWICH_RANDOM = 1000  # random archs per update: each costs a forward and backward pass
 
 
 @dataclass
@@ -66,6 +73,36 @@ class TrainConfig:
     log_every: int = 20  # updates between log lines (log.jsonl and the progress bar)
     max_len: int = 128  # longest sentence in subword tokens (longer pairs are skipped)
     seed: int = 0  # arch sampling, dropout, batch order
+
+    def __post_init__(self):
+        """Every setting in range before anything is read or written (one line per bad value)."""
+        whole("steps", self.steps, 1)
+        whole("max_len", self.max_len, 1, MAX_LEN)
+        whole("max_tokens", self.max_tokens, self.max_len + 1)  # one pair of max_len must fit a batch
+        real("lr", self.lr, 0, above=True)
+        whole("warmup", self.warmup, 0)
+        real("min_lr", self.min_lr, 0)
+        real("beta2", self.beta2, 0, 1, below=True)
+        real("label_smoothing", self.label_smoothing, 0, 1, below=True)
+        real("clip_norm", self.clip_norm, 0)
+        whole("sandwich_random", self.sandwich_random, 0, MAX_SANDWICH_RANDOM)
+        real("distill", self.distill, 0, 1)
+        whole("save_every", self.save_every, 1)
+        whole("keep", self.keep, 1)
+        whole("log_every", self.log_every, 1)
+        whole("seed", self.seed, 0, 2**32 - 1)
+
+    @classmethod
+    def from_dict(cls, d, where: str) -> TrainConfig:
+        """The settings a checkpoint recorded: exactly this class's fields, each in range."""
+        names = [f.name for f in fields(cls)]
+        if not isinstance(d, dict) or set(d) != set(names):
+            got = sorted(d) if isinstance(d, dict) else type(d).__name__
+            raise MoscError(f"{where}: the training settings must have exactly the keys {names}, got {got}")
+        try:
+            return cls(**d)
+        except MoscError as e:
+            raise MoscError(f"{where}: {e}") from None
 
     def lr_at(self, step: int) -> float:
         """Learning rate for update number `step` (0-based)."""
@@ -152,20 +189,36 @@ def _load_optim(opt: torch.optim.Optimizer, names: dict[int, str], tensors: dict
 
 def save_checkpoint(run: Path, step: int, model: Supernet, opt, names, data_meta: dict, cfg: TrainConfig,
                     rng: random.Random, batches: BatchIterator, fixed: Arch | None) -> Path:
-    ckpt = run / f"step_{step:07d}"
-    if ckpt.exists():
-        shutil.rmtree(ckpt)
-    optim_sha = save_tensors({**_optim_tensors(opt, names), "__torch_rng__": torch.get_rng_state()}, ckpt / "optim.safetensors")
-    save_supernet(model, ckpt, {
+    """step_N/ is written whole under a hidden name, renamed into place, and only then named
+    by `latest`: a crash, kill or power cut at any moment leaves the previous checkpoint in
+    charge and never a folder that mixes two states."""
+    ckpt, partial = run / f"step_{step:07d}", run / f".step_{step:07d}.partial"
+    for stale in run.glob(".step_*.partial"):  # left by a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
+    optim_sha = save_tensors({**_optim_tensors(opt, names), "__torch_rng__": torch.get_rng_state()},
+                             partial / "optim.safetensors")
+    save_supernet(model, partial, {
         **data_meta,
         "train": {"config": asdict(cfg), "step": step, "fixed_arch": fixed.to_dict() if fixed else None,
                   "arch_rng": json.loads(json.dumps(rng.getstate())), "batches": batches.state_dict(),
                   "optim_sha256": optim_sha},
     })
+    if ckpt.exists():  # a folder `latest` never named (the run went past it before and was cut short)
+        shutil.rmtree(ckpt)
+    os.replace(partial, ckpt)
     atomic_write_text(run / "latest", ckpt.name + "\n")  # the checkpoint is complete: point at it
-    for old in sorted(run.glob("step_*"))[: -cfg.keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    _prune(run, step, cfg.keep)
     return ckpt
+
+
+def _prune(run: Path, step: int, keep: int) -> None:
+    """Keep the newest `keep` checkpoints up to `step` (by number: step_10000000 > step_9999999).
+    Folders past `step` are leftovers of a run cut short before `latest` named them: a later
+    save at their step replaces them."""
+    numbered = [(int(p.name[5:]), p) for p in run.glob("step_*") if p.name[5:].isascii() and p.name[5:].isdigit()]
+    older = sorted((n, p) for n, p in numbered if n < step)
+    for _, p in older[: max(0, len(older) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def load_trained(path: str | Path) -> tuple[Supernet, SubwordTokenizer, dict]:
@@ -178,27 +231,43 @@ def load_trained(path: str | Path) -> tuple[Supernet, SubwordTokenizer, dict]:
 
 def load_run_corpus(meta: dict, tokenizer: SubwordTokenizer) -> ParallelData:
     """The corpus a checkpoint was trained on (same files/synthetic settings), with its tokenizer."""
-    args = {k: v for k, v in meta.get("corpus_args", {}).items() if k != "vocab_size"}
-    return load_corpus(meta["corpus"], tokenizer=tokenizer, **args)
+    where = "the checkpoint's config.json"
+    args = {k: v for k, v in json_field(meta, "corpus_args", dict, where).items() if k != "vocab_size"}
+    unknown = sorted(set(args) - set(CORPUS_ARGS))
+    if unknown:
+        raise MoscError(f"{where}: corpus_args has unknown settings {unknown}; known: {list(CORPUS_ARGS)}")
+    return load_corpus(json_field(meta, "corpus", str, where), tokenizer=tokenizer, **args)
 
 
 # ---- the loop ---------------------------------------------------------------------------
 
 
-class _FinishUpdateOnCtrlC:
-    """The first Ctrl-C only sets `requested`: the loop finishes the update it is in, saves and
-    stops, so the checkpoint's batch position and RNGs match its weights (an update cut in
-    half would leave the iterator and RNGs one update ahead). A second Ctrl-C stops at once.
-    Single process, main thread only; elsewhere Ctrl-C interrupts as usual."""
+class _CtrlC:
+    """Ctrl-C during training, handled so that a checkpoint always matches its weights.
+
+    Every Ctrl-C sets `requested`: the loop finishes the update it is in, saves and stops.
+    A second one while the update is still computing gradients (`abortable`: nothing applied
+    yet) abandons that update at once; the loop rewinds batch position and RNGs to where it
+    began and saves from there. While an update is applied or a checkpoint written, Ctrl-C
+    only counts: the handler stays installed until the last save is done, so neither can be
+    cut in half. Single process, main thread only; elsewhere Ctrl-C interrupts as usual and
+    the loop's phase decides what can still be saved."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
-        self.requested = False
+        self.presses = 0
+        self.abortable = False
         self._old = None
 
+    @property
+    def requested(self) -> bool:
+        return self.presses > 0
+
     def _handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, self._old)  # the next Ctrl-C is a plain KeyboardInterrupt
+        self.presses += 1
+        if self.presses > 1 and self.abortable:
+            self.abortable = False
+            raise KeyboardInterrupt
 
     def __enter__(self):
         if self.enabled:
@@ -206,8 +275,20 @@ class _FinishUpdateOnCtrlC:
         return self
 
     def __exit__(self, *exc):
-        if self.enabled and not self.requested:
-            signal.signal(signal.SIGINT, self._old)
+        if self.enabled:  # a handler installed outside Python reads as None: put Python's back
+            signal.signal(signal.SIGINT, self._old if self._old is not None else signal.default_int_handler)
+
+
+BETWEEN, COMPUTING, APPLYING, SAVING = "between updates", "computing", "applying", "saving"
+
+
+def _make_run_folder(run: Path) -> None:
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise MoscError(f"run folder {run} exists and is not a folder") from None
+    except OSError as e:
+        raise MoscError(f"cannot create run folder {run} ({e.strerror or e})") from None
 
 
 @dataclass
@@ -251,6 +332,8 @@ def _init_distributed() -> tuple[int, int]:
 
 def _checkpoint_to_resume(run: Path, resume: bool) -> Path | None:
     """The run folder's latest checkpoint when resuming; refuses to overwrite a run or resume nothing."""
+    if run.exists() and not run.is_dir():
+        raise MoscError(f"run folder {run} exists and is not a folder")
     ckpt = latest_checkpoint(run) if run.exists() else None
     if ckpt is not None and not resume:
         raise MoscError(f"{run} already holds a run (at {ckpt.name}); pass --resume to continue it or choose another --out")
@@ -262,42 +345,59 @@ def _checkpoint_to_resume(run: Path, resume: bool) -> Path | None:
 def _resumed_start(ckpt: Path, cfg: TrainConfig, data: ParallelData | None) -> _Start:
     """Everything comes from the checkpoint (model, config, tokenizer, corpus) except cfg.steps."""
     model, meta = load_supernet(ckpt)
-    tr = meta["train"]
-    saved_cfg = TrainConfig(**tr["config"])
-    cfg = TrainConfig(**{**asdict(saved_cfg), "steps": cfg.steps})  # only the horizon may change
-    tokenizer = SubwordTokenizer.from_json(meta["tokenizer"])
-    fixed = Arch.from_dict(tr["fixed_arch"]) if tr["fixed_arch"] else None
-    corpus_args = {k: v for k, v in meta.get("corpus_args", {}).items() if k != "vocab_size"}
+    where = f"checkpoint {ckpt / 'config.json'}"
+    tr = json_field(meta, "train", dict, where)
+    saved_cfg = TrainConfig.from_dict(json_field(tr, "config", dict, where), where)
+    cfg = replace(saved_cfg, steps=cfg.steps)  # only the horizon may change
+    tokenizer = SubwordTokenizer.from_json(json_field(meta, "tokenizer", str, where))
+    fixed = json_field(tr, "fixed_arch", (dict, type(None)), where)
+    if fixed is not None:
+        try:
+            fixed = model.space.validate(Arch.from_dict(fixed))
+        except MoscError as e:
+            raise MoscError(f"{where}: fixed_arch: {e}") from None
+    corpus_args = {k: v for k, v in json_field(meta, "corpus_args", dict, where).items() if k != "vocab_size"}
+    json_field(meta, "corpus", str, where)
     if data is None:
         data = load_run_corpus(meta, tokenizer)
-    return _Start(model, cfg, data, tokenizer, meta["corpus"], corpus_args, fixed, tr["step"], ckpt, tr)
+    step = whole(f"{where}: train.step", json_field(tr, "step", int, where), 0)
+    return _Start(model, cfg, data, tokenizer, meta["corpus"], corpus_args, fixed, step, ckpt, tr)
 
 
 def _fresh_start(space: str, mode: str, arch: Arch | None, corpus: str, corpus_args: dict | None,
                  data: ParallelData | None, cfg: TrainConfig, model_overrides: dict | None) -> _Start:
-    """A new supernet initialized from cfg.seed, and the corpus (loaded unless given)."""
+    """A new supernet initialized from cfg.seed, and the corpus (loaded unless given). Every
+    setting is checked before the corpus is read: a typo costs no tokenizer training."""
     s = SearchSpace.load(space)
     if mode not in FFNMode.__members__:
         raise MoscError(f"mode must be one of {', '.join(FFNMode.__members__)}, got {mode!r}")
     fixed = s.validate(arch) if arch is not None else None
+    model_cfg = SupernetConfig(space=s.to_dict(), ffn_mode=mode, max_positions=max(256, cfg.max_len + 2),
+                               **(model_overrides or {}))  # vocab_size: the tokenizer's, below
     corpus_args = dict(corpus_args or {})
     if data is None:
         data = load_corpus(corpus, **corpus_args)
     torch.manual_seed(cfg.seed)
-    model = Supernet(SupernetConfig(space=s.to_dict(), vocab_size=data.tokenizer.vocab_size, ffn_mode=mode,
-                                    max_positions=max(256, cfg.max_len + 2), **(model_overrides or {})))
+    model = Supernet(replace(model_cfg, vocab_size=data.tokenizer.vocab_size))
     return _Start(model, cfg, data, data.tokenizer, corpus, corpus_args, fixed)
 
 
 def _restore_training_state(s: _Start, opt: torch.optim.Optimizer, names: dict[int, str],
                             batches: BatchIterator, arch_rng: random.Random) -> None:
     """Adam moments, the torch RNG (dropout), batch position and arch RNG from s.ckpt."""
-    tensors = load_tensors(s.ckpt / "optim.safetensors", s.saved.get("optim_sha256"))
-    torch.set_rng_state(tensors.pop("__torch_rng__"))
-    _load_optim(opt, names, tensors)
-    batches.load_state_dict(s.saved["batches"])
-    st = s.saved["arch_rng"]
-    arch_rng.setstate((st[0], tuple(st[1]), st[2]))
+    where = f"checkpoint {s.ckpt / 'config.json'}"
+    tensors = load_tensors(s.ckpt / "optim.safetensors", json_field(s.saved, "optim_sha256", str, where))
+    try:
+        torch.set_rng_state(tensors.pop("__torch_rng__"))
+        _load_optim(opt, names, tensors)
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise MoscError(f"{s.ckpt / 'optim.safetensors'} does not fit the model ({(str(e).splitlines() or ['?'])[0]})") from None
+    batches.load_state_dict(json_field(s.saved, "batches", dict, where))
+    st = json_field(s.saved, "arch_rng", list, where)
+    try:
+        arch_rng.setstate((st[0], tuple(st[1]), st[2]))
+    except (IndexError, TypeError, ValueError):
+        raise MoscError(f"{where}: train.arch_rng is not a random generator state") from None
 
 
 def _progress_bar(show: bool):
@@ -326,50 +426,76 @@ class _Run:
             torch.manual_seed(cfg.seed + rank)  # different dropout masks per rank
         self.data_meta = {"tokenizer": s.tokenizer.to_json(), "corpus": s.corpus, "corpus_args": s.corpus_args,
                           "corpus_info": s.data.info}
-        if rank == 0:
-            run.mkdir(parents=True, exist_ok=True)
         if cfg.steps <= s.step:
             raise MoscError(f"run is already at step {s.step}; ask for more --steps than that")
+        if rank == 0:
+            _make_run_folder(run)
         self.start = self.step = self.ckpt_step = s.step
         self.last, self.tok_count, self.t_start = 0.0, 0, 0.0
         self.window_loss, self.window_n = 0.0, 0
         self.history: list[dict] = []
+        # Where the loop stands, for what an interruption may save: BETWEEN updates (all state
+        # agrees), COMPUTING one (nothing applied yet: rewind to `began`), APPLYING one (weights
+        # half-way: save nothing), SAVING (the atomic save keeps the previous checkpoint).
+        self.phase, self.began = BETWEEN, None
 
     def loop(self, progress: bool) -> None:
-        """Updates until cfg.steps. Ctrl-C: save what was done, say how to resume, re-raise."""
+        """Updates until cfg.steps. Ctrl-C: save a consistent state, say how to resume, re-raise."""
         self.model.train()
+        with _CtrlC(self.world == 1) as ctrl_c:
+            stopped = self.updates(ctrl_c, progress)
+            if stopped:
+                self.save_interrupted()  # still under the handler: a Ctrl-C now cannot cut the save
+        if stopped:
+            raise KeyboardInterrupt
+
+    def updates(self, ctrl_c: _CtrlC, progress: bool) -> bool:
+        """Update until cfg.steps or Ctrl-C; True when stopped early."""
         stream = self.batches.batches()
         self.t_start = time.perf_counter()
-        prog = _progress_bar(progress and self.rank == 0)
         what = "standalone " + self.fixed.hash if self.fixed else f"{self.model.cfg.ffn_mode.value} supernet"
-        try:
-            with _FinishUpdateOnCtrlC(self.world == 1) as ctrl_c, prog:
-                task = prog.add_task("train", total=self.cfg.steps, completed=self.start, what=what, loss="-", tps="-")
+        with _progress_bar(progress and self.rank == 0) as prog:
+            task = prog.add_task("train", total=self.cfg.steps, completed=self.start, what=what, loss="-", tps="-")
+            try:
                 while self.step < self.cfg.steps and not ctrl_c.requested:
-                    self.update(next(stream))
+                    self.update(stream, ctrl_c)
                     self.after_update(prog, task)
-            if ctrl_c.requested:
-                raise KeyboardInterrupt
-        except KeyboardInterrupt:
-            self.save_interrupted()
-            raise
+            except KeyboardInterrupt:
+                return True
+        return ctrl_c.requested
 
-    def update(self, batch) -> None:
+    def update(self, stream, ctrl_c: _CtrlC) -> None:
         """One optimizer update: the sandwich archs' gradients on one batch (averaged over ranks)."""
         cfg, opt = self.cfg, self.opt
+        self.began = (self.batches.epoch, self.batches.position, self.arch_rng.getstate(), torch.get_rng_state())
+        self.phase = COMPUTING
+        ctrl_c.abortable = True
+        batch = next(stream)
         archs = archs_for_update(self.model.space, self.arch_rng, cfg.sandwich_random, self.fixed)
         for g in opt.param_groups:
             g["lr"] = cfg.lr_at(self.step)
         opt.zero_grad(set_to_none=True)
-        self.last = update_loss(self.model, batch, archs, cfg)
+        loss = update_loss(self.model, batch, archs, cfg)
         if self.world > 1:
             all_reduce_grads(self.model, self.world)
+        ctrl_c.abortable = False  # from here on the update changes weights: it must finish
+        self.phase = APPLYING
         if cfg.clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm)
         opt.step()
         self.step += 1
+        self.last = loss
         self.tok_count += batch.n_tokens * self.world
-        self.window_loss, self.window_n = self.window_loss + self.last, self.window_n + 1
+        self.window_loss, self.window_n = self.window_loss + loss, self.window_n + 1
+        self.phase = BETWEEN
+
+    def rewind(self) -> None:
+        """Back to where the update in progress began (its batch and RNG draws never happened)."""
+        epoch, position, arch_state, torch_state = self.began
+        self.batches.epoch, self.batches.position = epoch, position
+        self.arch_rng.setstate(arch_state)
+        torch.set_rng_state(torch_state)
+        self.phase = BETWEEN
 
     def after_update(self, prog, task) -> None:
         """Log line every cfg.log_every updates, checkpoint every cfg.save_every (and both at the end)."""
@@ -394,19 +520,27 @@ class _Run:
         return rec
 
     def save(self) -> None:
+        self.phase = SAVING
         save_checkpoint(self.run, self.step, self.model, self.opt, self.names, self.data_meta, self.cfg,
                         self.arch_rng, self.batches, self.fixed)
-        self.ckpt_step = self.step
+        self.ckpt_step, self.phase = self.step, BETWEEN
 
     def save_interrupted(self) -> None:
-        """Keep what was done (resume continues from here) and say how to resume; rank 0 only."""
+        """Keep what was done if it is consistent (resume continues from it) and say how to
+        resume; rank 0 only."""
         if self.rank != 0:
             return
-        if self.step > self.ckpt_step:
+        if self.phase == COMPUTING:
+            self.rewind()
+        note = ""
+        if self.phase == BETWEEN and self.step > self.ckpt_step:
             self.save()
-        run, saved = self.run, latest_checkpoint(self.run) if self.run.exists() else None
-        print(f"interrupted at step {self.step}: " + (f"checkpoint {saved}; `mosc train -o {run} --steps {self.cfg.steps} "
-              "--resume` continues it" if saved else "nothing saved yet"), file=sys.stderr)
+        elif self.phase != BETWEEN:  # cut while weights changed or a save ran (no handler: torchrun)
+            note = " (stopped in the middle of an update or a save: kept the previous checkpoint)"
+        saved = latest_checkpoint(self.run) if self.run.exists() else None
+        print(f"interrupted at step {self.ckpt_step if note else self.step}{note}: " + (
+            f"checkpoint {saved}; `mosc train -o {self.run} --steps {self.cfg.steps} --resume` continues it"
+            if saved else "nothing saved yet"), file=sys.stderr)
 
     def result(self) -> TrainResult:
         seconds = time.perf_counter() - self.t_start

@@ -7,8 +7,10 @@ device, or a supernet from a synthetic function. Both are cached per arch hash h
 
 from __future__ import annotations
 
+import bisect
 import csv
 import io
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -19,6 +21,12 @@ from mosc.space import Arch, SearchSpace
 
 ScoreFn = Callable[[Arch], float]
 LatencyFn = Callable[[Arch], float]
+
+
+# Far beyond HAT's 125 / 50 / 30, short of a typo's 10**9 (which would grow memory without end).
+MAX_POPULATION = 100_000  # also the most mutations, crossovers (children per generation)
+MAX_GENERATIONS = 10_000
+MAX_TRIES = 10_000
 
 
 @dataclass(frozen=True)
@@ -34,27 +42,42 @@ class EvoConfig:
     seed: int = 0
     max_tries: int = 200  # attempts to make one valid (in-constraint, new) child before giving up on it
 
-    def check(self) -> EvoConfig:
-        if self.population < 2 or self.generations < 1:
-            raise MoscError("population must be >= 2 and generations >= 1")
+    def check(self, space: SearchSpace | None = None) -> EvoConfig:
+        """One-line MoscError for a setting out of range; with a space, a population it cannot fill."""
+        if not 2 <= self.population <= MAX_POPULATION:
+            raise MoscError(f"population must be between 2 and {MAX_POPULATION:,}, got {self.population:,}")
+        if not 1 <= self.generations <= MAX_GENERATIONS:
+            raise MoscError(f"generations must be between 1 and {MAX_GENERATIONS:,}, got {self.generations:,}")
         if not 1 <= self.parents <= self.population:
             raise MoscError(f"parents must be between 1 and the population ({self.population}), got {self.parents}")
-        if self.mutations < 0 or self.crossovers < 0 or not 0 <= self.mutation_prob <= 1:
-            raise MoscError("mutations and crossovers must be >= 0 and mutation probability in [0, 1]")
+        for name in ("mutations", "crossovers"):
+            if not 0 <= getattr(self, name) <= MAX_POPULATION:
+                raise MoscError(f"{name} must be between 0 and {MAX_POPULATION:,}, got {getattr(self, name):,}")
+        if not 0 <= self.mutation_prob <= 1:
+            raise MoscError(f"mutation probability must be in [0, 1], got {self.mutation_prob}")
+        if not 1 <= self.max_tries <= MAX_TRIES:
+            raise MoscError(f"max_tries must be between 1 and {MAX_TRIES:,}, got {self.max_tries:,}")
+        if space is not None and self.population > space.size():
+            raise MoscError(f"population {self.population:,} exceeds the {space.size():,} distinct archs of space "
+                            f"{space.name!r}")
         return self
 
 
 class Cached:
-    """Memoise an arch -> float function by arch hash; counts real calls."""
+    """Memoise an arch -> float function by arch hash; counts real calls. A value that is not a
+    finite number (a broken predictor or a diverged supernet) stops the search in one line."""
 
-    def __init__(self, fn: Callable[[Arch], float]):
-        self.fn, self.cache, self.archs, self.calls = fn, {}, {}, 0
+    def __init__(self, fn: Callable[[Arch], float], what: str = "fitness"):
+        self.fn, self.what, self.cache, self.archs, self.calls = fn, what, {}, {}, 0
 
     def __call__(self, arch: Arch) -> float:
         h = arch.hash
         if h not in self.cache:
             self.calls += 1
-            self.cache[h] = float(self.fn(arch))
+            v = float(self.fn(arch))
+            if not math.isfinite(v):
+                raise MoscError(f"the {self.what} of arch {h} is {v}, not a finite number: the search cannot rank it")
+            self.cache[h] = v
             self.archs[h] = arch
         return self.cache[h]
 
@@ -80,11 +103,11 @@ class SearchResult:
 
 
 def check_constraint(space: SearchSpace, latency: LatencyFn, max_ms: float | None) -> None:
-    """The smallest arch must fit the constraint, or nothing can."""
+    """The constraint must be a positive number of ms, and the smallest arch must fit it, or nothing can."""
     if max_ms is None:
         return
-    if max_ms <= 0:
-        raise MoscError(f"latency constraint must be positive, got {max_ms} ms")
+    if isinstance(max_ms, bool) or not isinstance(max_ms, int | float) or not math.isfinite(max_ms) or max_ms <= 0:
+        raise MoscError(f"latency constraint (--latency-ms) must be a finite positive number of ms, got {max_ms}")
     low = latency(space.smallest())
     if low > max_ms:
         raise MoscError(f"no arch of space {space.name!r} can meet {max_ms:g} ms: even the smallest arch is "
@@ -143,9 +166,9 @@ def evolve(space: SearchSpace, score: ScoreFn, latency: LatencyFn, max_latency_m
            cfg: EvoConfig = EvoConfig(), log: Callable[[str], None] | None = None) -> SearchResult:
     """HAT's evolutionary search: keep the `parents` lowest-loss archs, add mutations and
     crossovers of them, drop every candidate over the latency constraint; 30 generations."""
-    cfg.check()
+    cfg.check(space)
     t0 = time.perf_counter()
-    score, latency = _cached(score), _cached(latency)
+    score, latency = _cached(score, "fitness"), _cached(latency, "predicted latency")
     check_constraint(space, latency, max_latency_ms)
     rng = random.Random(cfg.seed)
     ok = lambda a: latency(a) <= max_latency_ms
@@ -171,18 +194,20 @@ def evolve(space: SearchSpace, score: ScoreFn, latency: LatencyFn, max_latency_m
 
 # ------------------------------------------------------------------------------ NSGA-II
 def non_dominated_sort(objs: list[tuple[float, float]]) -> list[list[int]]:
-    """Fronts of indices (minimisation of every objective)."""
+    """Fronts of indices, ascending within a front (minimisation of every objective).
+    Two objectives take O(n log n) (a population of 10**5 sorts in a second); more take O(n^2)."""
+    if objs and len(objs[0]) == 2:
+        return _fronts_2d(objs)
     n = len(objs)
     dominated = [[] for _ in range(n)]
     count = [0] * n
     fronts: list[list[int]] = [[]]
-    dom = lambda p, q: all(a <= b for a, b in zip(p, q)) and any(a < b for a, b in zip(p, q))
     for i in range(n):
         for j in range(i + 1, n):
-            if dom(objs[i], objs[j]):
+            if _dominates(objs[i], objs[j]):
                 dominated[i].append(j)
                 count[j] += 1
-            elif dom(objs[j], objs[i]):
+            elif _dominates(objs[j], objs[i]):
                 dominated[j].append(i)
                 count[i] += 1
     fronts[0] = [i for i in range(n) if count[i] == 0]
@@ -195,8 +220,33 @@ def non_dominated_sort(objs: list[tuple[float, float]]) -> list[list[int]]:
                 if count[j] == 0:
                     nxt.append(j)
         k += 1
-        fronts.append(nxt)
+        fronts.append(sorted(nxt))
     return fronts[:-1]
+
+
+def _dominates(p, q) -> bool:
+    return all(a <= b for a, b in zip(p, q)) and any(a < b for a, b in zip(p, q))
+
+
+def _fronts_2d(objs: list[tuple[float, float]]) -> list[list[int]]:
+    """Points in (x, y) order: only earlier points can dominate a point, and if front f does not
+    dominate it no later front does (domination is transitive), so its front is found by
+    bisection. A front dominates q iff its lowest y is below q's, or equal at a smaller x."""
+    fronts: list[list[int]] = []
+    low: list[tuple[float, float]] = []  # per front: (lowest y, smallest x at that y)
+    def free(f: int, x: float, y: float) -> bool:  # front f does not dominate (x, y)
+        return not (low[f][0] < y or (low[f][0] == y and low[f][1] < x))
+
+    for i in sorted(range(len(objs)), key=lambda i: objs[i]):
+        x, y = objs[i]
+        f = bisect.bisect_left(range(len(fronts)), True, key=lambda f, x=x, y=y: free(f, x, y))
+        if f == len(fronts):
+            fronts.append([])
+            low.append((y, x))
+        elif y < low[f][0]:
+            low[f] = (y, x)
+        fronts[f].append(i)
+    return [sorted(f) for f in fronts]
 
 
 def crowding(objs: list[tuple[float, float]], front: list[int]) -> dict[int, float]:
@@ -226,9 +276,9 @@ def pareto_search(space: SearchSpace, score: ScoreFn, latency: LatencyFn, max_la
     """NSGA-II on (loss, latency): parents = the NSGA-best of the population, offspring by HAT's
     mutation and crossover, survivors by non-dominated sorting + crowding. Returns the
     non-dominated front of every arch evaluated (and the lowest-loss arch as `best`)."""
-    cfg.check()
+    cfg.check(space)
     t0 = time.perf_counter()
-    score, latency = _cached(score), _cached(latency)
+    score, latency = _cached(score, "fitness"), _cached(latency, "predicted latency")
     check_constraint(space, latency, max_latency_ms)
     rng = random.Random(cfg.seed)
     ok = (lambda a: latency(a) <= max_latency_ms) if max_latency_ms is not None else (lambda a: True)
@@ -257,8 +307,8 @@ def pareto_search(space: SearchSpace, score: ScoreFn, latency: LatencyFn, max_la
     return SearchResult(best, front, history, score.calls, time.perf_counter() - t0)
 
 
-def _cached(fn) -> Cached:
-    return fn if isinstance(fn, Cached) else Cached(fn)
+def _cached(fn, what: str) -> Cached:
+    return fn if isinstance(fn, Cached) else Cached(fn, what)
 
 
 def _front_of_cache(score: Cached, latency: Cached) -> list[Candidate]:

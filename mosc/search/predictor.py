@@ -26,7 +26,6 @@ models xgboost's own JSON model file next to it (`<name>.xgb.json`, sha256 check
 
 from __future__ import annotations
 
-import csv
 import enum
 import math
 import random
@@ -150,25 +149,29 @@ class Dataset:
 
 
 def read_hat_csv(path: str | Path, target: str | None = None, max_rows: int | None = None) -> Dataset:
-    """One of HAT's latency CSVs: total latency = encoder + decoder mean."""
+    """One of HAT's latency CSVs: total latency = encoder + decoder mean. A feature that is not a
+    finite number, or a latency that is not finite and positive, is an error naming its line."""
+    from mosc.fileio import read_csv
+
     path = Path(path)
-    if not path.is_file():
-        raise MoscError(f"no such CSV file: {path}")
+    lat_cols = ["latency_mean_encoder", "latency_mean_decoder"]
+    _, rows = read_csv(path, "HAT latency CSV", HAT_FEATURE_NAMES + lat_cols)
     feats, lat = [], []
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        need = HAT_FEATURE_NAMES + ["latency_mean_encoder", "latency_mean_decoder"]
-        missing = [c for c in need if c not in (reader.fieldnames or [])]
-        if missing:
-            raise MoscError(f"{path}: not a HAT latency CSV (missing columns {missing})")
-        for i, r in enumerate(reader, start=2):
-            try:
-                feats.append([float(r[c]) for c in HAT_FEATURE_NAMES])
-                lat.append(float(r["latency_mean_encoder"]) + float(r["latency_mean_decoder"]))
-            except (TypeError, ValueError):
-                raise MoscError(f"{path}:{i}: not a number") from None
-            if max_rows and len(lat) >= max_rows:
-                break
+    for line, r in rows:
+        try:
+            f = [float(r[c]) for c in HAT_FEATURE_NAMES]
+            ms = [float(r[c]) for c in lat_cols]
+        except (TypeError, ValueError):
+            raise MoscError(f"{path}:{line}: a feature or latency is not a number") from None
+        if not all(math.isfinite(x) for x in f):
+            raise MoscError(f"{path}:{line}: a feature is not a finite number ({f})")
+        if not all(math.isfinite(x) and x > 0 for x in ms):
+            raise MoscError(f"{path}:{line}: latency must be a finite positive number of ms, got "
+                            f"encoder {ms[0]}, decoder {ms[1]}")
+        feats.append(f)
+        lat.append(ms[0] + ms[1])
+        if max_rows and len(lat) >= max_rows:
+            break
     if not lat:
         raise MoscError(f"{path}: no rows")
     return Dataset(np.array(feats, float), [None] * len(lat), np.array(lat, float), f"csv:{path}",
@@ -432,32 +435,115 @@ class Predictor:
 
     @classmethod
     def load(cls, path: str | Path, target: str | None = None, space: str | None = None) -> Predictor:
-        from mosc.fileio import read_json, sha256_file
+        """A saved predictor, its structure and parameters checked (one-line MoscError each)."""
+        from mosc.fileio import field, read_json
 
         path = Path(path)
+        where = f"predictor file {path}"
         doc = read_json(path, "predictor file")
         if doc.get("format") != FORMAT:
             raise MoscError(f"{path} is not a mosc latency predictor (format {doc.get('format')!r})")
         if doc.get("version") != VERSION:
             raise MoscError(f"{path}: predictor format version {doc.get('version')}, this mosc reads {VERSION}")
-        booster = None
-        if "xgboost_model" in doc:
-            import xgboost as xgb
-
-            mpath = path.with_name(doc["xgboost_model"]["file"])
-            if not mpath.is_file():
-                raise MoscError(f"{path}: its xgboost model file {mpath} is missing")
-            if sha256_file(mpath) != doc["xgboost_model"]["sha256"]:
-                raise MoscError(f"{path}: {mpath} does not match (sha256 differs; refit or restore it)")
-            booster = xgb.Booster()
-            booster.load_model(bytearray(mpath.read_bytes()))
-        p = cls(model=doc["model"], features=doc["features"], target=doc["target"], space=doc["space"],
-                shapes=Shapes(**doc["shapes"]), state=doc["state"], booster=booster,
-                meta={**doc.get("meta", {}), "path": str(path)})
+        p = cls(model=_choice(doc, "model", MODELS, where), features=_choice(doc, "features", FEATURE_SETS, where),
+                target=field(doc, "target", str, where), space=field(doc, "space", str, where),
+                shapes=_load_shapes(field(doc, "shapes", dict, where), where), state=field(doc, "state", dict, where),
+                meta={**(field(doc, "meta", dict, where) if "meta" in doc else {}), "path": str(path)})
         p.check(target, space)
         if "space_def" in doc:
-            p._space_obj = SearchSpace.from_dict(doc["space_def"], where=f"{path} space_def")
+            p._space_obj = SearchSpace.from_dict(field(doc, "space_def", dict, where), where=f"{where} space_def")
+            if p._space_obj.name != p.space:
+                raise MoscError(f"{where}: space_def is space {p._space_obj.name!r}, not {p.space!r}")
+        width = len(feature_names(p.features, p._space()))
+        _check_state(p.model, p.features, p.state, width, where)
+        if p.model in ("gbt", "hybrid"):
+            p.booster = _load_booster(doc, path, width + (p.model == "hybrid"), where)
         return p
+
+
+def _choice(doc: dict, key: str, allowed: tuple, where: str) -> str:
+    from mosc.fileio import field
+
+    value = field(doc, key, str, where)
+    if value not in allowed:
+        raise MoscError(f"{where}: unknown {key} {value!r}; known: {', '.join(allowed)}")
+    return value
+
+
+def _load_shapes(d: dict, where: str) -> Shapes:
+    from dataclasses import fields
+
+    known = [f.name for f in fields(Shapes)]
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        raise MoscError(f"{where}: shapes has unknown key {unknown[0]!r} (known: {', '.join(known)})")
+    for k, v in d.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise MoscError(f"{where}: shapes {k} must be a positive integer, got {v!r}")
+    return Shapes(**d)
+
+
+def _numbers(value, where: str, name: str, length: int | None = None, positive: bool = False) -> np.ndarray:
+    """A JSON list of finite numbers (of `length`) as a float array."""
+    ok = isinstance(value, list) and all(isinstance(x, int | float) and not isinstance(x, bool) for x in value)
+    arr = np.array(value, float) if ok else None
+    if arr is None or not np.all(np.isfinite(arr)) or (positive and np.any(arr <= 0)):
+        raise MoscError(f"{where}: {name} must be a list of finite{' positive' if positive else ''} numbers")
+    if length is not None and len(arr) != length:
+        raise MoscError(f"{where}: {name} has {len(arr)} values, the model needs {length}")
+    return arr
+
+
+def _check_state(model: str, features: str, state: dict, width: int, where: str) -> None:
+    """The numeric parameters a model's predict_* reads, with the sizes its features give."""
+    if model in ("lsq", "hybrid"):
+        if features == "hat":
+            raise MoscError(f"{where}: model {model} needs cost features, the file says {features!r}")
+        _numbers(state.get("coef"), where, "state.coef", 1 + len(COST_NAMES))
+        _numbers(state.get("scale"), where, "state.scale", len(COST_NAMES), positive=True)
+    if model != "mlp":
+        return
+    layers, fan_in = state.get("layers"), width
+    if not isinstance(layers, list) or not layers:
+        raise MoscError(f"{where}: state.layers must be a non-empty list of [weights, bias] pairs")
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, list) or len(layer) != 2 or not isinstance(layer[0], list):
+            raise MoscError(f"{where}: state.layers[{i}] must be a [weights, bias] pair")
+        rows = [_numbers(r, where, f"state.layers[{i}] weights row") for r in layer[0]]
+        out = len(rows[0]) if rows else 0
+        if len(rows) != fan_in or any(len(r) != out for r in rows) or out < 1:
+            raise MoscError(f"{where}: state.layers[{i}] weights must be {fan_in} rows of equal length")
+        _numbers(layer[1], where, f"state.layers[{i}] bias", out)
+        fan_in = out
+    if fan_in != 1:
+        raise MoscError(f"{where}: the last layer of state.layers has {fan_in} outputs, not 1")
+    _numbers([state.get("y_scale")], where, "state.y_scale", positive=True)
+
+
+def _load_booster(doc: dict, path: Path, width: int, where: str):
+    """The xgboost model file next to a predictor, its sha256 and feature count checked."""
+    from mosc.fileio import field, sha256_file
+
+    ref = field(doc, "xgboost_model", dict, f"{where} (model {doc['model']} needs its xgboost model)")
+    name = field(ref, "file", str, f"{where} xgboost_model")
+    if Path(name).name != name:
+        raise MoscError(f"{where}: xgboost_model file {name!r} must be a file name next to the predictor")
+    mpath = path.with_name(name)
+    if not mpath.is_file():
+        raise MoscError(f"{path}: its xgboost model file {mpath} is missing")
+    if sha256_file(mpath) != field(ref, "sha256", str, f"{where} xgboost_model"):
+        raise MoscError(f"{path}: {mpath} does not match (sha256 differs; refit or restore it)")
+    import xgboost as xgb
+
+    booster = xgb.Booster()
+    try:
+        booster.load_model(bytearray(mpath.read_bytes()))
+    except Exception as e:  # noqa: BLE001  (xgboost raises XGBoostError with its C++ log)
+        raise MoscError(f"{mpath} is not an xgboost model ({str(e).strip().splitlines()[0][:200]})") from None
+    if booster.num_features() != width:
+        raise MoscError(f"{mpath}: the xgboost model reads {booster.num_features()} features, the predictor's "
+                        f"{doc['features']} features are {width}")
+    return booster
 
 
 def fit(data: Dataset, *, model: str = "lsq", features: str | None = None, shapes: Shapes | None = None,
