@@ -689,7 +689,7 @@ def db_export(
 
     target = row_target(target)
 
-    with LatencyDB(_db_path(db)) as ldb:
+    with LatencyDB(_db_path(db), readonly=True) as ldb:
         n = ldb.export_csv(out, target=target, include_emulated=not real_only)
     console.print(f"[green]wrote[/] {n} rows to {out}")
 
@@ -700,9 +700,7 @@ def db_stats(db: Optional[Path] = typer.Option(None, "--db", help=DB_HELP)):
     from mosc.device.db import LatencyDB
 
     path = _db_path(db)
-    if not path.exists():
-        raise MoscError(f"no latency database at {path}")
-    with LatencyDB(path) as ldb:
+    with LatencyDB(path, readonly=True) as ldb:
         rows = ldb.stats()
     t = Table(title=f"latency database {path}")
     for c in ("target", "backend", "device", "emulated"):
@@ -774,19 +772,29 @@ def bench_cmd(
 VERDICT_COLOUR = {"pass": "green", "improved": "cyan", "regression": "bold red"}
 
 
-def _check_table(rep: dict) -> Table:
+def _check_table(rep: dict):
+    """The verdict per metric: a table, or one plain line per metric when the console is narrower
+    than the table (a CI log without a terminal is 80 columns), so a verdict is never cut."""
+    from rich.console import Group
+    from rich.text import Text
+
     conf = rep["method"]["confidence"]
-    t = Table(title=f"latency check: {rep['target']} / arch {rep['arch_hash']} "
-                    f"({rep['runs']['baseline']} vs {rep['runs']['current']} runs)")
-    t.add_column("metric", no_wrap=True)
-    for c in ("baseline ms", "current ms", "ratio", f"{conf:.0%} CI", "tolerance"):
-        t.add_column(c, justify="right", no_wrap=True)
+    title = (f"latency check: {rep['target']} / arch {rep['arch_hash']} "
+             f"({rep['runs']['baseline']} vs {rep['runs']['current']} runs)")
+    t = Table(title=title)
+    for c in ("metric", "base ms", "now ms", "ratio", f"{conf:.0%} CI", "tol"):
+        t.add_column(c, justify="left" if c == "metric" else "right", no_wrap=True)
     t.add_column("verdict", no_wrap=True)
+    lines = [Text(title)]
     for r in rep["metrics"]:
-        t.add_row(r["metric"], f"{r['baseline_ms']:.4f}", f"{r['current_ms']:.4f}", f"{r['ratio']:.4f}",
-                  f"\\[{r['ci_low']:.4f}, {r['ci_high']:.4f}]", f"+{r['tolerance']:.0%}",
-                  f"[{VERDICT_COLOUR[r['verdict']]}]{r['verdict']}[/]")
-    return t
+        verdict = f"[{VERDICT_COLOUR[r['verdict']]}]{r['verdict']}[/]"
+        nums = (f"{r['baseline_ms']:.4f}", f"{r['current_ms']:.4f}", f"{r['ratio']:.4f}")
+        ci, tol = f"\\[{r['ci_low']:.4f}, {r['ci_high']:.4f}]", f"+{r['tolerance']:.0%}"
+        t.add_row(r["metric"], *nums, ci, tol, verdict)
+        lines.append(Text.from_markup(f"{r['metric']} {verdict}: baseline {nums[0]} ms, current {nums[1]} ms, "
+                                      f"ratio {nums[2]}, {conf:.0%} CI {ci}, tolerance {tol}"))
+    fits = console.measure(t, options=console.options.update_width(10_000)).maximum <= console.width
+    return t if fits else Group(*lines)
 
 
 @command(app, "check")
@@ -795,7 +803,7 @@ def check_cmd(
     result: Optional[Path] = typer.Option(None, "--result", "-r", help="Result JSON to check (from `mosc bench`); or give --artifact/--arch to measure now."),
     artifact: Optional[Path] = typer.Option(None, "--artifact", help=BENCH_ARTIFACT_HELP + " Measured now, then checked."),
     arch_file: Optional[Path] = typer.Option(None, "--arch", "-a", help=BENCH_ARCH_HELP + " Measured now, then checked."),
-    target: Optional[str] = typer.Option(None, "--target", "-t", help="Target when measuring now (default: the baseline's)."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="Target when measuring now (default: the baseline's); with --result, the target the result and baseline must be for."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help=RANDOM_SUPERNET_HELP + " Used with --arch."),
     space: str = typer.Option("tiny", "--space", "-s", help=SPACE_HELP + " Used with --arch without --checkpoint."),
     seed: int = typer.Option(0, help="Seed of the random supernet (--arch without --checkpoint)."),
@@ -814,22 +822,25 @@ def check_cmd(
     resamples: int = typer.Option(2000, min=100, help="Bootstrap resamples per side."),
     confidence: float = typer.Option(0.95, help="Confidence level of the ratio's interval."),
     ci_seed: int = typer.Option(0, "--ci-seed", help="Seed of the bootstrap (the same inputs give the same verdict)."),
+    p50_tol: Optional[float] = typer.Option(None, "--p50-tol", min=0, help="Allowed relative slowdown of the median, e.g. 0.05 for 5% (default: the target file's \\[regression] p50_tol)."),
+    p90_tol: Optional[float] = typer.Option(None, "--p90-tol", min=0, help="Allowed relative slowdown of the p90 (default: the target file's \\[regression] p90_tol)."),
 ):
     """Compare a result with a baseline and exit 0 (pass or improved), 1 (regression) or 2 (bad input or not comparable).
 
-    The verdict comes from bootstrap confidence intervals of the current/baseline ratio of the median and p90 against the target's \\[regression] tolerances; Mann-Whitney U is reported as a secondary statistic.
+    The verdict comes from bootstrap confidence intervals of the current/baseline ratio of the median and p90 against the target file's \\[regression] tolerances (or --p50-tol/--p90-tol; never the result file's); Mann-Whitney U is reported as a secondary statistic. A baseline from another machine is refused, not compared.
     """
     from mosc.fileio import atomic_write_json, atomic_write_text
     from mosc.jobs.measure import check
     from mosc.regress import junit_xml, load_result
 
     base = load_result(baseline, "baseline") if baseline.exists() or not update_baseline else None
+    want = _target(target).name if target else None  # --target: result and baseline must be for it
     if result is not None:
         if artifact is not None or arch_file is not None:
             raise MoscError("give --result or --artifact/--arch (measure now), not both")
         res = load_result(result)
     else:
-        tname = target or (base or {}).get("target")
+        tname = want or (base or {}).get("target")
         if not tname:
             raise MoscError("give --target (there is no baseline to take it from)")
         res = _bench(_target(tname, tracker, key), artifact, arch_file, checkpoint, space, seed, tune, trials, tune_db,
@@ -837,8 +848,8 @@ def check_cmd(
         console.print(_bench_line(res), highlight=False)
         if out is not None:
             atomic_write_json(out, res)
-    c = check(baseline, base, res, update_baseline=update_baseline, force=force, resamples=resamples,
-              confidence=confidence, seed=ci_seed)
+    c = check(baseline, base, res, tolerances={"p50_tol": p50_tol, "p90_tol": p90_tol}, target=want,
+              update_baseline=update_baseline, force=force, resamples=resamples, confidence=confidence, seed=ci_seed)
     if c.report is not None:
         rep = c.report
         console.print(_check_table(rep))

@@ -1,5 +1,6 @@
 """Real TVM RPC trackers and servers on 127.0.0.1 for tests: subprocesses on free ports,
-bounded waits, always killed (whole process group: the server forks a child per session)."""
+bounded waits, always killed (whole process group: the server forks a child per session).
+Also: another process holding a latency database's write lock (hold_write_lock)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,9 @@
 import csv
 import json
 import multiprocessing as mp
+import os
 import random
+import shutil
 import sqlite3
 from pathlib import Path
 
@@ -220,8 +222,6 @@ def test_read_commands_refuse_a_file_that_is_not_sqlite(tmp_path):
 
 
 def test_read_only_database_file_is_readable(tmp_path):
-    import os
-
     path = tmp_path / "lat.db"
     (a,) = _archs(1)
     with LatencyDB(path) as db:
@@ -242,6 +242,45 @@ def test_read_only_database_file_is_readable(tmp_path):
                 LatencyDB(path, readonly=False)
     finally:
         path.chmod(0o644)
+
+
+READ_AS_NOBODY = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from mosc.device.db import LatencyDB
+with LatencyDB(sys.argv[2], readonly=True) as db:
+    print(db.count(), db.rows("host")[0].latency_ms)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv to read as nobody")
+def test_read_only_database_in_a_read_only_folder_is_readable_by_another_user():
+    """SQLite cannot create the -shm file of a WAL database there: the file alone is read."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="mosc-ro-", dir="/tmp"))  # pytest's tmp_path is root's only
+    try:
+        _read_as_nobody(folder)
+    finally:
+        folder.chmod(0o755)
+        shutil.rmtree(folder)
+
+
+def _read_as_nobody(folder):
+    import subprocess
+    import sys
+
+    (a,) = _archs(1)
+    with LatencyDB(folder / "lat.db") as db:
+        db.insert(_record(a, 2.5))
+    assert sorted(p.name for p in folder.iterdir()) == ["lat.db"]  # a clean close leaves no -wal/-shm
+    (folder / "lat.db").chmod(0o444)
+    folder.chmod(0o555)
+    r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                        READ_AS_NOBODY, str(Path(__file__).resolve().parents[1]), str(folder / "lat.db")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.split() == ["1", "2.5"], r.stdout + r.stderr
+    assert sorted(p.name for p in folder.iterdir()) == ["lat.db"]
 
 
 def test_export_of_a_database_missing_a_column_is_one_line(tmp_path):
@@ -290,6 +329,7 @@ def _hat_csv(path, rows, bom=False, encoding="utf-8"):
     ("latency_mean_decoder", "0", "latency_mean_decoder = 0.0"),
     ("latency_mean_decoder", "2e6", "latency_mean_decoder = 2000000.0"),
     ("latency_std_encoder", "-1", "latency_std_encoder = -1.0"),
+    ("decoder_embed_dim", "lots", "decoder_embed_dim = 'lots' is not a number"),
 ])
 def test_import_refuses_non_finite_or_absurd_values_with_the_line(tmp_path, column, value, needle):
     bad = list(GOOD_ROW)
@@ -315,3 +355,12 @@ def test_import_reads_a_csv_with_a_bom_and_refuses_non_utf8(tmp_path):
     r = CliRunner().invoke(app, ["db", "import-hat", str(latin), "--target", "rpi4", "--db", str(db)])
     assert r.exit_code == 2 and "is not UTF-8 text (line 2" in r.output, r.output
     assert len([l for l in r.output.splitlines() if l.strip()]) == 1
+
+
+def test_import_takes_a_csv_without_std_columns(tmp_path):
+    text = ",".join(HAT_COLUMNS[:-2]) + "\n" + ",".join(GOOD_ROW[:-2]) + "\n"
+    (tmp_path / "nostd.csv").write_text(text)
+    with LatencyDB(tmp_path / "l.db") as db:
+        assert db.import_hat_csv(tmp_path / "nostd.csv", "rpi4") == 1
+        (row,) = db.query("rpi4")
+        assert row["latency_ms"] == pytest.approx(130.75) and row["encoder_std_ms"] is None

@@ -209,8 +209,8 @@ def test_ctrl_c_during_measure_says_what_was_kept(monkeypatch, tmp_path):
     db = tmp_path / "lat.db"
     with pytest.raises(Interrupted) as e:
         measure_into_db(camp.target, archs, SimpleNamespace(prepare=prepare), db, backend="torch", log=lambda m: None)
-    assert str(e.value) == (f"interrupted: 1 arch(s) measured in this run are saved in {db}; run the same command "
-                            "again to measure the remaining 2")
+    assert str(e.value) == (f"interrupted: 1 arch(s) measured and saved in {db}; run the same command again to "
+                            "measure the remaining 2")
     assert e.value.exit_code == 130 and len(db_rows(db)) == 1
 
 

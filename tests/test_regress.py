@@ -382,3 +382,22 @@ def test_committed_ci_baseline_is_a_valid_result():
     r = load_result(path, "baseline")
     host, cpu = machine(r)
     assert host and cpu and r["target"] == "host"
+
+
+def test_check_table_is_readable_at_80_columns(tmp_path):
+    """A CI log without a terminal is 80 columns: the verdict column must not be cut."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    base = Path(__file__).resolve().parents[1] / "examples/ci/baselines/host-fc12a1ac56bf6404-vm-amd-epyc.json"
+    r = json.loads(base.read_text())
+    r["samples_ms"] = [x * 1.10 for x in r["samples_ms"]]
+    (tmp_path / "slow.json").write_text(json.dumps(r))
+    p = subprocess.run([sys.executable, "-c", "from mosc.cli import app; app()", "check", "--baseline", str(base),
+                        "--result", str(tmp_path / "slow.json")], capture_output=True, text=True,
+                       env={**os.environ, "COLUMNS": "80"})
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert "…" not in p.stdout and "regression" in p.stdout.split("Mann-Whitney")[0], p.stdout
+    assert max(len(line) for line in p.stdout.splitlines()) <= 80

@@ -176,10 +176,10 @@ class Campaign:
         return row
 
     def saved_where(self) -> str:
-        """Where this run's measurements are: "N arch(s) measured in this run are saved in DB"."""
+        """Where this run's measurements are: "N arch(s) measured and saved in DB"."""
         kept = self.result.kept
         side = f" ({kept} of them kept in {self.db.pending_path} until the database takes them)" if kept else ""
-        return f"{len(self.result.measured)} arch(s) measured in this run are saved in {self.db.path}{side}"
+        return f"{len(self.result.measured)} arch(s) measured and saved in {self.db.path}{side}"
 
     def _report(self, where: str, m: Measurement, seconds: float, noise: str | None) -> None:
         s = m.stats

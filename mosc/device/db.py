@@ -194,18 +194,16 @@ class LatencyDB:
         self.readonly, self.busy_timeout_s, self.log = readonly, busy_timeout_s, log or _stderr
         self.writable = False
         self.conn: sqlite3.Connection | None = None
-        if self.path.is_dir():
-            raise MoscError(f"latency database {self.path} is a folder, not a file")
-        exists = self.path.is_file() and self.path.stat().st_size > 0
+        try:
+            if self.path.is_dir():
+                raise MoscError(f"latency database {self.path} is a folder, not a file")
+            exists = self.path.is_file() and self.path.stat().st_size > 0
+        except OSError as e:  # a folder on the way that this user may not enter
+            raise MoscError(f"cannot read latency database {self.path} ({e.strerror or e})") from None
         if readonly or (readonly is None and exists):
             self._open_readonly()
         else:
             self._open_for_writing()
-
-    @classmethod
-    def reader(cls, path: str | Path) -> LatencyDB:
-        """The database opened read-only (readonly=True)."""
-        return cls(path, readonly=True)
 
     @property
     def pending_path(self) -> Path:
@@ -213,8 +211,9 @@ class LatencyDB:
         return self.path.with_name(self.path.name + PENDING_SUFFIX)
 
     # ---- opening ----------------------------------------------------------------------
-    def _connect(self, readonly: bool) -> sqlite3.Connection:
-        where, kw = (self.path.absolute().as_uri() + "?mode=ro", {"uri": True}) if readonly else (str(self.path), {})
+    def _connect(self, readonly: bool, immutable: bool = False) -> sqlite3.Connection:
+        uri = self.path.absolute().as_uri() + "?mode=ro" + ("&immutable=1" if immutable else "")
+        where, kw = (uri, {"uri": True}) if readonly else (str(self.path), {})
         conn = sqlite3.connect(where, timeout=self.busy_timeout_s, isolation_level=None, **kw)
         conn.row_factory = sqlite3.Row
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
@@ -230,7 +229,17 @@ class LatencyDB:
             raise MoscError(f"no latency database at {self.path}")
         try:
             self.conn = self._connect(readonly=True)
-            if not self._check_schema():
+            try:
+                has_schema = self._check_schema()
+            except sqlite3.OperationalError:
+                if not self._wal_is_empty():
+                    raise
+                # a WAL database in a folder this user cannot write: SQLite cannot create its -shm
+                # file. With no -wal content the file alone is the whole database: read it as is.
+                self.close()
+                self.conn = self._connect(readonly=True, immutable=True)
+                has_schema = self._check_schema()
+            if not has_schema:
                 raise MoscError(f"{self.path} is not a mosc latency database (an SQLite file without tables)")
         except sqlite3.Error as e:
             self.close()
@@ -238,6 +247,10 @@ class LatencyDB:
         except MoscError:
             self.close()
             raise
+
+    def _wal_is_empty(self) -> bool:
+        wal = self.path.with_name(self.path.name + "-wal")
+        return not wal.exists() or wal.stat().st_size == 0
 
     def _open_for_writing(self) -> None:
         """(Re)open with a read-write connection: create a new file's tables, WAL mode, merge kept rows.
@@ -558,7 +571,7 @@ class LatencyDB:
     def import_hat_csv(self, csv_path: str | Path, target: str, *, force: bool = False) -> int:
         """Import one of HAT's latency CSVs as feature-only rows. Returns the number of rows added.
 
-        Each row: features = the 10 HAT columns; encoder/decoder means and stds; latency_ms =
+        Each row: features = the 10 HAT columns; encoder/decoder means (and stds, when the file has them); latency_ms =
         encoder + decoder mean (HAT's trimmed means). A file already imported for this target
         (same sha256) is skipped unless force=True (which replaces its rows). A row that is not
         finite numbers within sane bounds is refused with its line number (nothing imported).
@@ -599,7 +612,15 @@ class LatencyDB:
         return len(rows)
 
 
-HAT_LATENCY_COLUMNS = ["latency_mean_encoder", "latency_mean_decoder", "latency_std_encoder", "latency_std_decoder"]
+HAT_LATENCY_COLUMNS = ["latency_mean_encoder", "latency_mean_decoder"]
+HAT_STD_COLUMNS = ["latency_std_encoder", "latency_std_decoder"]  # optional: NULL when a CSV has none
+
+
+def _number(row: dict, column: str, where: str) -> float:
+    try:
+        return float(row[column])
+    except (TypeError, ValueError):  # None: a row with fewer cells than the header
+        raise MoscError(f"{where}: {column} = {row[column]!r} is not a number") from None
 
 
 def _hat_records(csv_path: Path, target: str) -> list[dict[str, Any]]:
@@ -613,15 +634,15 @@ def _hat_records(csv_path: Path, target: str) -> list[dict[str, Any]]:
     source = f"hat:{csv_path.name} sha256:{sha256_file(csv_path)}"
     records = []
     for line, r in lines:
-        try:
-            feats = [float(r[c]) for c in HAT_FEATURE_NAMES]
-            enc, dec, enc_sd, dec_sd = (float(r[c]) for c in HAT_LATENCY_COLUMNS)
-        except (TypeError, ValueError):
-            raise MoscError(f"{csv_path}:{line}: not a number in {dict(r)}") from None
+        num = {c: _number(r, c, f"{csv_path}:{line}") for c in HAT_FEATURE_NAMES + HAT_LATENCY_COLUMNS + HAT_STD_COLUMNS
+               if c in header}
+        feats = [num[c] for c in HAT_FEATURE_NAMES]
+        enc, dec = num["latency_mean_encoder"], num["latency_mean_decoder"]
+        enc_sd, dec_sd = num.get("latency_std_encoder"), num.get("latency_std_decoder")
         why = (bad_features(feats) or bad_latency("latency_mean_encoder", enc) or bad_latency("latency_mean_decoder", dec)
                or bad_latency("latency_mean_encoder + latency_mean_decoder", enc + dec)
-               or bad_latency("latency_std_encoder", enc_sd, allow_zero=True)
-               or bad_latency("latency_std_decoder", dec_sd, allow_zero=True))
+               or bad_latency("latency_std_encoder", 0.0 if enc_sd is None else enc_sd, allow_zero=True)
+               or bad_latency("latency_std_decoder", 0.0 if dec_sd is None else dec_sd, allow_zero=True))
         if why:
             raise MoscError(f"{csv_path}:{line}: {why} (nothing imported)")
         records.append({

@@ -99,26 +99,33 @@ def _tracker_connector(key: str, host: str, port: int):
     TRACKER_TIMEOUT_S, so that a silent tracker is an OSError and TVM's loop reconnects."""
     import socket
 
-    seen = {"connected": False, "down": False}
+    st = {"returned": None, "pause": 0.5, "down": False}
 
-    def connect_with_retry(addr, timeout=None, retry_period=None):  # noqa: ARG001 (TVM's signature)
-        pause = 0.5
+    def wait():
+        time.sleep(st["pause"])
+        st["pause"] = min(2 * st["pause"], RECONNECT_MAX_S)
+
+    def connect_with_retry(addr, timeout=None, retry_period=None):  # TVM's signature; both ignored
+        if st["returned"] is not None:
+            if time.monotonic() - st["returned"] > 60:
+                st["pause"] = 0.5  # the last connection served a while: a new outage starts from a short pause
+            else:
+                wait()  # it broke at once (a peer that drops us, or not a tracker): no tight reconnect loop
         while True:
             try:
                 sock = socket.create_connection(tuple(addr), timeout=TRACKER_TIMEOUT_S)
                 sock.settimeout(TRACKER_TIMEOUT_S)  # every request to the tracker is bounded too
             except OSError as e:
-                if not seen["down"]:
+                if not st["down"]:
                     print(f"RPC server {key!r}: no RPC tracker answers at {host}:{port} ({e.strerror or e}); "
                           f"retrying (every {RECONNECT_MAX_S:g} s at most)", file=sys.stderr, flush=True)
-                    seen["down"] = True
-                time.sleep(pause)
-                pause = min(2 * pause, RECONNECT_MAX_S)
+                    st["down"] = True
+                wait()
                 continue
-            if seen["connected"]:
+            if st["returned"] is not None:
                 print(f"RPC server {key!r}: connected to tracker {host}:{port} again; registering",
                       file=sys.stderr, flush=True)
-            seen["connected"], seen["down"] = True, False
+            st["returned"], st["down"] = time.monotonic(), False
             return sock
 
     return connect_with_retry
