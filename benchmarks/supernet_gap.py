@@ -9,6 +9,7 @@ overhead over `shared`, measured in this one run.
 
     python benchmarks/supernet_gap.py                 # ~40 min on 2 CPU cores
     python benchmarks/supernet_gap.py --quick         # a few minutes, numbers meaningless
+    python benchmarks/supernet_gap.py --device cuda   # train and evaluate on the GPU
 
 Runs are kept in --work and resumed, so an interrupted benchmark continues. Prints a
 table and writes benchmarks/results/supernet_gap.json.
@@ -30,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mosc.nn.corpus import load_corpus  # noqa: E402
+from mosc.nn.device import describe, resolve_device  # noqa: E402
 from mosc.nn.evaluate import evaluate  # noqa: E402
 from mosc.fileio import atomic_write_json  # noqa: E402
 from mosc.space import SearchSpace  # noqa: E402
@@ -71,6 +73,8 @@ def main():
     ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     ap.add_argument("--warmup", type=int, default=100, help="warm-up updates")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids stragglers on a shared machine)")
+    ap.add_argument("--device", default="auto", help="where to train and evaluate: auto (the GPU when there is one), "
+                    "cpu, cuda or cuda:N")
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench_gap"), help="folder for the training runs")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "supernet_gap.json"), help="result JSON")
     ap.add_argument("--quick", action="store_true", help="tiny budget: checks the script, not the claim")
@@ -79,6 +83,7 @@ def main():
         args.steps, args.work = 10, args.work + "_quick"
         args.out = args.out.replace(".json", "_quick.json")
     torch.set_num_threads(args.threads)
+    device = describe(resolve_device(args.device))  # a GPU that is not here fails now, not after the corpus
     from rich.console import Console
     from rich.table import Table
 
@@ -88,9 +93,11 @@ def main():
     space = SearchSpace.load(args.space)
     archs = spanning_archs(space, data.tokenizer.vocab_size)
     cfg = TrainConfig(steps=args.steps, max_tokens=args.max_tokens, lr=args.lr, warmup=min(args.warmup, args.steps // 2),
-                      save_every=max(args.steps // 4, 1), log_every=max(args.steps // 20, 1), max_len=64)
+                      save_every=max(args.steps // 4, 1), log_every=max(args.steps // 20, 1), max_len=64,
+                      device=args.device)
     work = Path(args.work)
     eval_kw = dict(max_sentences=100) if args.quick else {}
+    eval_kw["device"] = args.device
 
     results = {"modes": {}, "standalone": {}}
     for mode in MODES:
@@ -150,7 +157,7 @@ def main():
     console.print(t2)
     results.update({
         "corpus": args.corpus, "space": args.space, "steps": args.steps, "max_tokens": args.max_tokens,
-        "vocab_size": data.tokenizer.vocab_size, "threads": args.threads, "quick": args.quick,
+        "vocab_size": data.tokenizer.vocab_size, "threads": args.threads, "quick": args.quick, "device": device,
         "archs": {k: a.to_dict() for k, a in archs.items()},
         "overhead_vs_shared_pct": {m: (tps["shared"] / tps[m] - 1) * 100 for m in MODES},
         "mean_bleu_gap": {m: sum(gaps[m]) / len(gaps[m]) for m in MODES},

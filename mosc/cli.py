@@ -964,15 +964,16 @@ def search_cmd(
     Candidates over --latency-ms are dropped; fitness is the supernet's validation loss (cached per arch), latency comes from the predictor. With --rounds R the top archs are measured on the target, added to --db, the predictor is refitted and the search repeated.
     """
     from mosc.jobs import search as jobs
-    from mosc.search.evolve import EvoConfig, evolve, pareto_search
+    from mosc.search.evolve import EvoConfig, check_budget, evolve, pareto_search
 
     if latency_ms is None and not pareto:
         raise MoscError("give --latency-ms L (or --pareto for the whole front)")
+    check_budget(latency_ms)  # before any work is announced
     sp, score = jobs.fitness(fitness, checkpoint, space, val_sentences, max_tokens)
+    cfg = EvoConfig(population=population, parents=parents, mutations=mutations, mutation_prob=mutation_prob,
+                    crossovers=crossovers, generations=generations, seed=seed).check(sp)
     pred = jobs.latency_model(target, sp, predictor, db, log=lambda m: err_console.print(m, style="yellow"))
     target = pred.target  # the canonical name ("rpi" -> "rpi4") in search.json, the plot and the feedback rows
-    cfg = EvoConfig(population=population, parents=parents, mutations=mutations, mutation_prob=mutation_prob,
-                    crossovers=crossovers, generations=generations, seed=seed)
     run = pareto_search if pareto else evolve
     search = lambda sp_, score_, lat: run(sp_, score_, lat, latency_ms, cfg, log=log)  # noqa: E731
     loop = None

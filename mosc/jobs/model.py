@@ -137,13 +137,16 @@ def export(subnet: Path | None, checkpoint: Path | None, arch_file: Path | None,
     return export_subnet(sub, out, sh, tokenizer_json=tok_json, check=check, extra={"source": source})
 
 
-def supernet_fitness(checkpoint: Path, val_sentences: int, max_tokens: int = 4096):
-    """(space, arch -> validation loss of the supernet at arch on the first N validation sentences)."""
+def supernet_fitness(checkpoint: Path, val_sentences: int, max_tokens: int = 4096, device: str = "auto"):
+    """(space, arch -> validation loss of the supernet at arch on the first N validation sentences),
+    computed on `device` (auto: the GPU when there is one; the checkpoint loads anywhere)."""
+    from mosc.nn.device import resolve_device
     from mosc.nn.evaluate import supernet_fitness as fitness
     from mosc.nn.train import load_run_corpus, load_trained
 
+    resolve_device(device)  # a device that is not here fails before the checkpoint and corpus are read
     model, tok, meta = load_trained(checkpoint)
-    return model.space, fitness(model, load_run_corpus(meta, tok), val_sentences, max_tokens)
+    return model.space, fitness(model, load_run_corpus(meta, tok), val_sentences, max_tokens, device)
 
 
 def train_or_resume(run_dir: Path, *, steps: int, corpus: str, space: str, mode: str, cfg, model_overrides: dict,

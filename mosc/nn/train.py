@@ -15,17 +15,29 @@ the Adam moments, the torch RNG (dropout), the arch sampler's RNG and the batch 
 position, always of the same update: resuming continues exactly where the run stopped, also
 after Ctrl-C pressed any number of times at any moment (see `_CtrlC`).
 
+Devices (mosc.nn.device): the model, each batch and the loss live on `cfg.device` (auto =
+the GPU when torch sees one), the forward runs under autocast in bf16/fp16, and fp16 scales
+the loss (skipped overflowed steps are counted in the log). Checkpoints hold CPU tensors
+only (weights, Adam moments, the CPU RNG and, from a GPU, the CUDA RNG stored apart), so a
+run trained on a GPU resumes, collapses and exports on a CPU-only machine. Device and
+precision are how a stretch of a run computes, not what the run is: a resume takes them
+from the caller, like the number of steps. Bit-for-bit resume is a CPU promise (fp32 there
+is exactly the arithmetic of the version without devices); on a GPU the RNGs are restored
+too, but some CUDA kernels (the embedding's backward) add with atomics in no fixed order.
+
 Data parallel: started under `torchrun` (WORLD_SIZE > 1) every process takes a disjoint
 shard of each epoch's batches, gradients are averaged with one all-reduce per update
-(gloo on CPU), and rank 0 alone writes. Archs are drawn from the same seeded RNG on every
-rank, so all ranks train the same archs on different data. Bit-for-bit resume is for a
-single process (other ranks' dropout RNG is reseeded from the step).
+(gloo on CPU, NCCL on GPUs with each process on cuda:LOCAL_RANK), and rank 0 alone
+writes. Archs are drawn from the same seeded RNG on every rank, so all ranks train the
+same archs on different data. Bit-for-bit resume is for a single process (other ranks'
+dropout RNG is reseeded from the step).
 
-Knows nothing of devices, latency or search.
+Knows nothing of deployment devices, latency or search.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -47,6 +59,8 @@ from mosc.nn.corpus import ParallelData, load_corpus
 from mosc.nn.tokenizer import SubwordTokenizer
 from mosc.errors import MoscError
 from mosc.fileio import atomic_write_text, field as json_field, latest_checkpoint, load_tensors, save_tensors
+from mosc.nn.device import (CPU_RNG, CUDA_RNG, Amp, check_device_spec, check_precision, describe, resolve_device,
+                             rng_states, set_rng_states, to_device)
 from mosc.nn.model import FFNMode, Supernet, SupernetConfig, load_supernet, save_supernet
 from mosc.nn.settings import real, whole
 from mosc.space import Arch, SearchSpace
@@ -54,6 +68,7 @@ from mosc.space import Arch, SearchSpace
 CORPUS_ARGS = ("src_lang", "tgt_lang", "vocab_size", "test_split", "max_train_pairs")  # what a run records
 MAX_LEN = 100_000  # longest sentence in tokens; the position table grows with it
 MAX_SANDWICH_RANDOM = 1000  # random archs per update: each costs a forward and backward pass
+LATER_KEYS = {"device": "auto", "precision": "fp32"}  # training settings older checkpoints lack: their defaults
 
 
 @dataclass
@@ -73,6 +88,8 @@ class TrainConfig:
     log_every: int = 20  # updates between log lines (log.jsonl and the progress bar)
     max_len: int = 128  # longest sentence in subword tokens (longer pairs are skipped)
     seed: int = 0  # arch sampling, dropout, batch order
+    device: str = "auto"  # auto (the GPU when there is one), cpu, cuda or cuda:N
+    precision: str = "fp32"  # forward arithmetic: fp32, bf16 (autocast) or fp16 (autocast + loss scaling, GPU)
 
     def __post_init__(self):
         """Every setting in range before anything is read or written (one line per bad value)."""
@@ -91,11 +108,15 @@ class TrainConfig:
         whole("keep", self.keep, 1)
         whole("log_every", self.log_every, 1)
         whole("seed", self.seed, 0, 2**32 - 1)
+        check_device_spec(self.device)
+        check_precision(self.precision)
 
     @classmethod
     def from_dict(cls, d, where: str) -> TrainConfig:
         """The settings a checkpoint recorded: exactly this class's fields, each in range."""
         names = [f.name for f in fields(cls)]
+        if isinstance(d, dict) and not set(LATER_KEYS) & set(d):
+            d = {**d, **LATER_KEYS}  # written before runs had a device
         if not isinstance(d, dict) or set(d) != set(names):
             got = sorted(d) if isinstance(d, dict) else type(d).__name__
             raise MoscError(f"{where}: the training settings must have exactly the keys {names}, got {got}")
@@ -122,14 +143,21 @@ def archs_for_update(space: SearchSpace, rng: random.Random, k: int, fixed: Arch
     return [space.largest(), space.smallest()] + [space.sample(rng) for _ in range(k)]
 
 
-def update_loss(model: Supernet, batch, archs: list[Arch], cfg: TrainConfig) -> float:
-    """Forward + backward every arch on the batch (gradients accumulate); returns mean loss."""
-    n_tok = batch.n_tokens
+def update_loss(model: Supernet, batch, archs: list[Arch], cfg: TrainConfig, amp: Amp | None = None,
+                n_tokens: int | None = None) -> float:
+    """Forward + backward every arch on the batch (gradients accumulate); returns mean loss.
+    amp: autocast and loss scaling (None: plain fp32). n_tokens: batch.n_tokens counted on
+    the host (on a GPU counting them again would wait for the device)."""
+    n_tok = batch.n_tokens if n_tokens is None else n_tokens
+    autocast = amp.autocast if amp is not None else contextlib.nullcontext
     teacher = None
-    total = 0.0
+    losses = []
     for i, arch in enumerate(archs):
-        logits = model(batch.src, batch.tgt_in, arch)  # [B, T, V]
-        flat, gold = logits.flatten(0, 1), batch.tgt_out.flatten()
+        with autocast():
+            logits = model(batch.src, batch.tgt_in, arch)  # [B, T, V]
+        # The loss in fp32 whatever the forward ran in (a no-op in fp32): a bf16 log-softmax
+        # over the vocabulary would round away the small probabilities label smoothing needs.
+        flat, gold = logits.flatten(0, 1).float(), batch.tgt_out.flatten()
         loss = F.cross_entropy(flat, gold, ignore_index=PAD_ID, label_smoothing=cfg.label_smoothing, reduction="sum") / n_tok
         if cfg.distill > 0 and i == 0 and len(archs) > 1:
             teacher = torch.log_softmax(flat.detach(), -1)
@@ -137,7 +165,15 @@ def update_loss(model: Supernet, batch, archs: list[Arch], cfg: TrainConfig) -> 
             mask = (gold != PAD_ID).float()
             kl = (F.kl_div(torch.log_softmax(flat, -1), teacher, log_target=True, reduction="none").sum(-1) * mask).sum() / n_tok
             loss = (1 - cfg.distill) * loss + cfg.distill * kl
-        (loss / len(archs)).backward()
+        if amp is not None:
+            amp.backward(loss / len(archs))
+        else:
+            (loss / len(archs)).backward()
+        losses.append(loss.detach())
+    # Read the losses once at the end: on a GPU each .item() waits for the device. Summed in
+    # the same order as before, so the number is the same as reading each one at once.
+    total = 0.0
+    for loss in losses:
         total += loss.item()
     return total / len(archs)
 
@@ -148,6 +184,12 @@ def update_loss(model: Supernet, batch, archs: list[Arch], cfg: TrainConfig) -> 
 def dist_info() -> tuple[int, int]:
     """(rank, world_size) from torchrun's environment; (0, 1) when run plainly."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def run_device(spec: str, world: int) -> torch.device:
+    """The device this process trains on: under torchrun a GPU run puts each process of a
+    machine on its own GPU, cuda:LOCAL_RANK."""
+    return resolve_device(spec, int(os.environ.get("LOCAL_RANK", 0)) if world > 1 else None)
 
 
 def all_reduce_grads(model: Supernet, world: int):
@@ -188,20 +230,23 @@ def _load_optim(opt: torch.optim.Optimizer, names: dict[int, str], tensors: dict
 
 
 def save_checkpoint(run: Path, step: int, model: Supernet, opt, names, data_meta: dict, cfg: TrainConfig,
-                    rng: random.Random, batches: BatchIterator, fixed: Arch | None) -> Path:
+                    rng: random.Random, batches: BatchIterator, fixed: Arch | None, *,
+                    device: torch.device | None = None, extra: dict | None = None) -> Path:
     """step_N/ is written whole under a hidden name, renamed into place, and only then named
     by `latest`: a crash, kill or power cut at any moment leaves the previous checkpoint in
-    charge and never a folder that mixes two states."""
+    charge and never a folder that mixes two states. Every tensor is written from the CPU
+    (save_tensors copies them there), so any machine can load it. extra: more keys of the
+    config's "train" section (the loss scale, where the run ran)."""
     ckpt, partial = run / f"step_{step:07d}", run / f".step_{step:07d}.partial"
     for stale in run.glob(".step_*.partial"):  # left by a save that was killed
         shutil.rmtree(stale, ignore_errors=True)
-    optim_sha = save_tensors({**_optim_tensors(opt, names), "__torch_rng__": torch.get_rng_state()},
-                             partial / "optim.safetensors")
+    rngs = rng_states(device or torch.device("cpu"))
+    optim_sha = save_tensors({**_optim_tensors(opt, names), **rngs}, partial / "optim.safetensors")
     save_supernet(model, partial, {
         **data_meta,
         "train": {"config": asdict(cfg), "step": step, "fixed_arch": fixed.to_dict() if fixed else None,
                   "arch_rng": json.loads(json.dumps(rng.getstate())), "batches": batches.state_dict(),
-                  "optim_sha256": optim_sha},
+                  "optim_sha256": optim_sha, **(extra or {})},
     })
     if ckpt.exists():  # a folder `latest` never named (the run went past it before and was cut short)
         shutil.rmtree(ckpt)
@@ -301,6 +346,8 @@ class TrainResult:
     seconds: float
     history: list[dict] = field(default_factory=list)
     start_step: int = 0  # where this call began (> 0 when it resumed)
+    device: str = "cpu"  # where it trained, e.g. "cuda:0 (NVIDIA H200)"
+    precision: str = "fp32"
 
 
 @dataclass
@@ -319,15 +366,15 @@ class _Start:
     saved: dict | None = None  # its config.json["train"]
 
 
-def _init_distributed() -> tuple[int, int]:
-    """(rank, world_size); joins the gloo process group when started by torchrun."""
-    rank, world = dist_info()
+def _init_distributed(world: int, device: torch.device) -> None:
+    """Joins torchrun's process group: NCCL between GPUs, gloo between CPU processes."""
     if world > 1:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            dist.init_process_group("gloo")
-    return rank, world
+            if device.type == "cuda":
+                torch.cuda.set_device(device)  # NCCL binds each process to its current GPU
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
 def _checkpoint_to_resume(run: Path, resume: bool) -> Path | None:
@@ -343,12 +390,14 @@ def _checkpoint_to_resume(run: Path, resume: bool) -> Path | None:
 
 
 def _resumed_start(ckpt: Path, cfg: TrainConfig, data: ParallelData | None) -> _Start:
-    """Everything comes from the checkpoint (model, config, tokenizer, corpus) except cfg.steps."""
+    """Everything comes from the checkpoint (model, config, tokenizer, corpus) except cfg.steps,
+    cfg.device and cfg.precision."""
     model, meta = load_supernet(ckpt)
     where = f"checkpoint {ckpt / 'config.json'}"
     tr = json_field(meta, "train", dict, where)
     saved_cfg = TrainConfig.from_dict(json_field(tr, "config", dict, where), where)
-    cfg = replace(saved_cfg, steps=cfg.steps)  # only the horizon may change
+    # The horizon, and where and in what arithmetic this stretch runs, come from the caller
+    cfg = replace(saved_cfg, steps=cfg.steps, device=cfg.device, precision=cfg.precision)
     tokenizer = SubwordTokenizer.from_json(json_field(meta, "tokenizer", str, where))
     fixed = json_field(tr, "fixed_arch", (dict, type(None)), where)
     if fixed is not None:
@@ -383,15 +432,22 @@ def _fresh_start(space: str, mode: str, arch: Arch | None, corpus: str, corpus_a
 
 
 def _restore_training_state(s: _Start, opt: torch.optim.Optimizer, names: dict[int, str],
-                            batches: BatchIterator, arch_rng: random.Random) -> None:
-    """Adam moments, the torch RNG (dropout), batch position and arch RNG from s.ckpt."""
+                            batches: BatchIterator, arch_rng: random.Random, device: torch.device, amp: Amp) -> None:
+    """Adam moments (moved to the device by the optimizer), the torch RNGs (dropout), the fp16
+    loss scale, batch position and arch RNG from s.ckpt."""
     where = f"checkpoint {s.ckpt / 'config.json'}"
     tensors = load_tensors(s.ckpt / "optim.safetensors", json_field(s.saved, "optim_sha256", str, where))
     try:
-        torch.set_rng_state(tensors.pop("__torch_rng__"))
+        states = {k: tensors.pop(k) for k in (CPU_RNG, CUDA_RNG) if k in tensors}
+        set_rng_states(states, device, cuda_seed=s.cfg.seed * 1000 + s.step)
         _load_optim(opt, names, tensors)
     except (KeyError, ValueError, RuntimeError) as e:
         raise MoscError(f"{s.ckpt / 'optim.safetensors'} does not fit the model ({(str(e).splitlines() or ['?'])[0]})") from None
+    scaler = s.saved.get("grad_scaler")
+    try:
+        amp.load_state_dict(scaler)
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError):
+        raise MoscError(f"{where}: train.grad_scaler is not a loss-scaler state") from None
     batches.load_state_dict(json_field(s.saved, "batches", dict, where))
     st = json_field(s.saved, "arch_rng", list, where)
     try:
@@ -411,15 +467,17 @@ def _progress_bar(show: bool):
 class _Run:
     """One training run in progress: the state that updates, log lines and checkpoints share."""
 
-    def __init__(self, run: Path, s: _Start, rank: int, world: int):
+    def __init__(self, run: Path, s: _Start, rank: int, world: int, device: torch.device):
         cfg = self.cfg = s.cfg
         self.run, self.rank, self.world, self.model, self.fixed = run, rank, world, s.model, s.fixed
+        self.device, self.amp = device, Amp(device, cfg.precision)
+        s.model.to(device)  # before Adam is made: its moments are allocated next to the weights
         self.names = {i: n for i, (n, _) in enumerate(s.model.named_parameters())}
         self.opt = torch.optim.Adam(s.model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2))
         self.batches = BatchIterator(s.data.train, cfg.max_tokens, max_len=cfg.max_len, seed=cfg.seed, rank=rank, world_size=world)
         self.arch_rng = random.Random(cfg.seed)
         if s.saved is not None:
-            _restore_training_state(s, self.opt, self.names, self.batches, self.arch_rng)
+            _restore_training_state(s, self.opt, self.names, self.batches, self.arch_rng, device, self.amp)
             if rank > 0:
                 torch.manual_seed(cfg.seed * 1000 + rank * 7919 + s.step)
         elif rank > 0:
@@ -433,6 +491,7 @@ class _Run:
         self.start = self.step = self.ckpt_step = s.step
         self.last, self.tok_count, self.t_start = 0.0, 0, 0.0
         self.window_loss, self.window_n = 0.0, 0
+        self.skipped = 0  # fp16 updates the loss scaler skipped (overflowed gradients) since the last log line
         self.history: list[dict] = []
         # Where the loop stands, for what an interruption may save: BETWEEN updates (all state
         # agrees), COMPUTING one (nothing applied yet: rewind to `began`), APPLYING one (weights
@@ -467,34 +526,38 @@ class _Run:
     def update(self, stream, ctrl_c: _CtrlC) -> None:
         """One optimizer update: the sandwich archs' gradients on one batch (averaged over ranks)."""
         cfg, opt = self.cfg, self.opt
-        self.began = (self.batches.epoch, self.batches.position, self.arch_rng.getstate(), torch.get_rng_state())
+        self.began = (self.batches.epoch, self.batches.position, self.arch_rng.getstate(), rng_states(self.device))
         self.phase = COMPUTING
         ctrl_c.abortable = True
-        batch = next(stream)
+        host = next(stream)
+        n_tokens = host.n_tokens
+        batch = to_device(host, self.device)
         archs = archs_for_update(self.model.space, self.arch_rng, cfg.sandwich_random, self.fixed)
         for g in opt.param_groups:
             g["lr"] = cfg.lr_at(self.step)
         opt.zero_grad(set_to_none=True)
-        loss = update_loss(self.model, batch, archs, cfg)
+        loss = update_loss(self.model, batch, archs, cfg, self.amp, n_tokens)
         if self.world > 1:
-            all_reduce_grads(self.model, self.world)
+            all_reduce_grads(self.model, self.world)  # still scaled under fp16: every rank unscales alike
         ctrl_c.abortable = False  # from here on the update changes weights: it must finish
         self.phase = APPLYING
+        self.amp.unscale(opt)
         if cfg.clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_norm)
-        opt.step()
+        if not self.amp.step(opt):
+            self.skipped += 1  # the schedule still advances: the step is spent, as in torch's recipe
         self.step += 1
         self.last = loss
-        self.tok_count += batch.n_tokens * self.world
+        self.tok_count += n_tokens * self.world
         self.window_loss, self.window_n = self.window_loss + loss, self.window_n + 1
         self.phase = BETWEEN
 
     def rewind(self) -> None:
         """Back to where the update in progress began (its batch and RNG draws never happened)."""
-        epoch, position, arch_state, torch_state = self.began
+        epoch, position, arch_state, torch_states = self.began
         self.batches.epoch, self.batches.position = epoch, position
         self.arch_rng.setstate(arch_state)
-        torch.set_rng_state(torch_state)
+        set_rng_states(torch_states, self.device, cuda_seed=0)  # began holds the CUDA state when there is one
         self.phase = BETWEEN
 
     def after_update(self, prog, task) -> None:
@@ -512,8 +575,10 @@ class _Run:
         tps = self.tok_count / (time.perf_counter() - self.t_start)
         rec = {"step": self.step, "loss": self.window_loss / self.window_n, "lr": self.cfg.lr_at(self.step - 1),
                "tokens_per_s": tps}
+        if self.amp.scaler is not None:
+            rec["skipped"], rec["loss_scale"] = self.skipped, self.amp.scaler.get_scale()
         self.history.append(rec)
-        self.window_loss, self.window_n = 0.0, 0
+        self.window_loss, self.window_n, self.skipped = 0.0, 0, 0
         if self.rank == 0:
             with open(self.run / "log.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -521,8 +586,11 @@ class _Run:
 
     def save(self) -> None:
         self.phase = SAVING
+        ran_on = {"device": describe(self.device), "precision": self.cfg.precision, "world_size": self.world}
+        scaler = self.amp.state_dict()
         save_checkpoint(self.run, self.step, self.model, self.opt, self.names, self.data_meta, self.cfg,
-                        self.arch_rng, self.batches, self.fixed)
+                        self.arch_rng, self.batches, self.fixed, device=self.device,
+                        extra={"ran_on": ran_on, **({"grad_scaler": scaler} if scaler is not None else {})})
         self.ckpt_step, self.phase = self.step, BETWEEN
 
     def save_interrupted(self) -> None:
@@ -547,7 +615,8 @@ class _Run:
         if self.world > 1:
             _check_ranks_agree(self.model)
         return TrainResult(self.run, latest_checkpoint(self.run) if self.rank == 0 else self.run, self.step, self.last,
-                           self.tok_count / max(seconds, 1e-9), seconds, self.history, self.start)
+                           self.tok_count / max(seconds, 1e-9), seconds, self.history, self.start,
+                           describe(self.device), self.cfg.precision)
 
 
 def _check_ranks_agree(model: Supernet) -> None:
@@ -578,12 +647,15 @@ def train(
 ) -> TrainResult:
     """Train a supernet (or, with arch=, one fixed arch) into the run folder."""
     run = Path(run)
-    rank, world = _init_distributed()
+    rank, world = dist_info()
+    device = run_device(cfg.device, world)
+    Amp(device, cfg.precision)  # fp16 on a CPU is refused before a corpus is read or a folder made
+    _init_distributed(world, device)
     ckpt = _checkpoint_to_resume(run, resume)
     if ckpt is not None:
         start = _resumed_start(ckpt, cfg, data)
     else:
         start = _fresh_start(space, mode, arch, corpus, corpus_args, data, cfg, model_overrides)
-    r = _Run(run, start, rank, world)
+    r = _Run(run, start, rank, world, device)
     r.loop(progress)
     return r.result()

@@ -102,12 +102,19 @@ class SearchResult:
     seconds: float = 0.0
 
 
-def check_constraint(space: SearchSpace, latency: LatencyFn, max_ms: float | None) -> None:
-    """The constraint must be a positive number of ms, and the smallest arch must fit it, or nothing can."""
+def check_budget(max_ms: float | None) -> None:
+    """A latency constraint is a finite positive number of ms (or None: no constraint)."""
     if max_ms is None:
         return
     if isinstance(max_ms, bool) or not isinstance(max_ms, int | float) or not math.isfinite(max_ms) or max_ms <= 0:
         raise MoscError(f"latency constraint (--latency-ms) must be a finite positive number of ms, got {max_ms}")
+
+
+def check_constraint(space: SearchSpace, latency: LatencyFn, max_ms: float | None) -> None:
+    """The constraint must be a positive number of ms, and the smallest arch must fit it, or nothing can."""
+    if max_ms is None:
+        return
+    check_budget(max_ms)
     low = latency(space.smallest())
     if low > max_ms:
         raise MoscError(f"no arch of space {space.name!r} can meet {max_ms:g} ms: even the smallest arch is "
