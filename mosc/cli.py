@@ -307,7 +307,9 @@ def train_cmd(
     save_every: int = typer.Option(500, help="Checkpoint every N updates (and at the end)."),
     log_every: int = typer.Option(20, help="Updates between log lines (log.jsonl, progress bar)."),
     seed: int = typer.Option(0, help="Seed for init, arch sampling, dropout and batch order."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out where it stopped, with the run's own settings (only --steps is read; a larger --steps stretches the cosine schedule)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out where it stopped, with the run's own settings (only --steps, --device and --precision are read; a larger --steps stretches the cosine schedule)."),
+    device: str = typer.Option("auto", help="Where to train: auto (the GPU when torch sees one), cpu, cuda or cuda:N; under torchrun each process takes cuda:LOCAL_RANK."),
+    precision: str = typer.Option("fp32", help="Forward arithmetic: fp32, bf16 (autocast, CPU or GPU) or fp16 (autocast with loss scaling, GPU only)."),
 ):
     """Train a MoS supernet with the sandwich rule or, with --arch, one standalone arch.
 
@@ -317,7 +319,8 @@ def train_cmd(
     from mosc.space import Arch
 
     cfg = TrainConfig(steps=steps, max_tokens=max_tokens, lr=lr, warmup=warmup, sandwich_random=sandwich_random,
-                      distill=distill, save_every=save_every, log_every=log_every, seed=seed)
+                      distill=distill, save_every=save_every, log_every=log_every, seed=seed, device=device,
+                      precision=precision)
     corpus_args = {"src_lang": src_lang, "tgt_lang": tgt_lang, "vocab_size": vocab_size, "max_train_pairs": max_train_pairs}
     r = train(out, corpus=corpus, space=space, mode=mode.value, cfg=cfg,
               model_overrides={"n_experts": experts, "router_hidden": router_hidden, "dropout": dropout},
@@ -326,7 +329,7 @@ def train_cmd(
     if r.checkpoint != r.run:
         console.print(f"[green]trained[/] {r.steps - r.start_step} updates"
                       f"{f' (steps {r.start_step}->{r.steps})' if r.start_step else ''} in {r.seconds:.0f} s, {r.tokens_per_s:,.0f} target tokens/s, "
-                      f"last loss {r.final_loss:.3f}; checkpoint: {r.checkpoint}")
+                      f"last loss {r.final_loss:.3f} ({r.device}, {r.precision}); checkpoint: {r.checkpoint}")
 
 
 @command(app, "evaluate")
@@ -339,15 +342,18 @@ def evaluate_cmd(
     max_sentences: Optional[int] = typer.Option(None, help="Evaluate only the first N sentences."),
     bleu: bool = typer.Option(True, "--bleu/--no-bleu", help="Decode and score BLEU (slower) or loss only."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the numbers (and hypotheses) as JSON here."),
+    device: str = typer.Option("auto", help="Where to compute: auto (the GPU when torch sees one), cpu, cuda or cuda:N."),
 ):
     """Validation loss and corpus BLEU (sacrebleu) of the supernet at an arch (inherited weights) or of a collapsed subnet."""
     from mosc.fileio import atomic_write_json
     from mosc.jobs.model import load_arch
+    from mosc.nn.device import resolve_device
     from mosc.nn.evaluate import evaluate
     from mosc.nn.subnet import load_subnet
     from mosc.nn.train import load_run_corpus, load_trained
     from mosc.space import Arch
 
+    resolve_device(device)  # a missing GPU is one line before anything is loaded
     model, tok, meta = load_trained(checkpoint)
     data = load_run_corpus(meta, tok)
     fixed = meta.get("train", {}).get("fixed_arch")
@@ -357,7 +363,7 @@ def evaluate_cmd(
     else:
         arch = load_arch(arch_file, model.space) if arch_file else (Arch.from_dict(fixed) if fixed else model.space.largest())
         target, what, arch_shown = model, "supernet (inherited weights)", arch
-    e = evaluate(target, data, arch, split=split, beam=beam, max_sentences=max_sentences, bleu=bleu)
+    e = evaluate(target, data, arch, split=split, beam=beam, max_sentences=max_sentences, bleu=bleu, device=device)
     t = Table("", "value", title=f"{what}, arch {arch_shown.hash}, {split} ({e.n_sentences} sentences)")
     t.add_row("loss (nats/token)", f"{e.loss:.4f}")
     t.add_row("perplexity", f"{e.ppl:.2f}")

@@ -135,7 +135,7 @@ def test_targets_lists_tvm_targets():
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["compile", "--target", "pi5", "--onnx-dir", ".", "-o", "x"], "unknown target 'pi5'; valid targets: host, nvidia, rpi4 (also pi, raspberrypi, rpi), xeon"),
+    (["compile", "--target", "pi5", "--onnx-dir", ".", "-o", "x"], "unknown target 'pi5'; valid targets: host, jetson-orin (also orin), nvidia, rpi4 (also pi, raspberrypi, rpi), xeon"),
     (["compile", "--target", "host", "-o", "x"], "give exactly one of --onnx-dir DIR, --subnet DIR or --checkpoint"),
     (["compile", "--target", "host", "--onnx-dir", "/nonexistent", "-o", "x"], "is not an export folder"),
     (["export", "-o", "x"], "give exactly one of --subnet DIR or --checkpoint RUN"),
