@@ -23,6 +23,8 @@ from mosc.compiler.passes import FINISH, PREPARE, import_onnx, signature
 from mosc.compiler.tune import database_id, tune
 from mosc.errors import MoscError
 
+from damage import drop, edited, put, swap_graph_files
+
 V, D, S, L = 64, 32, 8, 8  # vocab, width, source length, KV cache length
 ATOL = 1e-4
 REPO = Path(__file__).resolve().parent.parent
@@ -326,53 +328,29 @@ def test_tuning_a_remote_target_needs_a_real_tracker_with_the_key(tmp_path):
 # ----------------------------------------------------------------------------- damaged manifests
 def _edit_manifest(src: Path, dst: Path, edit) -> Path:
     """A copy of an artifact whose manifest.json was edited by hand (not re-sealed)."""
-    bad = shutil.copytree(src, dst)
-    m = json.loads((bad / "manifest.json").read_text())
-    m = edit(m)
-    (bad / "manifest.json").write_text(json.dumps(m))
-    return bad
-
-
-def _set(path, value):
-    def edit(m):
-        d = m
-        for k in path[:-1]:
-            d = d[k]
-        d[path[-1]] = value
-        return m
-    return edit
-
-
-def _without(key):
-    return lambda m: {k: v for k, v in m.items() if k != key}
-
-
-def _swap_files(m):
-    g = m["graphs"]
-    g["encoder"]["file"], g["decoder_step"]["file"] = g["decoder_step"]["file"], g["encoder"]["file"]
-    return m
+    return edited(src, dst, "manifest.json", edit)
 
 
 MANIFEST_DAMAGE = [
     ("a list", lambda m: [m], "must hold a JSON object, not array"),
-    ("no graphs", _without("graphs"), "missing 'graphs'"),
+    ("no graphs", drop("graphs"), "missing 'graphs'"),
     ("graphs as a list", lambda m: {**m, "graphs": list(m["graphs"].values())}, "'graphs' must be a object"),
-    ("no files", _without("files"), "missing 'files'"),
+    ("no files", drop("files"), "missing 'files'"),
     ("files as a list", lambda m: {**m, "files": list(m["files"])}, "'files' must be a object"),
-    ("edited input shape", _set(["graphs", "encoder", "inputs", 0, "shape"], [1, 99]), "was edited after it was written"),
-    ("negative shape", _set(["graphs", "encoder", "inputs", 0, "shape"], [1, -1]), "list of positive integers"),
-    ("shape as a string", _set(["graphs", "encoder", "inputs", 0, "shape"], "1x8"), "'shape' must be a array"),
+    ("edited input shape", put(["graphs", "encoder", "inputs", 0, "shape"], [1, 99]), "was edited after it was written"),
+    ("negative shape", put(["graphs", "encoder", "inputs", 0, "shape"], [1, -1]), "list of positive integers"),
+    ("shape as a string", put(["graphs", "encoder", "inputs", 0, "shape"], "1x8"), "'shape' must be a array"),
     ("no dtype", lambda m: (m["graphs"]["encoder"]["inputs"][0].pop("dtype"), m)[1], "missing 'dtype'"),
     ("no inputs", lambda m: (m["graphs"]["encoder"].pop("inputs"), m)[1], "missing 'inputs'"),
-    ("graph not an object", _set(["graphs", "encoder"], "encoder.so"), "must be an object with file"),
-    ("graph files swapped", _swap_files, "'file' is 'encoder.so', expected 'decoder_step.so'"),
+    ("graph not an object", put(["graphs", "encoder"], "encoder.so"), "must be an object with file"),
+    ("graph files swapped", swap_graph_files, "'file' is 'encoder.so', expected 'decoder_step.so'"),
     ("file without sha256", lambda m: (m["files"].pop("encoder.so"), m)[1], "has no sha256 in 'files'"),
     ("file outside the folder", lambda m: (m["files"].update({"../x.so": "0" * 64}), m)[1], "not a plain file name"),
-    ("bad sha256", _set(["files", "encoder.so"], "abc"), "not a sha256"),
-    ("edited target", _set(["target"], "rpi4"), "was edited after it was written"),
-    ("edited tvm version", _set(["tvm_version"], "0.1"), "was edited after it was written"),
-    ("older artifact", _without("manifest_sha256"), "has no manifest_sha256"),
-    ("no format", _without("format"), "missing 'format'"),
+    ("bad sha256", put(["files", "encoder.so"], "abc"), "not a sha256"),
+    ("edited target", put(["target"], "rpi4"), "was edited after it was written"),
+    ("edited tvm version", put(["tvm_version"], "0.1"), "was edited after it was written"),
+    ("older artifact", drop("manifest_sha256"), "has no manifest_sha256"),
+    ("no format", drop("format"), "missing 'format'"),
 ]
 
 

@@ -22,6 +22,8 @@ from typer.testing import CliRunner
 from mosc.cli import app
 from mosc.errors import MoscError
 
+from damage import drop, edited, put, swap_graph_files
+
 runner = CliRunner(env={"COLUMNS": "200"})
 REPO = Path(__file__).resolve().parent.parent
 ARM64_ROOT = Path(os.environ.get("MOSC_ARM64_ROOT") or Path.home() / ".cache/mosc/arm64-root")
@@ -302,30 +304,6 @@ def test_compile_one_step_from_subnet(subnet_dir, sub, tok, work):
 
 
 # ----------------------------------------------------------------------------- damaged records
-def _edited(src: Path, dst: Path, name: str, edit) -> Path:
-    bad = shutil.copytree(src, dst)
-    (bad / name).write_text(json.dumps(edit(json.loads((bad / name).read_text()))))
-    return bad
-
-
-def _put(path, value):
-    def edit(d):
-        x = d
-        for k in path[:-1]:
-            x = x[k]
-        x[path[-1]] = value
-        return d
-    return edit
-
-
-def _drop(key):
-    return lambda d: {k: v for k, v in d.items() if k != key}
-
-
-def _swap(d):
-    g = d["graphs"]
-    g["encoder"]["file"], g["decoder_step"]["file"] = g["decoder_step"]["file"], g["encoder"]["file"]
-    return d
 
 
 def _sealed_then_edited(d):
@@ -336,14 +314,14 @@ def _sealed_then_edited(d):
 
 EXPORT_DAMAGE = [
     ("a list", lambda d: [d], "must hold a JSON object"),
-    ("no graphs", _drop("graphs"), "missing 'graphs'"),
+    ("no graphs", drop("graphs"), "missing 'graphs'"),
     ("graphs as a list", lambda d: {**d, "graphs": list(d["graphs"].values())}, "'graphs' must be a object"),
-    ("no files", _drop("files"), "missing 'files'"),
-    ("no arch hash", _drop("arch_hash"), "missing 'arch_hash'"),
-    ("edited source length", _put(["graphs", "encoder", "inputs", 0, "shape"], [1, 99]), "disagree with shapes"),
-    ("zero batch", _put(["shapes", "batch"], 0), "shapes batch must be >= 1"),
-    ("graph files swapped", _swap, "expected 'decoder_step.onnx'"),
-    ("renamed input", _put(["graphs", "decoder_step", "inputs", 1, "name"], "position"), "the contract says"),
+    ("no files", drop("files"), "missing 'files'"),
+    ("no arch hash", drop("arch_hash"), "missing 'arch_hash'"),
+    ("edited source length", put(["graphs", "encoder", "inputs", 0, "shape"], [1, 99]), "disagree with shapes"),
+    ("zero batch", put(["shapes", "batch"], 0), "shapes batch must be >= 1"),
+    ("graph files swapped", swap_graph_files, "expected 'decoder_step.onnx'"),
+    ("renamed input", put(["graphs", "decoder_step", "inputs", 1, "name"], "position"), "the contract says"),
     ("missing graph", lambda d: (d["graphs"].pop("decoder_step"), d)[1], "no graph uses"),
     ("sealed, then edited", _sealed_then_edited, "was edited after it was written"),
 ]
@@ -353,7 +331,7 @@ EXPORT_DAMAGE = [
 def test_damaged_export_json_is_one_line(export_dir, tmp_path, case, edit, needle):
     from mosc.contract import load_export
 
-    bad = _edited(export_dir, tmp_path / "bad", "export.json", edit)
+    bad = edited(export_dir, tmp_path / "bad", "export.json", edit)
     with pytest.raises(MoscError) as e:
         load_export(bad)
     assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
@@ -362,18 +340,18 @@ def test_damaged_export_json_is_one_line(export_dir, tmp_path, case, edit, needl
 def test_sealed_export_loads(export_dir, tmp_path):
     from mosc.contract import EXPORT_SEAL, load_export, seal
 
-    ok = _edited(export_dir, tmp_path / "ok", "export.json", lambda d: seal(d, EXPORT_SEAL))
+    ok = edited(export_dir, tmp_path / "ok", "export.json", lambda d: seal(d, EXPORT_SEAL))
     assert load_export(ok)["arch_hash"] == load_export(export_dir)["arch_hash"]
 
 
 def test_cli_damaged_export_and_manifest_are_one_line(export_dir, host_artifact, tmp_path):
-    bad = _edited(export_dir, tmp_path / "onnx", "export.json", _drop("graphs"))
+    bad = edited(export_dir, tmp_path / "onnx", "export.json", drop("graphs"))
     one_line_error(runner.invoke(app, ["compile", "-t", "host", "--onnx-dir", str(bad), "--no-tune",
                                        "-o", str(tmp_path / "a")]), "missing 'graphs'")
-    art = _edited(host_artifact, tmp_path / "art", "manifest.json", _put(["target"], "rpi4"))
+    art = edited(host_artifact, tmp_path / "art", "manifest.json", put(["target"], "rpi4"))
     one_line_error(runner.invoke(app, ["translate", "--artifact", str(art), "--text", "hello"]),
                    "was edited after it was written")
-    art = _edited(host_artifact, tmp_path / "art2", "manifest.json", lambda d: [d])
+    art = edited(host_artifact, tmp_path / "art2", "manifest.json", lambda d: [d])
     one_line_error(runner.invoke(app, ["translate", "--artifact", str(art), "--text", "hello"]),
                    "must hold a JSON object")
 
