@@ -220,11 +220,18 @@ def measure_torch(sub, protocol: Protocol, batch: int, source_len: int, steps: i
     import torch  # the one torch import of the device world
 
     sub = sub.eval()
-    src = torch.from_numpy(_source(batch, source_len))
-    token = torch.full((batch,), BOS_ID, dtype=torch.int64)
-    positions = [torch.tensor([p]) for p in range(steps)]
-    zeros = torch.zeros(len(sub.decoder), batch, steps, sub.cfg.qkv_dim)
-    enc_fn, step_fn = _host_timed(sub.encode), _host_timed(sub.decode_step)
+    dev = next(sub.parameters()).device  # a subnet on a GPU is timed there
+    src = torch.from_numpy(_source(batch, source_len)).to(dev)
+    token = torch.full((batch,), BOS_ID, dtype=torch.int64, device=dev)
+    positions = [torch.tensor([p], device=dev) for p in range(steps)]
+    zeros = torch.zeros(len(sub.decoder), batch, steps, sub.cfg.qkv_dim, device=dev)
+
+    def synced(fn):  # CUDA runs asynchronously: a call's time ends when its kernels have finished
+        if dev.type != "cuda":
+            return fn
+        return lambda *a: (lambda out: (torch.cuda.synchronize(dev), out)[1])(fn(*a))
+
+    enc_fn, step_fn = _host_timed(synced(sub.encode)), _host_timed(synced(sub.decode_step))
 
     def step(pos, k, v, cross):
         seconds, (_, k, v) = step_fn(token, positions[pos], k, v, *cross)
@@ -234,7 +241,8 @@ def measure_torch(sub, protocol: Protocol, batch: int, source_len: int, steps: i
         enc, dec = run_protocol(lambda: enc_fn(src), step, lambda: (zeros, zeros), steps,
                                 protocol.warmup, protocol.repeats)
     return Measurement.of_runs(enc, dec, protocol.warmup, protocol.trim, _shapes(batch, source_len, steps),
-                               f"torch eager ({torch.get_num_threads()} threads), time.perf_counter per graph call")
+                               f"torch eager on {dev} ({torch.get_num_threads()} CPU threads), time.perf_counter "
+                               "per graph call" + (" after cuda.synchronize" if dev.type == "cuda" else ""))
 
 
 # ----------------------------------------------------------------------------- by backend name

@@ -204,10 +204,11 @@ class Subnet(nn.Module):
         cross = self.encode(src)
         self_k, self_v = self.init_cache(B, max_len)
         token = torch.full((B,), bos, dtype=torch.long, device=src.device)
-        out = torch.zeros(B, max_len, dtype=torch.long)
-        done = torch.zeros(B, dtype=torch.bool)
+        out = torch.zeros(B, max_len, dtype=torch.long, device=src.device)
+        done = torch.zeros(B, dtype=torch.bool, device=src.device)
         for t in range(max_len):
-            logits, self_k, self_v = self.decode_step(token, torch.tensor([t]), self_k, self_v, *cross)
+            pos = torch.tensor([t], device=src.device)
+            logits, self_k, self_v = self.decode_step(token, pos, self_k, self_v, *cross)
             token = logits.argmax(-1)
             out[:, t] = token
             done |= token == eos
