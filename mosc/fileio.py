@@ -9,6 +9,7 @@ Knows nothing of models or archs: bytes, JSON and flat dicts of tensors only.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -19,8 +20,10 @@ from pathlib import Path
 from mosc.errors import MoscError
 
 
+@functools.cache
 def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it; put it straight back
+    """The process umask, read once: reading it means setting it, which is not thread-safe."""
+    mask = os.umask(0)
     os.umask(mask)
     return mask
 

@@ -140,6 +140,7 @@ class Run:
     best: Any = None  # the winner, a search Candidate (stage search)
     front: list = field(default_factory=list)  # the loss-latency front (stage search)
     measured: dict = field(default_factory=dict)  # arch hash -> measured ms (stages measure, check)
+    sample: list = field(default_factory=list)  # the sampled, measured archs (stage measure)
 
     @property
     def run_dir(self) -> Path:
@@ -225,7 +226,7 @@ def train_stage(r: Run) -> dict:
 def measure_stage(r: Run) -> dict:
     from mosc.jobs.artifacts import sample_archs
 
-    archs = sample_archs(r.space(), r.cfg.measure_archs, r.cfg.seed)
+    archs = r.sample = sample_archs(r.space(), r.cfg.measure_archs, r.cfg.seed)
     p = r.target.protocol
     r.log(f"measuring {len(archs)} archs on {r.target.name} through TVM, {r.measure_label()}; protocol: batch "
           f"{p.batch}, source {p.source_len}, {p.decoder_steps} decoder steps, {p.warmup} warm-up + {p.repeats} timed runs")
@@ -279,8 +280,7 @@ def search_stage(r: Run) -> dict:
             fits = [x for x in res.front if x.latency_ms <= budget and x.loss < res.best.loss]
             if fits:  # NSGA-II found a lower-loss arch that also meets the budget: it wins
                 res.best = min(fits, key=lambda x: (x.loss, x.latency_ms))
-    archs = {a.hash: a for a in _measured_archs(r, sp)}
-    pts = [(ms, score(archs[h])) for h, ms in r.measured.items() if h in archs]
+    pts = [(r.measured[a.hash], score(a)) for a in r.sample if a.hash in r.measured]
     d = write_outputs(r.out / "search", res, {"budget_ms": budget}, measured=pts, latency_ms=budget,
                       title=f"{r.target.name}: loss vs latency ({sp.name})", ylabel="validation loss (nats/token)").dir
     b = r.best = res.best
@@ -289,13 +289,6 @@ def search_stage(r: Run) -> dict:
           f"({score.calls} archs scored in all)")
     return {"search": {"budget_ms": budget, "budget_from": "config" if c.latency_budget_ms else "median measured",
                        "best": b.to_dict(), "evaluated": score.calls, "dir": str(d)}}
-
-
-def _measured_archs(r: Run, sp) -> list:
-    """The sampled archs (the measured rows are the seeded sample)."""
-    from mosc.jobs.artifacts import sample_archs
-
-    return sample_archs(sp, r.cfg.measure_archs, r.cfg.seed)
 
 
 def _deploy_targets(r: Run) -> list[str]:
