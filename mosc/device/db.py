@@ -57,7 +57,6 @@ BUSY_TIMEOUT_S = 60.0  # longest wait for the write lock, all tries of one inser
 WRITE_TRIES = 3  # attempts of one insert while the database is locked
 PENDING_SUFFIX = ".pending.jsonl"  # rows kept while the database was locked: <db>.pending.jsonl
 HAT_BACKEND = "hat-pytorch"
-STAT_FIELDS = ("mean_ms", "trimmed_mean_ms", "median_ms", "p90_ms", "std_ms", "min_ms", "max_ms")
 MAX_LATENCY_MS = 1e6  # a latency this long (17 minutes for one translation) is a unit or data error
 # HAT feature -> (lowest, highest) a real Transformer can have; outside: a corrupt or unit-shifted file
 FEATURE_BOUNDS = {
