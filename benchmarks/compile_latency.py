@@ -60,7 +60,7 @@ from mosc.nn.export import Shapes, export_subnet  # noqa: E402
 from mosc.space import Arch, SearchSpace  # noqa: E402
 from mosc.nn.subnet import Subnet, SubnetConfig  # noqa: E402
 from mosc.compiler.targets import load_target  # noqa: E402
-from mosc.contract import load_export, onnx_files  # noqa: E402
+from mosc.contract import cache_shape, decoder_layers, load_export, onnx_files  # noqa: E402
 
 BOS = 1
 VOCAB = 8000
@@ -111,11 +111,11 @@ def torch_runner(sub: Subnet, src: np.ndarray, T: int):
     def run():
         with torch.inference_mode():
             cross = sub.encode(src_t)
-            sk, sv = sub.init_cache(src.shape[0], T)
+            caches = sub.init_cache(src.shape[0], T)
             tok = torch.full((src.shape[0],), BOS, dtype=torch.long)
             out = []
             for t in range(T):
-                logits, sk, sv = sub.decode_step(tok, pos[t], sk, sv, *cross)
+                logits, *caches = sub.decode_step(tok, pos[t], *caches, *cross)
                 tok = logits.argmax(-1)
                 out.append(int(tok[0]))
         return out
@@ -132,17 +132,17 @@ def ort_runner(export_dir: Path, src: np.ndarray, T: int):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     enc, dec = (ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
                 for p in onnx_files(export_dir, meta).values())
-    cache = next(s["shape"] for s in meta["graphs"]["decoder_step"]["inputs"] if s["name"] == "self_k")
+    names = [s["name"] for s in meta["graphs"]["decoder_step"]["inputs"]]
+    zeros = [np.zeros(cache_shape(meta["graphs"]), np.float32)] * (2 * decoder_layers(meta["graphs"]))
     pos = [np.array([t], np.int64) for t in range(T)]
 
     def run():
-        ck, cv, cb = enc.run(None, {"src": src})
-        sk = sv = np.zeros(cache, np.float32)
+        cross = enc.run(None, {"src": src})
+        caches = zeros
         tok = np.full((src.shape[0],), BOS, np.int64)
         out = []
         for t in range(T):
-            logits, sk, sv = dec.run(None, {"token": tok, "pos": pos[t], "self_k": sk, "self_v": sv,
-                                            "cross_k": ck, "cross_v": cv, "cross_bias": cb})
+            logits, *caches = dec.run(None, dict(zip(names, [tok, pos[t], *caches, *cross])))
             tok = logits.argmax(-1)
             out.append(int(tok[0]))
         return out
@@ -156,20 +156,20 @@ def tvm_runner(art_dir: Path, src: np.ndarray, T: int):
 
     art = load_artifact(art_dir)
     enc, dec = art.vms["encoder"]["main"], art.vms["decoder_step"]["main"]
-    cache = next(s["shape"] for s in art.manifest["graphs"]["decoder_step"]["inputs"] if s["name"] == "self_k")
+    graphs = art.manifest["graphs"]
     dev = art.device
     src_t = tvm.runtime.tensor(src, dev)
-    zeros = tvm.runtime.tensor(np.zeros(cache, np.float32), dev)
+    zeros = [tvm.runtime.tensor(np.zeros(cache_shape(graphs), np.float32), dev)] * (2 * decoder_layers(graphs))
     pos = [tvm.runtime.tensor(np.array([t], np.int64), dev) for t in range(T)]
     bos = tvm.runtime.tensor(np.full((src.shape[0],), BOS, np.int64), dev)
 
     def run():
-        ck, cv, cb = enc(src_t)
-        sk = sv = zeros
+        cross = enc(src_t)
+        caches = zeros
         tok = bos
         out = []
         for t in range(T):
-            logits, sk, sv = dec(tok, pos[t], sk, sv, ck, cv, cb)
+            logits, *caches = dec(tok, pos[t], *caches, *cross)
             ids = logits.numpy().argmax(-1).astype(np.int64)
             tok = tvm.runtime.tensor(ids, dev)
             out.append(int(ids[0]))

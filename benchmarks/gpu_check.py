@@ -220,9 +220,9 @@ def torch_translation(sub, shapes: dict, dev: torch.device):
     @torch.no_grad()
     def run():
         cross = sub.encode(src)
-        k, v = sub.init_cache(B, T)
+        caches = sub.init_cache(B, T)
         for p in positions:
-            _, k, v = sub.decode_step(token, p, k, v, *cross)
+            _, *caches = sub.decode_step(token, p, *caches, *cross)
         torch.cuda.synchronize(dev)
 
     return run
@@ -233,26 +233,26 @@ def tvm_translation(art):
     import numpy as np
     import tvm
 
-    from mosc.contract import BOS_ID, DECODER, ENCODER
+    from mosc.contract import BOS_ID, DECODER, ENCODER, cache_shape, decoder_layers
 
     dev = art.device
     enc_vm, dec_vm = art.vms[ENCODER], art.vms[DECODER]
     B, S = art.manifest["graphs"][ENCODER]["inputs"][0]["shape"]
-    cache = next(s["shape"] for s in art.manifest["graphs"][DECODER]["inputs"] if s["name"] == "self_k")
+    cache, L = cache_shape(art.manifest["graphs"]), decoder_layers(art.manifest["graphs"])
     src = tvm.runtime.tensor((4 + np.arange(B * S) % 16).reshape(B, S).astype(np.int64), dev)
     token = tvm.runtime.tensor(np.full((B,), BOS_ID, np.int64), dev)
-    positions = [tvm.runtime.tensor(np.array([p], np.int64), dev) for p in range(cache[2])]
-    zeros = tvm.runtime.tensor(np.zeros(cache, np.float32), dev)
+    positions = [tvm.runtime.tensor(np.array([p], np.int64), dev) for p in range(cache[1])]
+    zeros = [tvm.runtime.tensor(np.zeros(cache, np.float32), dev)] * (2 * L)
 
     def run():
         enc_vm.set_input("main", src)
         enc_vm.invoke_stateful("main")
         cross = tuple(enc_vm.get_outputs("main"))
-        k = v = zeros
+        caches = zeros
         for p in positions:
-            dec_vm.set_input("main", token, p, k, v, *cross)
+            dec_vm.set_input("main", token, p, *caches, *cross)
             dec_vm.invoke_stateful("main")
-            _, k, v = dec_vm.get_outputs("main")
+            caches = tuple(dec_vm.get_outputs("main"))[1:]
         dev.sync()
 
     return run

@@ -7,7 +7,9 @@ Three Linear layers exported to ONNX and imported the way `mosc compile` imports
 Variants: onnxruntime, torch F.linear, TVM unscheduled, TVM with dlight's CPU GEMV rule
 (after FuseTransposeMatmul, which is what it takes for the rule to match at all), and TVM
 with a hand-written outer-reduction schedule of the fused PrimFunc exactly as PREPARE leaves
-it (K-major weight: vectorise along N, keep an I x N tile of accumulators in registers).
+it (K-major weight: vectorise along N, keep an I x N tile of accumulators in registers), and
+TVM with mosc's default schedules (mosc.compiler.schedules.apply_default_schedules: what a
+build without a tuning record gets).
 
 Why: dlight's CPU GEMV rule only schedules inner reductions (s_tir/dlight/cpu/gemv.py gives
 up on the outer-reduction case), and PREPARE's FoldConstant leaves the weight K-major, which is
@@ -88,6 +90,10 @@ def scheduled(mod, kind: str, target, tile):
     if kind == "dlight-gemv":
         with target:
             mod = dl.ApplyDefaultSchedule(dl.cpu.GEMV())(mod)
+    elif kind == "default":
+        from mosc.compiler.schedules import apply_default_schedules
+
+        mod = apply_default_schedules(mod, target)
     elif kind == "hand":
         for gv, fn in list(mod.functions_items()):
             if isinstance(fn, tirx.PrimFunc) and "matmul" in gv.name_hint:
@@ -143,7 +149,8 @@ def one_shape(name: str, work: Path, target, number: int, repeat: int) -> dict:
     with torch.no_grad():
         rows["torch"] = {"ms": time_host(lambda: torch.nn.functional.linear(xt, w, b), number, repeat)}
     for label, transpose, kind in [("tvm unscheduled", False, "none"), ("tvm dlight GEMV", True, "dlight-gemv"),
-                                   ("tvm hand outer-reduction", False, "hand")]:
+                                   ("tvm hand outer-reduction", False, "hand"),
+                                   ("tvm default schedule", False, "default")]:
         mod, all_scheduled = scheduled(prepared(path, target, transpose), kind, target, TILES[name])
         ms, err = time_tvm(mod, target, x, ref, number, repeat)
         rows[label] = {"ms": ms, "max_abs_err": err, "scheduled": all_scheduled}

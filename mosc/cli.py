@@ -511,6 +511,51 @@ def compile_cmd(
     console.print(f"[green]compiled[/] {out}")
 
 
+@command(app, "tune")
+def tune_cmd(
+    target: str = typer.Option(..., "--target", "-t", help=TARGET_HELP),
+    space: Optional[str] = typer.Option(None, "--space", "-s", help=SPACE_HELP + " Default: the checkpoint's, else tiny."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Supernet run/checkpoint whose vocabulary and positions the graphs have (default: a fresh supernet's)."),
+    trials: int = typer.Option(2000, min=1, help="Trial budget of the whole space (every workload first gets its minimum, then the budget goes by share of latency)."),
+    budget_min: Optional[float] = typer.Option(None, "--budget-min", min=0.1, help="Stop starting new workloads after this many minutes (run again to go on)."),
+    tune_db: Optional[Path] = typer.Option(None, "--tune-db", help=TUNE_DB_HELP),
+    tracker: Optional[str] = typer.Option(None, help="RPC tracker HOST:PORT where a cross/GPU target's candidates are measured (default: the target's \\[rpc])."),
+    key: Optional[str] = typer.Option(None, help="Device key at the tracker; every device registered under it measures at once (default: the target's \\[rpc] key)."),
+    status: bool = typer.Option(False, "--status", help="Print the coverage of the space's database (workloads with a record, trials, best times) and exit."),
+):
+    """Tune every TIR workload a search space can produce, once per target, so any arch compiles from records in seconds.
+
+    The workloads come from a covering set of archs (each layer's kernels depend only on its own choices). The run is resumable: kill it, run it again, it continues.
+    """
+    from mosc.jobs.artifacts import ModelSource, load_space
+    from mosc.jobs.tune import ModelShape, space_status, tune_space
+
+    tg = _target(target, tracker, key)
+    sp = load_space(ModelSource(checkpoint=checkpoint, space=space or "tiny"))
+    if space is not None and checkpoint is not None and sp.name != _space(space).name:
+        raise MoscError(f"--space {space} differs from the checkpoint's space {sp.name!r}; give one of them")
+    shape = ModelShape.of_checkpoint(checkpoint)
+    if not status:
+        sf, extra, r = tune_space(sp, shape, tg, trials=trials, budget_min=budget_min, tune_db=tune_db, log=log)
+        log(f"tuned {r.trials} trials in {r.seconds:.0f} s" + (" (stopped by --budget-min; run again to go on)"
+                                                                if r.budget_left else ""))
+    sf, cov = space_status(sp, shape, tg, tune_db)
+    _print_coverage(sf, cov, tg.name)
+
+
+def _print_coverage(sf, cov, target_name: str) -> None:
+    have = sum(c.best_us is not None for c in cov)
+    t = Table("workload", "share", "trials", "best us", title=f"space {sf.space} on {target_name}: {have}/{len(cov)} "
+              f"workloads with a record, {sum(c.trials for c in cov)} trials (top 15 by share of latency)")
+    for c in cov[:15]:
+        t.add_row(c.name, f"{100 * c.share:.1f}%", str(c.trials), "-" if c.best_us is None else f"{c.best_us:.1f}")
+    console.print(t)
+    missing = [c.name for c in cov if c.best_us is None]
+    console.print(f"{have}/{len(cov)} workloads have a tuned record" +
+                  (f"; without one (built with a default schedule): {', '.join(missing[:6])}"
+                   f"{' ...' if len(missing) > 6 else ''}" if missing else ""))
+
+
 @command(app, "translate")
 def translate_cmd(
     artifact: Path = typer.Option(..., "--artifact", help="Artifact folder from `mosc compile` (sha256s are verified)."),

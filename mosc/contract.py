@@ -20,12 +20,34 @@ from mosc.fileio import field, read_json, verify_files
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3  # fixed: the model relies on pad_id == 0
 ENCODER, DECODER = "encoder", "decoder_step"
+# Every decoder layer i has its own tensors (no stacked [L, ...] cache): each TIR workload then
+# depends on that layer's choices only, never on the depth or the layer's position, so the
+# workloads of a whole search space are few and can be tuned once (mosc tune --space).
 ENC_INPUTS = ["src"]
-ENC_OUTPUTS = ["cross_k", "cross_v", "cross_bias"]
-DEC_INPUTS = ["token", "pos", "self_k", "self_v", "cross_k", "cross_v", "cross_bias"]
-DEC_OUTPUTS = ["logits", "new_self_k", "new_self_v"]  # ONNX outputs cannot reuse input names
+
+
+def enc_outputs(layers: int) -> list[str]:
+    """Per decoder layer i: cross_k_i, cross_v_i [B, k_i*S, Q], cross_bias_i [B, 1, 1, k_i*S]."""
+    return [f"{n}_{i}" for i in range(layers) for n in ("cross_k", "cross_v", "cross_bias")]
+
+
+def cache_names(layers: int) -> list[str]:
+    """The self-attention caches, per decoder layer i: self_k_i, self_v_i [B, T, Q]."""
+    return [f"{n}_{i}" for i in range(layers) for n in ("self_k", "self_v")]
+
+
+def dec_inputs(layers: int) -> list[str]:
+    """token [B], pos [1], the caches, then the encoder's outputs as they come."""
+    return ["token", "pos", *cache_names(layers), *enc_outputs(layers)]
+
+
+def dec_outputs(layers: int) -> list[str]:
+    """logits [B, V], then the caches with slot pos written (ONNX outputs cannot reuse input names)."""
+    return ["logits", *(f"new_{n}" for n in cache_names(layers))]
+
+
 EXPORT_JSON = "export.json"  # written by mosc.nn.export next to the .onnx files
-EXPORT_FORMAT = "mosc-export/1"
+EXPORT_FORMAT = "mosc-export/2"  # /2: per-layer tensors (/1 stacked them)
 EXPORT_SEAL = "export_sha256"  # sha256 of export.json's canonical JSON without this key
 
 GRAPH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")  # a graph name is also its file's stem
@@ -110,22 +132,43 @@ def check_graphs(doc: dict, where: str, suffix: str) -> dict[str, dict]:
     return graphs
 
 
+def decoder_layers(graphs: dict) -> int:
+    """L, the number of decoder layers, from the encoder's outputs (three per layer)."""
+    return len(graphs[ENCODER]["outputs"]) // 3
+
+
+def cache_shape(graphs: dict) -> list[int]:
+    """[B, T, Q]: the shape of every self-attention cache tensor."""
+    return next(s["shape"] for s in graphs[DECODER]["inputs"] if s["name"] == "self_k_0")
+
+
 def check_translation_graphs(graphs: dict, where: str) -> None:
     """The two graphs of a translation model with the contract's input and output names, a
-    [B, S] source and equal [L, B, T, Q] self-attention caches (what the greedy loop relies on)."""
+    [B, S] source and equal [B, T, Q] self-attention caches (what the greedy loop relies on)."""
     missing = sorted({ENCODER, DECODER} - set(graphs))
     if missing:
         raise MoscError(f"{where}: lacks graph(s) {', '.join(missing)}: not a translation model")
-    for g, ins, outs in ((ENCODER, ENC_INPUTS, ENC_OUTPUTS), (DECODER, DEC_INPUTS, DEC_OUTPUTS)):
-        for key, want in (("inputs", ins), ("outputs", outs)):
+    n_out = len(graphs[ENCODER]["outputs"])
+    if n_out < 3 or n_out % 3:
+        raise MoscError(f"{where}: the encoder has {n_out} outputs; the contract says three per decoder layer")
+    L = n_out // 3
+    want = {ENCODER: (ENC_INPUTS, enc_outputs(L)), DECODER: (dec_inputs(L), dec_outputs(L))}
+    for g, (ins, outs) in want.items():
+        for key, names in (("inputs", ins), ("outputs", outs)):
             got = [s["name"] for s in graphs[g][key]]
-            if got != want:
-                raise MoscError(f"{where}: graph {g!r} has {key} {got}, the contract says {want}")
+            if got != names:
+                raise MoscError(f"{where}: graph {g!r} has {key} {_short(got)}, the contract says {_short(names)}")
     src = graphs[ENCODER]["inputs"][0]["shape"]
     dec = {s["name"]: s["shape"] for s in graphs[DECODER]["inputs"]}
-    if len(src) != 2 or len(dec["self_k"]) != 4 or dec["self_k"] != dec["self_v"] or dec["token"] != src[:1]:
-        raise MoscError(f"{where}: inconsistent shapes: src {src}, token {dec['token']}, self_k {dec['self_k']}, "
-                        f"self_v {dec['self_v']} (expected [B, S], [B] and two equal [L, B, T, Q])")
+    caches = [dec[n] for n in cache_names(L)]
+    if len(src) != 2 or len(caches[0]) != 3 or any(c != caches[0] for c in caches) or dec["token"] != src[:1] \
+            or caches[0][0] != src[0]:
+        raise MoscError(f"{where}: inconsistent shapes: src {src}, token {dec['token']}, self_k_0 {caches[0]} "
+                        f"(expected [B, S], [B] and equal [B, T, Q] caches)")
+
+
+def _short(names: list[str], keep: int = 8) -> str:
+    return str(names) if len(names) <= keep else str(names[:keep])[:-1] + f", ... ({len(names)} in all)]"
 
 
 # ---- export.json ------------------------------------------------------------------------------
@@ -140,9 +183,9 @@ def check_export(meta: dict, where: str) -> dict:
             raise MoscError(f"{where}: shapes {k} must be >= 1, got {shapes[k]}")
     graphs = check_graphs(meta, where, ".onnx")
     check_translation_graphs(graphs, where)
-    src, cache = graphs[ENCODER]["inputs"][0]["shape"], graphs[DECODER]["inputs"][2]["shape"]
-    if src != [shapes["batch"], shapes["source_len"]] or cache[1:3] != [shapes["batch"], shapes["cache_len"]]:
-        raise MoscError(f"{where}: graph shapes (src {src}, self_k {cache}) disagree with shapes {shapes}")
+    src, cache = graphs[ENCODER]["inputs"][0]["shape"], cache_shape(graphs)
+    if src != [shapes["batch"], shapes["source_len"]] or cache[:2] != [shapes["batch"], shapes["cache_len"]]:
+        raise MoscError(f"{where}: graph shapes (src {src}, self_k_0 {cache}) disagree with shapes {shapes}")
     return meta
 
 

@@ -121,6 +121,11 @@ def tracker_summary(host: str, port: int, timeout: float = CONNECT_TIMEOUT_S) ->
     return _tracker_request(host, port, [base.TrackerCode.SUMMARY], timeout)[1]
 
 
+def device_count(summary: dict, key: str) -> int:
+    """How many devices are registered under `key` (a farm of equal devices shares one key)."""
+    return sum(1 for s in summary.get("server_info", []) if s.get("key", "") == f"server:{key}")
+
+
 def registered_keys(summary: dict) -> list[str]:
     return sorted({s["key"].removeprefix("server:") for s in summary.get("server_info", [])
                    if s.get("key", "").startswith("server:")})

@@ -1,9 +1,9 @@
 """The deployed model run with any backend: the greedy loop over its two graphs (numpy in, numpy out).
 
-The deployed model is two static graphs (see mosc/subnet.py):
-    encoder(src [B, S])  -> cross_k, cross_v [L, B, M, Q], cross_bias [L, B, 1, 1, M]
-    decoder_step(token [B], pos [1], self_k, self_v [L, B, T, Q], cross_k, cross_v, cross_bias)
-                         -> logits [B, V], self_k, self_v
+The deployed model is two static graphs (see mosc/nn/subnet.py and mosc/contract.py):
+    encoder(src [B, S])                        -> cross: 3 tensors per decoder layer
+    decoder_step(token [B], pos [1], *caches, *cross) -> logits [B, V], *caches
+with caches = self_k_i, self_v_i [B, T, Q] for each of the L decoder layers.
 `greedy` runs the encoder once and the decoder step T times (T = the fixed KV-cache
 length), exactly like `Subnet.translate(src, bos, eos, max_len=T)`, so every backend
 (PyTorch, ONNX Runtime, a TVM artifact) must produce the same token ids.
@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from mosc.contract import DECODER, ENCODER, check_translation_graphs, load_export
+from mosc.contract import DECODER, ENCODER, cache_shape, check_translation_graphs, decoder_layers, load_export
 from mosc.errors import MoscError
 
 Fn = Callable[[list[np.ndarray]], list[np.ndarray]]
@@ -35,17 +35,22 @@ class Backend:
     step: Fn
     batch: int
     source_len: int
-    cache_shape: tuple[int, ...]  # [L, B, T, Q]
+    cache_shape: tuple[int, ...]  # [B, T, Q] of every cache tensor
+    layers: int  # L decoder layers: 2L cache tensors
 
     @property
     def cache_len(self) -> int:
-        return self.cache_shape[2]
+        return self.cache_shape[1]
+
+    def zero_caches(self) -> list[np.ndarray]:
+        """self_k_i, self_v_i for every layer, zeroed (the state before the first step)."""
+        return [np.zeros(self.cache_shape, np.float32) for _ in range(2 * self.layers)]
 
 
 # ----------------------------------------------------------------------------- backends
-def _cache_shape(dec_inputs: list[dict]) -> tuple[int, ...]:
-    by_name = {s["name"]: s for s in dec_inputs}
-    return tuple(by_name["self_k"]["shape"])
+def _backend(encode: Fn, step: Fn, graphs: dict) -> Backend:
+    B, S = graphs[ENCODER]["inputs"][0]["shape"]
+    return Backend(encode, step, B, S, tuple(cache_shape(graphs)), decoder_layers(graphs))
 
 
 def ort_backend(export_dir, meta: dict | None = None) -> Backend:
@@ -63,16 +68,13 @@ def ort_backend(export_dir, meta: dict | None = None) -> Backend:
         names = [s["name"] for s in meta["graphs"][graph]["inputs"]]
         return lambda xs: sess[graph].run(None, dict(zip(names, xs)))
 
-    sh = meta["shapes"]
-    return Backend(fn(ENCODER), fn(DECODER), sh["batch"], sh["source_len"], _cache_shape(meta["graphs"][DECODER]["inputs"]))
+    return _backend(fn(ENCODER), fn(DECODER), meta["graphs"])
 
 
 def artifact_backend(art) -> Backend:
     """A loaded TVM artifact (mosc.compiler.artifact.Artifact) with the encoder and decoder_step graphs."""
     check_translation_graphs(art.manifest["graphs"], f"artifact {art.dir}")
-    enc_in = art.manifest["graphs"][ENCODER]["inputs"][0]["shape"]
-    return Backend(lambda xs: art.run(ENCODER, xs), lambda xs: art.run(DECODER, xs), enc_in[0], enc_in[1],
-                   _cache_shape(art.manifest["graphs"][DECODER]["inputs"]))
+    return _backend(lambda xs: art.run(ENCODER, xs), lambda xs: art.run(DECODER, xs), art.manifest["graphs"])
 
 
 def pad_source(rows: Sequence[Sequence[int]], batch: int, source_len: int, pad_id: int) -> tuple[np.ndarray, int]:
@@ -103,13 +105,12 @@ def greedy(backend: Backend, src: np.ndarray, bos: int, eos: int) -> list[list[i
     """
     cross = backend.encode([src])
     B = src.shape[0]
-    self_k = np.zeros(backend.cache_shape, np.float32)
-    self_v = np.zeros(backend.cache_shape, np.float32)
+    caches = backend.zero_caches()
     token = np.full((B,), bos, np.int64)
     out = np.zeros((B, backend.cache_len), np.int64)
     done = np.zeros(B, bool)
     for t in range(backend.cache_len):
-        logits, self_k, self_v = backend.step([token, np.array([t], np.int64), self_k, self_v, *cross])
+        logits, *caches = backend.step([token, np.array([t], np.int64), *caches, *cross])
         token = logits.argmax(-1).astype(np.int64)
         out[:, t] = token
         done |= token == eos

@@ -285,6 +285,36 @@ class SearchSpace:
             dec_cross_heads=(min(self.dec_cross_heads),) * ld, dec_arbitrary=(min(self.dec_arbitrary),) * ld,
         )
 
+    def covering_archs(self) -> list[Arch]:
+        """Few archs whose layers, together, show every per-layer choice the compiled graphs
+        depend on: for each (encoder embed, decoder embed) pair, every encoder (heads) and
+        (FFN), every decoder (heads), (cross heads, arbitrary-attention count) and (FFN).
+
+        Why this covers the space's kernels: the exported graphs keep each layer's tensors
+        apart (mosc/nn/subnet.py), and TVM fuses within a sub-layer (attention or FFN, cut at
+        the LayerNorms), so a kernel depends on its sub-layer's choices, the two embed dims and
+        the protocol's fixed lengths, never on depth or position. Choices of one sub-layer
+        are cycled together (Latin-square style), not crossed with the other sub-layers'.
+        `mosc tune --space` also compiles a few random archs and reports what they add (0).
+        """
+        le, ld = max(self.enc_layers), max(self.dec_layers)
+        enc_opts = _cycled(self.enc_heads, self.enc_ffn)  # [(heads, ffn)] per encoder layer
+        cross = [(hc, k) for hc in self.dec_cross_heads for k in self.arbitrary_choices(le)]
+        dec_opts = _cycled(self.dec_heads, cross, self.dec_ffn)  # [(heads, (cross_heads, k), ffn)]
+        n = max(-(-len(enc_opts) // le), -(-len(dec_opts) // ld))  # archs per embed pair
+        archs = []
+        for de in self.enc_embed:
+            for dd in self.dec_embed:
+                for a in range(n):
+                    enc = [enc_opts[(a * le + j) % len(enc_opts)] for j in range(le)]
+                    dec = [dec_opts[(a * ld + j) % len(dec_opts)] for j in range(ld)]
+                    archs.append(Arch(
+                        enc_embed=de, enc_heads=tuple(h for h, _ in enc), enc_ffn=tuple(f for _, f in enc),
+                        dec_embed=dd, dec_heads=tuple(h for h, _, _ in dec),
+                        dec_cross_heads=tuple(c[0] for _, c, _ in dec), dec_arbitrary=tuple(c[1] for _, c, _ in dec),
+                        dec_ffn=tuple(f for _, _, f in dec)))
+        return [self.validate(a) for a in archs]
+
     # ---- validation ----------------------------------------------------------------
     def validate(self, arch: Arch) -> Arch:
         """Return arch unchanged, or raise MoscError naming the first field outside the space."""
@@ -415,3 +445,10 @@ class SearchSpace:
 
 def builtin_spaces() -> list[str]:
     return sorted(p.stem for p in BUILTIN_DIR.glob("*.toml"))
+
+
+def _cycled(*choices: tuple) -> list[tuple]:
+    """Rows that show every value of each choice list at least once, the lists cycled side by
+    side: _cycled((2, 4), (128, 256, 512)) -> [(2, 128), (4, 256), (2, 512)]."""
+    n = max(len(c) for c in choices)
+    return [tuple(c[i % len(c)] for c in choices) for i in range(n)]

@@ -135,9 +135,9 @@ def test_decode_step_logits_match_forward():
     with torch.no_grad():
         full = sub(src, tgt)  # [B, T, V]
         cross = sub.encode(src)
-        k, v = sub.init_cache(2, 10)  # cache longer than the target: unused slots stay masked
+        caches = sub.init_cache(2, 10)  # cache longer than the target: unused slots stay masked
         for t in range(tgt.shape[1]):
-            logits, k, v = sub.decode_step(tgt[:, t], torch.tensor([t]), k, v, *cross)
+            logits, *caches = sub.decode_step(tgt[:, t], torch.tensor([t]), *caches, *cross)
             assert (logits - full[:, t]).abs().max() <= 1e-5
 
 

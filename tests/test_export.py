@@ -125,10 +125,15 @@ def test_export_folder(export_dir, sub, tok):
     assert meta["arch"] == sub.arch.to_dict() and (meta["bos_id"], meta["eos_id"], meta["pad_id"]) == (BOS, EOS, PAD)
     assert meta["tokenizer"] == tok.to_json()  # carried checkpoint -> subnet -> export
     dec = meta["graphs"]["decoder_step"]
-    assert [i["name"] for i in dec["inputs"]] == ["token", "pos", "self_k", "self_v", "cross_k", "cross_v", "cross_bias"]
+    L, Q = sub.arch.dec_layers, sub.cfg.qkv_dim
+    names = [i["name"] for i in dec["inputs"]]
+    assert names[:4] == ["token", "pos", "self_k_0", "self_v_0"] and len(names) == 2 + 2 * L + 3 * L
+    assert names[2 + 2 * L : 2 + 2 * L + 3] == ["cross_k_0", "cross_v_0", "cross_bias_0"]
     assert dec["inputs"][1] == {"name": "pos", "shape": [1], "dtype": "int64"}
-    L, Q, M = sub.arch.dec_layers, sub.cfg.qkv_dim, S * max(sub.arch.dec_arbitrary)
-    assert dec["inputs"][2]["shape"] == [L, 1, T, Q] and dec["inputs"][4]["shape"] == [L, 1, M, Q]
+    by_name = {i["name"]: i["shape"] for i in dec["inputs"]}
+    for i, k in enumerate(sub.arch.dec_arbitrary):  # each layer's cross tensors cover only its k encoder layers
+        assert by_name[f"self_k_{i}"] == [1, T, Q] and by_name[f"cross_k_{i}"] == [1, k * S, Q]
+        assert by_name[f"cross_bias_{i}"] == [1, 1, 1, k * S]
     assert dec["outputs"][0] == {"name": "logits", "shape": [1, tok.vocab_size], "dtype": "float32"}
     for name, digest in meta["files"].items():
         assert sha256_file(export_dir / name) == digest
@@ -293,7 +298,7 @@ def test_compile_one_step_from_subnet(subnet_dir, sub, tok, work):
     assert "greedy: onnxruntime vs torch" in r.output and "compiled" in r.output
     m = json.loads((out / "manifest.json").read_text())
     assert m["model"]["shapes"] == {"batch": 1, "source_len": 12, "cache_len": 8}
-    assert m["graphs"]["decoder_step"]["inputs"][2]["shape"][2] == 8
+    assert m["graphs"]["decoder_step"]["inputs"][2]["shape"][1] == 8
     rows = [r[:12] for r in random_sources(2, tok.vocab_size, seed=9)]
     from mosc.runtime import greedy
 
@@ -363,7 +368,7 @@ def test_artifact_backend_checks_the_contract(host_artifact):
     from mosc.runtime import artifact_backend
 
     m = verify_artifact(host_artifact)
-    m["graphs"]["decoder_step"]["inputs"][2]["shape"] = [1, 2, 3]
+    m["graphs"]["decoder_step"]["inputs"][2]["shape"] = [1, 2]
     with pytest.raises(MoscError, match="inconsistent shapes"):
         artifact_backend(SimpleNamespace(dir=host_artifact, manifest=m, graphs=list(m["graphs"])))
     del m["graphs"]["encoder"]

@@ -45,12 +45,20 @@ PREPARE: list[tuple[str, Callable[[], Any]]] = [
     ("fuse_tir", lambda: _relax().transform.FuseTIR()),
 ]
 FINISH: list[tuple[str, Callable[[], Any]]] = [
-    # replace each TIR function by its best schedule in Database.current() (untuned stay naive)
+    # replace each TIR function by its best schedule in Database.current()
     ("apply_database", lambda: _relax().transform.MetaScheduleApplyDatabase(enable_warning=False)),
+    # every CPU function the database has no record for gets a rule-based schedule: none runs naive
+    ("default_schedules", lambda: _default_schedules()),
     # again: scheduled functions on constant weights (e.g. the transposes of W) fold now;
     # without this they run on every call (+1.6 ms on a d=512 model)
     ("fold_constant_after_tuning", lambda: _relax().transform.FoldConstant()),
 ]
+
+
+def _default_schedules():
+    from mosc.compiler.schedules import default_schedules_pass
+
+    return default_schedules_pass()
 
 
 def run_passes(mod, target: Target, passes: list[tuple[str, Callable[[], Any]]]):

@@ -31,15 +31,18 @@ from typing import Any
 from mosc import env
 from mosc.compiler.passes import PREPARE, run_passes
 from mosc.compiler.targets import Target, as_target
+from mosc.compiler.workloads import MODULE_EQUALITY
 from mosc.errors import MoscError
 from mosc.fileio import atomic_write_json
 
 DEFAULT_TRIALS = 256  # global trial budget of one compile; ~300 took a d=512 model to torch speed
 TRIALS_PER_TASK = 64  # cap per task: matmuls keep improving, small ops exhaust their space at 1
 TRIALS_PER_ITER = 32  # candidates built+measured per round (TVM's 64 is coarse for small budgets)
-MODULE_EQUALITY = "structural"  # how the database matches workloads across models
 BUILD_TIMEOUT_S = 60.0  # per candidate build in a tuning worker
 RUN_TIMEOUT_S = 30.0  # per candidate measurement
+MIN_REPEAT_MS = 20  # a candidate's timed calls last at least this long (TVM's 100 ms: 1 s a trial)
+EVOLVE_MIN_TRIALS = 16  # below this many trials a task samples its design space at random:
+# the evolutionary search costs seconds per round (population, cost model), more than 8 trials
 UNTUNABLE = "untunable.json"  # in a database folder: tasks tried without any valid candidate
 
 
@@ -226,15 +229,16 @@ def _default_builder(target: Target):
 
 
 # ----------------------------------------------------------------------------- runners
-def check_tracker(target: Target, timeout_s: float = 5.0) -> None:
-    """MoscError (one line) unless the target's RPC tracker answers like a tracker and a device
-    with the target's key is registered: MetaSchedule's runner would otherwise wait forever
-    (no such key) or fail every trial (no tracker)."""
-    from mosc.rpc import registered_keys, tracker_summary
+def check_tracker(target: Target, timeout_s: float = 5.0) -> int:
+    """The number of devices registered under the target's key at its RPC tracker; MoscError
+    (one line) unless the tracker answers like a tracker and at least one is registered:
+    MetaSchedule's runner would otherwise wait forever (no such key) or fail every trial."""
+    from mosc.rpc import device_count, registered_keys, tracker_summary
 
     host, port, key = target.rpc.tracker_host, target.rpc.tracker_port, target.rpc.key
     try:
-        keys = registered_keys(tracker_summary(host, port, timeout_s))
+        summary = tracker_summary(host, port, timeout_s)
+        keys = registered_keys(summary)
     except ConnectionError as e:
         raise MoscError(f"tuning for {target.name} measures on the device, but {e}; start the tracker and the "
                         f"device's RPC server (key {key!r}), or compile with --no-tune") from None
@@ -242,21 +246,59 @@ def check_tracker(target: Target, timeout_s: float = 5.0) -> None:
         raise MoscError(f"tuning for {target.name} measures on the device, but no device with key {key!r} is "
                         f"registered at the tracker {host}:{port} (registered: {', '.join(keys) or 'none'}); "
                         "start `mosc device serve --key ...` on it, or compile with --no-tune")
+    return device_count(summary, key)
 
 
 def rpc_runner(target: Target):
-    """A MetaSchedule runner that measures on the target's device through its RPC tracker."""
+    """A MetaSchedule runner that measures on the target's devices through its RPC tracker: one
+    worker per device registered under the key, so a farm of equal devices measures a round's
+    candidates in parallel (the tracker hands each session a free device)."""
     from tvm.s_tir import meta_schedule as ms
 
-    check_tracker(target)
-
+    devices = check_tracker(target)
     config = ms.runner.RPCConfig(
         tracker_host=target.rpc.tracker_host,
         tracker_port=target.rpc.tracker_port,
         tracker_key=target.rpc.key,
         session_timeout_sec=int(RUN_TIMEOUT_S * 4),
     )
-    return ms.runner.RPCRunner(rpc_config=config, max_workers=1)
+    return ms.runner.RPCRunner(rpc_config=config, evaluator_config=_evaluator_config(), max_workers=max(1, devices),
+                               f_alloc_argument=_alloc_arguments(remote=True))
+
+
+def _alloc_arguments(remote: bool = False):
+    """f_alloc_argument for MetaSchedule's runners: random floats, but integer tensors zeroed.
+
+    The stock allocator fills every tensor with random bits. Integer inputs of mosc's kernels
+    are token ids and positions: `take` reads the embedding at them without bounds checks
+    (mode="fast"), so random ids crash the measurement and the task never gets a record.
+    Zero is a valid id and position. Defined in a closure so cloudpickle ships it by value to
+    runner workers, which need not import mosc.
+    """
+
+    def alloc_on(random_fill, device, args_info, alloc_repeat):
+        import numpy as np
+        from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
+
+        def fill(arg):
+            if "int" in str(arg.dtype) or "bool" in str(arg.dtype):
+                arg.copyfrom(np.zeros([int(d) for d in arg.shape], dtype=str(arg.dtype)))
+            else:
+                random_fill(arg)
+
+        return alloc_argument_common(fill, device, args_info, alloc_repeat)
+
+    def alloc_local(device, args_info, alloc_repeat):
+        import tvm
+
+        fill = tvm.get_global_func("tvm.contrib.random.random_fill_for_measure", True) or \
+            tvm.get_global_func("tvm.contrib.random.random_fill")
+        return alloc_on(fill, device, args_info, alloc_repeat)
+
+    def alloc_remote(session, device, args_info, alloc_repeat):
+        return alloc_on(session.get_function("tvm.contrib.random.random_fill"), device, args_info, alloc_repeat)
+
+    return alloc_remote if remote else alloc_local
 
 
 def _default_runner(target: Target):
@@ -265,7 +307,14 @@ def _default_runner(target: Target):
 
     if target.needs_rpc:
         return rpc_runner(target)
-    return ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S)
+    return ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S, f_alloc_argument=_alloc_arguments(),
+                                 evaluator_config=_evaluator_config())
+
+
+def _evaluator_config():
+    from tvm.s_tir import meta_schedule as ms
+
+    return ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=MIN_REPEAT_MS, enable_cpu_cache_flush=False)
 
 
 # ----------------------------------------------------------------------------- tuning
@@ -393,8 +442,11 @@ def _tune_tasks(todo, target: Target, database, db_dir: Path, report: TuneReport
     builder = _default_builder(target)
     _import_tensor_intrinsics(tvm_target)
     per_round = _trials_per_round(trials, len(todo))
-    contexts = _tune_contexts(todo, tvm_target, db_dir, seed)
-    todo, contexts = _drop_unschedulable(todo, contexts, db_dir, report)
+    def make_contexts(tasks, template_only=frozenset()):
+        return _tune_contexts(tasks, tvm_target, db_dir, seed, min(trials, trials_per_task), template_only)
+
+    contexts = make_contexts(todo)
+    todo, contexts = _drop_unschedulable(todo, contexts, db_dir, report, make_contexts)
     if not todo:
         return
     callback, bar, state = _progress_callback(min(trials, trials_per_task * len(todo)), progress)
@@ -430,39 +482,76 @@ def _trials_per_round(trials: int, n_tasks: int) -> int:
     return max(2, min(TRIALS_PER_ITER, trials // n_tasks))
 
 
-def _tune_contexts(todo, tvm_target, db_dir: Path, seed: int | None) -> list:
-    """One MetaSchedule TuneContext per task, logging to db_dir/logs/."""
+def _tune_contexts(todo, tvm_target, db_dir: Path, seed: int | None, trials_per_task: int = TRIALS_PER_TASK,
+                   template_only: frozenset = frozenset()) -> list:
+    """One MetaSchedule TuneContext per task, logging to db_dir/logs/.
+
+    Design space: mosc's matmul template united with MetaSchedule's default (schedules.py);
+    tasks in `template_only` (by index: the default space cannot be generated for them) get
+    the template alone. Search: evolutionary, or random sampling of the space for budgets
+    under EVOLVE_MIN_TRIALS per task.
+    """
     from tvm.s_tir import meta_schedule as ms
 
+    from mosc.compiler.schedules import space_generator
+
     num_cores = int(tvm_target.attrs.get("num-cores", 0) or len(os.sched_getaffinity(0)))
-    # MetaSchedule prints a task table per round to stdout at INFO. Its console handler takes
-    # the level this logger has when the loggers are created; the files in logs/ keep it all.
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
-    loggers = ms.logging.get_loggers_from_work_dir(str(db_dir), [t.task_name for t, _ in todo])
+    loggers = _task_loggers(db_dir, [t.task_name for t, _ in todo])
+
+    def strategy():
+        if trials_per_task < EVOLVE_MIN_TRIALS:
+            return ms.search_strategy.ReplayTrace()
+        return ms.search_strategy.EvolutionarySearch(population_size=env.tune_search_population())
+
     return [
         ms.TuneContext(
-            mod=task.dispatched[0], target=task.target, space_generator="post-order-apply",
-            search_strategy=ms.search_strategy.EvolutionarySearch(population_size=env.tune_search_population()),
-            task_name=task.task_name, logger=logger,
+            mod=task.dispatched[0], target=task.target,
+            space_generator=space_generator(task.target, default_space=i not in template_only),
+            search_strategy=strategy(), task_name=task.task_name, logger=logger,
             rand_state=rand, num_threads=num_cores,
         ).clone()
-        for (task, _), logger, rand in zip(todo, loggers, ms.utils.fork_seed(seed, n=len(todo)))
+        for i, ((task, _), logger, rand) in enumerate(zip(todo, loggers, ms.utils.fork_seed(seed, n=len(todo))))
     ]
 
 
-def _drop_unschedulable(todo, contexts, db_dir: Path, report: TuneReport) -> tuple[list, list]:
+def _task_loggers(db_dir: Path, names: list[str]) -> list:
+    """MetaSchedule's per-task file loggers in db_dir/logs/, its console kept at WARNING.
+
+    MetaSchedule re-runs logging.config.dictConfig naming every handler of its logger; a
+    handler someone else attached (pytest's log capture, an application's) has no name there
+    and makes it fail, so those are set aside for the call and put back after.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    # its console handler takes the level this logger has when the loggers are created
+    ms_logger.setLevel(logging.WARNING)
+    foreign = [h for h in ms_logger.handlers if not (h.get_name() or "").startswith("tvm.s_tir.meta_schedule")]
+    for h in foreign:
+        ms_logger.removeHandler(h)
+    try:
+        return ms.logging.get_loggers_from_work_dir(str(db_dir), names)
+    finally:
+        for h in foreign:
+            ms_logger.addHandler(h)
+
+
+def _drop_unschedulable(todo, contexts, db_dir: Path, report: TuneReport, make_contexts) -> tuple[list, list]:
     """(todo, contexts) without the tasks whose design space cannot be generated; remembers them.
 
     Such a task raises out of tune_tasks and kills the whole run (seen: a matmul fused with
     the decoder's `slots > pos` mask, where MultiLevelTiling's reverse_compute_at fails on the
-    mask's second producer). Generating the space costs ~5 ms a task, so try it first.
+    mask's second producer). Generating the space costs ~5 ms a task, so try it first; a task
+    whose default space fails is tried with mosc's matmul template alone before it is dropped.
     """
-    broken = set()
-    for i, ctx in enumerate(contexts):
-        try:
-            ctx.generate_design_space()
-        except Exception:  # TVM raises its own error types (ScheduleError, TVMError)
-            broken.add(i)
+    broken = [i for i, ctx in enumerate(contexts) if not _space_ok(ctx)]
+    if not broken:
+        return todo, contexts
+    retry = make_contexts([todo[i] for i in broken], frozenset(range(len(broken))))
+    contexts = list(contexts)
+    for i, ctx in zip(broken, retry):
+        contexts[i] = ctx
+    broken = {i for i, ctx in zip(broken, retry) if not _space_ok(ctx)}
     if not broken:
         return todo, contexts
     _remember_untunable(db_dir, [todo[i][0] for i in sorted(broken)])
@@ -470,6 +559,13 @@ def _drop_unschedulable(todo, contexts, db_dir: Path, report: TuneReport) -> tup
     report.untunable += len(broken)
     report.task_names = [todo[i][0].task_name for i in keep]
     return [todo[i] for i in keep], [contexts[i] for i in keep]
+
+
+def _space_ok(ctx) -> bool:
+    try:
+        return len(ctx.generate_design_space()) > 0
+    except Exception:  # TVM raises its own error types (ScheduleError, TVMError)
+        return False
 
 
 def _record_outcome(state: dict, todo, target: Target, database, db_dir: Path, report: TuneReport) -> None:
@@ -493,3 +589,108 @@ def _record_outcome(state: dict, todo, target: Target, database, db_dir: Path, r
     report.tuned = len(state["task_ids"]) - len(failed)
     report.untunable += len(failed)
     report.untried = len(todo) - len(state["task_ids"])
+
+
+# ----------------------------------------------------------------------------- a whole space
+@dataclass
+class _Task:
+    """What _tune_tasks needs of a task, for a workload read back from a space file."""
+
+    task_name: str
+    dispatched: list
+    target: Any
+
+
+@dataclass
+class SpaceTuneReport:
+    db_dir: str
+    workloads: int = 0  # in the space
+    with_record: int = 0  # of which have a valid record after this call
+    trials: int = 0  # candidates measured in this call
+    trials_total: int = 0  # records in the database for the space's workloads, all calls together
+    untunable: int = 0  # workloads with no valid candidate (they build with a default schedule)
+    budget_left: bool = False  # stopped by --budget-min before every workload got its trials
+    seconds: float = 0.0
+
+
+def tune_space(space, target: Target | str, db_dir: Path | str | None = None, *, trials: int,
+               budget_s: float | None = None, runner=None, progress: bool | None = None,
+               seed: int | None = 0) -> SpaceTuneReport:
+    """Tune every workload of a space file (mosc.compiler.workloads.SpaceFile) into the target's database.
+
+    trials: the space's total budget, split by `allot` (MIN_TRIALS each first, then by share of
+    latency). Resumable by construction: what a workload has already spent is counted from
+    the database's records, so a killed run continues where it stopped. budget_s: stop starting
+    new workloads after this many seconds (a later call goes on).
+    """
+    from mosc.compiler.workloads import MIN_TRIALS, allot, coverage
+
+    target = as_target(target)
+    db_dir = Path(db_dir) if db_dir is not None else default_db_dir(target)
+    report = SpaceTuneReport(db_dir=str(db_dir), workloads=len(space.workloads))
+    t0 = time.perf_counter()
+    database = open_database(db_dir)
+    untunable = _read_untunable(db_dir)
+    tvm_target = target.tvm_target()
+    goal = allot(space.workloads, trials)
+    spent = {c.key: c.trials for c in coverage(database, target, space.workloads)}
+    # Coverage first: every workload gets its first MIN_TRIALS, then the heavy ones the rest.
+    plan = [(k, min(MIN_TRIALS, goal[k])) for k in _by_cost(space)] + [(k, goal[k]) for k in _by_cost(space)]
+    plan = [(k, n) for k, n in plan if n > spent.get(k, 0)]
+    tasks = {k: _Task(w.name, [w.ir_module()], tvm_target) for k, w in space.workloads.items()}
+    todo_total = sum(max(0, goal[k] - spent.get(k, 0)) for k in space.workloads)
+    show = sys.stderr.isatty() if progress is None else progress
+    bar, bar_task = _space_bar(todo_total, show)
+    runner = runner if runner is not None else (_default_runner(target) if plan else None)
+    failed_in_a_row = 0
+    try:
+        for key, want in plan:
+            if budget_s is not None and time.perf_counter() - t0 > budget_s:
+                report.budget_left = True
+                break
+            have = spent.get(key, 0)
+            if want <= have or f"{tasks[key].task_name}:{key}" in untunable:
+                continue
+            if bar is not None:
+                bar.update(bar_task, description=f"{tasks[key].task_name} ({have}/{goal[key]})")
+            one = TuneReport(db_dir=str(db_dir))
+            try:
+                _tune_tasks([(tasks[key], 1.0)], target, database, db_dir, one, trials=want - have,
+                            trials_per_task=want - have, runner=runner, progress=False, seed=seed)
+                failed_in_a_row = 0
+            except MoscError:  # every candidate of this one workload failed: remember, go on
+                _remember_untunable(db_dir, [tasks[key]])
+                untunable = _read_untunable(db_dir)
+                failed_in_a_row += 1
+                if failed_in_a_row >= 3 and report.trials == 0:
+                    raise MoscError(f"every trial of the first {failed_in_a_row} workloads failed on {target.name}; "
+                                    "check the device (`mosc device list`)") from None
+            report.trials += one.trials
+            spent[key] = have + one.trials
+            if bar is not None:
+                bar.update(bar_task, advance=one.trials)
+    finally:
+        if bar is not None:
+            bar.stop()
+    cov = coverage(database, target, space.workloads)
+    report.with_record = sum(c.best_us is not None for c in cov)
+    report.trials_total = sum(c.trials for c in cov)
+    report.untunable = sum(f"{w.name}:{k}" in untunable for k, w in space.workloads.items())
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _by_cost(space) -> list[str]:
+    return sorted(space.workloads, key=lambda k: -space.workloads[k].cost)
+
+
+def _space_bar(total: int, enabled: bool):
+    if not enabled:
+        return None, None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("tuning the space"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.description}"), transient=True)
+    task = bar.add_task("", total=max(total, 1))
+    bar.start()
+    return bar, task

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from mosc.contract import BOS_ID, DECODER, ENCODER
+from mosc.contract import BOS_ID, DECODER, ENCODER, cache_shape, decoder_layers
 from mosc.device.protocol import Measurement, run_protocol
 from mosc.errors import MoscError
 from mosc.rpc import connect, device_info, machine_info
@@ -67,10 +67,6 @@ class Prepared:
     notes: dict = field(default_factory=dict)  # recorded in the row's `extra`
 
 
-def _spec(manifest_graph: dict) -> dict[str, dict]:
-    return {s["name"]: s for s in manifest_graph["inputs"]}
-
-
 def _source(batch: int, source_len: int) -> np.ndarray:
     """A fixed source: ids 4..19 (valid in any vocabulary of mosc's models), no padding."""
     return (4 + np.arange(batch * source_len) % 16).reshape(batch, source_len).astype(np.int64)
@@ -92,13 +88,13 @@ def measure_tvm(art, protocol: Protocol) -> Measurement:
     enc_vm, dec_vm = art.vms[ENCODER], art.vms[DECODER]
     src_spec = art.manifest["graphs"][ENCODER]["inputs"][0]
     B, S = src_spec["shape"]
-    dspec = _spec(art.manifest["graphs"][DECODER])
-    cache_shape = dspec["self_k"]["shape"]
-    T = cache_shape[2]
+    graphs = art.manifest["graphs"]
+    shape, L = cache_shape(graphs), decoder_layers(graphs)
+    T = shape[1]
     src = tvm.runtime.tensor(_source(B, S), dev)
     token = tvm.runtime.tensor(np.full((B,), BOS_ID, np.int64), dev)
     positions = [tvm.runtime.tensor(np.array([p], np.int64), dev) for p in range(T)]
-    zeros = tvm.runtime.tensor(np.zeros(cache_shape, np.float32), dev)
+    zeros = [tvm.runtime.tensor(np.zeros(shape, np.float32), dev) for _ in range(2 * L)]
     t_enc = enc_vm.time_evaluator("invoke_stateful", dev, number=1, repeat=1)
     t_dec = dec_vm.time_evaluator("invoke_stateful", dev, number=1, repeat=1)
 
@@ -107,13 +103,12 @@ def measure_tvm(art, protocol: Protocol) -> Measurement:
         seconds = t_enc("main").mean
         return seconds, tuple(enc_vm.get_outputs("main"))
 
-    def step(pos, k, v, cross):
-        dec_vm.set_input("main", token, positions[pos], k, v, *cross)
+    def step(pos, caches, cross):
+        dec_vm.set_input("main", token, positions[pos], *caches, *cross)
         seconds = t_dec("main").mean
-        _, k, v = dec_vm.get_outputs("main")
-        return seconds, k, v
+        return seconds, tuple(dec_vm.get_outputs("main"))[1:]
 
-    enc, dec = run_protocol(encode, step, lambda: (zeros, zeros), T, protocol.warmup, protocol.repeats)
+    enc, dec = run_protocol(encode, step, lambda: zeros, T, protocol.warmup, protocol.repeats)
     return Measurement.of_runs(enc, dec, protocol.warmup, protocol.trim, _shapes(B, S, T),
                                "tvm time_evaluator(invoke_stateful, number=1, repeat=1) per graph call, device clock")
 
@@ -201,14 +196,14 @@ def measure_ort(export_dir: str | Path, protocol: Protocol) -> Measurement:
     src = _source(be.batch, be.source_len)
     token = np.full((be.batch,), BOS_ID, np.int64)
     positions = [np.array([p], np.int64) for p in range(be.cache_len)]
-    zeros = np.zeros(be.cache_shape, np.float32)
+    zeros = be.zero_caches()
     enc_fn, step_fn = _host_timed(be.encode), _host_timed(be.step)
 
-    def step(pos, k, v, cross):
-        seconds, (_, k, v) = step_fn([token, positions[pos], k, v, *cross])
-        return seconds, k, v
+    def step(pos, caches, cross):
+        seconds, outs = step_fn([token, positions[pos], *caches, *cross])
+        return seconds, outs[1:]
 
-    enc, dec = run_protocol(lambda: enc_fn([src]), step, lambda: (zeros, zeros), be.cache_len,
+    enc, dec = run_protocol(lambda: enc_fn([src]), step, lambda: zeros, be.cache_len,
                             protocol.warmup, protocol.repeats)
     return Measurement.of_runs(enc, dec, protocol.warmup, protocol.trim,
                                _shapes(be.batch, be.source_len, be.cache_len),
@@ -224,7 +219,7 @@ def measure_torch(sub, protocol: Protocol, batch: int, source_len: int, steps: i
     src = torch.from_numpy(_source(batch, source_len)).to(dev)
     token = torch.full((batch,), BOS_ID, dtype=torch.int64, device=dev)
     positions = [torch.tensor([p], device=dev) for p in range(steps)]
-    zeros = torch.zeros(len(sub.decoder), batch, steps, sub.cfg.qkv_dim, device=dev)
+    zeros = sub.init_cache(batch, steps)
 
     def synced(fn):  # CUDA runs asynchronously: a call's time ends when its kernels have finished
         if dev.type != "cuda":
@@ -233,12 +228,12 @@ def measure_torch(sub, protocol: Protocol, batch: int, source_len: int, steps: i
 
     enc_fn, step_fn = _host_timed(synced(sub.encode)), _host_timed(synced(sub.decode_step))
 
-    def step(pos, k, v, cross):
-        seconds, (_, k, v) = step_fn(token, positions[pos], k, v, *cross)
-        return seconds, k, v
+    def step(pos, caches, cross):
+        seconds, outs = step_fn(token, positions[pos], *caches, *cross)
+        return seconds, outs[1:]
 
     with torch.no_grad():
-        enc, dec = run_protocol(lambda: enc_fn(src), step, lambda: (zeros, zeros), steps,
+        enc, dec = run_protocol(lambda: enc_fn(src), step, lambda: zeros, steps,
                                 protocol.warmup, protocol.repeats)
     return Measurement.of_runs(enc, dec, protocol.warmup, protocol.trim, _shapes(batch, source_len, steps),
                                f"torch eager on {dev} ({torch.get_num_threads()} CPU threads), time.perf_counter "

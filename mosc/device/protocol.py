@@ -96,22 +96,23 @@ class Measurement:
         return cls([e + d for e, d in zip(enc, dec)], enc, dec, warmup, trim, shapes, method)
 
 
-# encode() -> (seconds, cross); step(pos, self_k, self_v, cross) -> (seconds, self_k, self_v)
+# encode() -> (seconds, cross); step(pos, caches, cross) -> (seconds, caches): caches and cross are
+# sequences of tensors (2 and 3 per decoder layer) in the contract's order
 EncodeFn = Callable[[], tuple[float, Any]]
-StepFn = Callable[[int, Any, Any, Any], tuple[float, Any, Any]]
+StepFn = Callable[[int, Any, Any], tuple[float, Any]]
 
 
-def run_protocol(encode: EncodeFn, step: StepFn, zero_cache: Callable[[], tuple[Any, Any]], steps: int,
+def run_protocol(encode: EncodeFn, step: StepFn, zero_caches: Callable[[], Any], steps: int,
                  warmup: int, repeats: int) -> tuple[list[float], list[float]]:
     """HAT's loop: per run, the encoder then `steps` decoder steps with the caches fed back.
     Returns per-run (encoder ms, decoder ms) for the timed runs."""
     enc, dec = [], []
     for i in range(warmup + repeats):
         t_enc, cross = encode()
-        k, v = zero_cache()
+        caches = zero_caches()
         t_dec = 0.0
         for pos in range(steps):
-            t, k, v = step(pos, k, v, cross)
+            t, caches = step(pos, caches, cross)
             t_dec += t
         if i >= warmup:
             enc.append(t_enc * 1e3)

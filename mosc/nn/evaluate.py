@@ -60,7 +60,7 @@ def validation_loss(fn, batches, device: torch.device | None = None) -> float:
 
 class CachedDecoder:
     """Subnet deployment path: encoder once, decode_step with a fixed-size KV cache.
-    State: (self_k, self_v, cross_k, cross_v, cross_bias), batch dim = beam rows."""
+    State: (*caches, *cross) as Subnet.decode_step takes them; every tensor's dim 0 = beam rows."""
 
     def __init__(self, sub: Subnet, max_len: int):
         self.sub, self.max_len = sub, max_len
@@ -70,14 +70,12 @@ class CachedDecoder:
         return (*self.sub.init_cache(src.shape[0], self.max_len), *cross)
 
     def step(self, state, tokens, t: int):
-        sk, sv, ck, cv, cb = state
-        logits, sk, sv = self.sub.decode_step(tokens, torch.tensor([t], device=tokens.device), sk, sv, ck, cv, cb)
-        return logits, (sk, sv, ck, cv, cb)
+        logits, *caches = self.sub.decode_step(tokens, torch.tensor([t], device=tokens.device), *state)
+        return logits, (*caches, *state[len(caches):])
 
     @staticmethod
     def reorder(state, rows):
-        sk, sv, ck, cv, cb = state  # caches [L, N, ...]: batch is dim 1
-        return sk[:, rows], sv[:, rows], ck[:, rows], cv[:, rows], cb[:, rows]
+        return tuple(t[rows] for t in state)
 
 
 class FullDecoder:

@@ -35,8 +35,8 @@ import torch
 from mosc.errors import MoscError
 from mosc.fileio import atomic_write_json, sha256_file
 from mosc.nn.subnet import Subnet
-from mosc.contract import (EXPORT_SEAL, seal, BOS_ID, DEC_INPUTS, DEC_OUTPUTS, DECODER, ENC_INPUTS, ENC_OUTPUTS, ENCODER, EOS_ID, EXPORT_FORMAT,
-                           EXPORT_JSON, load_export)
+from mosc.contract import (BOS_ID, DECODER, ENC_INPUTS, ENCODER, EOS_ID, EXPORT_FORMAT, EXPORT_JSON, EXPORT_SEAL,
+                           dec_inputs, dec_outputs, enc_outputs, load_export, seal)
 from mosc.runtime import greedy, ort_backend
 
 ATOL = 1e-4  # max |torch - onnxruntime| accepted (fp32; typical: ~2e-6)
@@ -74,8 +74,8 @@ class _DecoderStep(torch.nn.Module):
         super().__init__()
         self.sub = sub
 
-    def forward(self, token, pos, self_k, self_v, cross_k, cross_v, cross_bias):
-        return self.sub.decode_step(token, pos, self_k, self_v, cross_k, cross_v, cross_bias)
+    def forward(self, token, pos, *state):
+        return self.sub.decode_step(token, pos, *state)
 
 
 def example_inputs(sub: Subnet, shapes: Shapes, seed: int = 0) -> tuple[torch.Tensor, tuple]:
@@ -88,10 +88,9 @@ def example_inputs(sub: Subnet, shapes: Shapes, seed: int = 0) -> tuple[torch.Te
         src[-1, S // 2 + 1 :] = sub.cfg.pad_id
     with torch.no_grad():
         cross = sub.encode(src)
-    L, Q = len(sub.decoder), sub.cfg.qkv_dim
-    self_k, self_v = (torch.randn(L, B, T, Q, generator=g) * 0.5 for _ in range(2))
+    caches = [torch.randn(B, T, sub.cfg.qkv_dim, generator=g) * 0.5 for _ in range(2 * len(sub.decoder))]
     token = torch.randint(4, V, (B,), generator=g)
-    return src, (token, torch.tensor([T // 2]), self_k, self_v, *cross)
+    return src, (token, torch.tensor([T // 2]), *caches, *cross)
 
 
 def _tensor_spec(name: str, t: torch.Tensor) -> dict:
@@ -99,7 +98,8 @@ def _tensor_spec(name: str, t: torch.Tensor) -> dict:
 
 
 def _onnx_export(module, args, path: Path, input_names, output_names) -> None:
-    """torch.onnx.export (dynamo), quietly: it prints progress and warns about torchvision."""
+    """torch.onnx.export (dynamo), quietly (it prints progress and warns about torchvision), then
+    `_optimize` instead of the exporter's own optimizer."""
     buf = io.StringIO()
     onnx_logger = logging.getLogger("torch.onnx")
     level = onnx_logger.level
@@ -107,13 +107,35 @@ def _onnx_export(module, args, path: Path, input_names, output_names) -> None:
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(buf), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(module.eval(), args, str(path), input_names=list(input_names),
-                              output_names=list(output_names), dynamo=True, external_data=False,
-                              optimize=True, verbose=False)
+            program = torch.onnx.export(module.eval(), args, None, input_names=list(input_names),
+                                        output_names=list(output_names), dynamo=True, optimize=False, verbose=False)
+            _optimize(program.model)
+            program.save(str(path), external_data=False)
     except Exception as e:
         raise MoscError(f"ONNX export of {path.name} failed: {(str(e).strip().splitlines() or ['?'])[0]}") from e
     finally:
         onnx_logger.setLevel(level)
+
+
+def _optimize(model) -> None:
+    """The exporter's optimizer (onnxscript.optimizer.optimize_ir) without its common-subexpression
+    elimination, in place.
+
+    Why: CSE merges the masks every decoder layer computes for itself (mosc/nn/subnet.py) into
+    one shared tensor; TVM then fuses a shared mask into its consumer when there is one (a
+    single layer) and not when there are several, so kernels would depend on the depth. The
+    rest is needed: TVM's ONNX importer reads neither Constant nodes nor unfolded shapes.
+    """
+    import onnx_ir.passes.common as common
+    from onnxscript.optimizer import fold_constants_ir
+
+    common.InlinePass()(model)
+    for _ in range(2):
+        fold_constants_ir(model)
+        common.RemoveUnusedNodesPass()(model)
+    for p in (common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+              common.DeduplicateInitializersPass(), common.OutputFixPass(), common.NameFixPass()):
+        p(model)
 
 
 def _export_graphs(sub: Subnet, out_dir: Path, shapes: Shapes, seed: int) -> tuple[dict, dict]:
@@ -122,9 +144,10 @@ def _export_graphs(sub: Subnet, out_dir: Path, shapes: Shapes, seed: int) -> tup
     with torch.no_grad():
         enc_out = sub.encode(src)
         dec_out = sub.decode_step(*step_args)
+    L = len(sub.decoder)
     graphs = {
-        ENCODER: (_Encoder(sub), (src,), ENC_INPUTS, ENC_OUTPUTS, enc_out),
-        DECODER: (_DecoderStep(sub), step_args, DEC_INPUTS, DEC_OUTPUTS, dec_out),
+        ENCODER: (_Encoder(sub), (src,), ENC_INPUTS, enc_outputs(L), enc_out),
+        DECODER: (_DecoderStep(sub), step_args, dec_inputs(L), dec_outputs(L), dec_out),
     }
     meta_graphs, files = {}, {}
     for name, (module, args, ins, outs, ref) in graphs.items():
@@ -216,8 +239,9 @@ def check_parity(sub: Subnet, out_dir: str | Path, meta: dict | None = None, *, 
         got = ort.encode([src.numpy()])
         diffs[ENCODER] = max(max_abs_diff(r.numpy(), g) for r, g in zip(ref, got))
         worst = 0.0
+        n_caches = 2 * len(sub.decoder)
         for pos in sorted({0, shapes.cache_len // 2, shapes.cache_len - 1}):
-            args = (step_args[0], torch.tensor([pos]), *step_args[2:4], *ref)
+            args = (step_args[0], torch.tensor([pos]), *step_args[2 : 2 + n_caches], *ref)
             r_out = sub.decode_step(*args)
             g_out = ort.step([a.numpy() for a in args])
             worst = max(worst, *(max_abs_diff(r.numpy(), g) for r, g in zip(r_out, g_out)))

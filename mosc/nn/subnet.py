@@ -5,15 +5,22 @@ slices the expert weights, and copies the result into a `Subnet` whose parameter
 ordinary static tensors: no router, no unused expert, no unused slice. It computes the
 same function as `supernet(src, tgt_in, arch)` (the core test of the project).
 
-Deployment interface (static shapes, what export and compile consume):
-  encode(src [B, S])                      -> cross_k, cross_v [L, B, M, Q], cross_bias [L, B, 1, 1, M]
-  decode_step(token [B], pos [1], self_k, self_v [L, B, T, Q], cross_k, cross_v, cross_bias)
-                                          -> logits [B, V], self_k, self_v (updated at pos)
-with L decoder layers, M = S * max(arch.dec_arbitrary), T the fixed KV-cache length. The
-encoder precomputes every decoder layer's cross-attention keys/values once per source
-(layers that attend to fewer encoder layers are padded to M with -inf bias, so one
-signature fits every arch). The decoder step writes its new key/value into slot `pos`
-with a one-hot blend rather than a scatter: same numbers, and every backend fuses it.
+Deployment interface (static shapes, what export and compile consume), one tensor per
+decoder layer i and nothing stacked over layers (mosc.contract names them):
+  encode(src [B, S])                      -> per layer: cross_k_i, cross_v_i [B, k_i*S, Q],
+                                             cross_bias_i [B, 1, 1, k_i*S]   (3L tensors)
+  decode_step(token [B], pos [1], *caches, *cross)
+      caches: per layer self_k_i, self_v_i [B, T, Q]   -> (logits [B, V], *caches with slot pos filled)
+with L decoder layers, k_i the encoder layers decoder layer i attends to, T the fixed
+KV-cache length. The encoder precomputes every decoder layer's cross-attention keys/values
+once per source. The decoder step writes its new key/value into slot `pos` with a one-hot
+blend rather than a scatter: same numbers, and every backend fuses it.
+
+Why per layer, and why each layer recomputes its masks: a compiled graph's fused kernels
+(TIR workloads) then depend on that layer's own choices only. A stacked [L, ...] cache makes
+the gather/stack kernels depend on L; a mask computed once and shared is fused into its
+single consumer when L = 1 but not when L > 1. Per layer, the workloads of a whole search
+space are few and enumerable, so they are tuned once (mosc tune --space).
 
 Knows nothing of data, training or devices.
 """
@@ -136,52 +143,49 @@ class Subnet(nn.Module):
     def encoder_states(self, src: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
         """src [B, S] -> (each encoder layer's output after the final LayerNorm [B, S, De], bias [B, 1, 1, S])."""
         De = self.arch.enc_embed
-        bias = padding_bias(src, self.cfg.pad_id)
         x = F.embedding(src, self.embed[:, :De]) * math.sqrt(De) + self.pos_enc[: src.shape[1]]
         outs = []
         for layer in self.encoder:
-            x = layer(x, bias)
+            x = layer(x, padding_bias(src, self.cfg.pad_id))  # per layer: see the module docstring
             outs.append(self.enc_ln(x))
-        return outs, bias
+        return outs, padding_bias(src, self.cfg.pad_id)
 
-    def encode(self, src: torch.Tensor):
-        """src [B, S] -> cross_k, cross_v [L, B, M, Q], cross_bias [L, B, 1, 1, M] (M = S * max k)."""
-        outs, bias = self.encoder_states(src)
-        B, S = src.shape
-        M = S * max(self.arch.dec_arbitrary)
-        ks, vs, biases = [], [], []
+    def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """src [B, S] -> per decoder layer i: cross_k_i, cross_v_i [B, k_i*S, Q], cross_bias_i [B, 1, 1, k_i*S]."""
+        outs, _ = self.encoder_states(src)
+        out = []
         for layer in self.decoder:
             mem = torch.cat(outs[-layer.k :], dim=1)  # [B, k*S, De]
-            pad = M - mem.shape[1]
-            ks.append(F.pad(layer.cross_attn.k(mem), (0, 0, 0, pad)))  # [B, M, Q], zero keys past k*S
-            vs.append(F.pad(layer.cross_attn.v(mem), (0, 0, 0, pad)))
-            biases.append(F.pad(bias.repeat(1, 1, 1, layer.k), (0, pad), value=float("-inf")))  # [B, 1, 1, M]
-        return torch.stack(ks), torch.stack(vs), torch.stack(biases)
+            bias = padding_bias(src, self.cfg.pad_id).repeat(1, 1, 1, layer.k)  # [B, 1, 1, k*S]
+            out += [layer.cross_attn.k(mem), layer.cross_attn.v(mem), bias]
+        return tuple(out)
 
     # -- decoder -----------------------------------------------------------------
-    def init_cache(self, batch: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zeroed self-attention key/value caches [L, B, T, Q]."""
-        shape = (len(self.decoder), batch, length, self.cfg.qkv_dim)
-        return torch.zeros(shape, device=self.embed.device), torch.zeros(shape, device=self.embed.device)
+    def init_cache(self, batch: int, length: int) -> list[torch.Tensor]:
+        """Zeroed self-attention caches, per layer self_k_i, self_v_i [B, T, Q]."""
+        shape = (batch, length, self.cfg.qkv_dim)
+        return [torch.zeros(shape, device=self.embed.device) for _ in range(2 * len(self.decoder))]
 
-    def decode_step(self, token, pos, self_k, self_v, cross_k, cross_v, cross_bias):
-        """One incremental step. token [B] int64, pos [1] int64 (0-based step index);
-        caches [L, B, T, Q] -> (logits [B, V], caches with slot `pos` filled)."""
-        Dd, T = self.arch.dec_embed, self_k.shape[2]
+    def decode_step(self, token, pos, *state):
+        """One incremental step. token [B] int64, pos [1] int64 (0-based step index), state =
+        (*caches, *cross) as in the module docstring -> (logits [B, V], *caches with slot `pos` filled)."""
+        L = len(self.decoder)
+        caches, cross = state[: 2 * L], state[2 * L :]
+        Dd, T = self.arch.dec_embed, caches[0].shape[1]
         x = F.embedding(token[:, None], self.embed[:, :Dd]) * math.sqrt(Dd) + self.pos_dec[pos]  # [B, 1, Dd]
-        slots = torch.arange(T, device=token.device)
-        write = (slots == pos).to(x.dtype)[None, :, None]  # [1, T, 1]: one-hot of slot pos
-        bias = torch.zeros(T, device=token.device).masked_fill(slots > pos, float("-inf"))  # [T]: see slots <= pos
-        new_k, new_v = [], []
+        new = []
         for i, layer in enumerate(self.decoder):
+            # The masks are recomputed per layer (cheap, [T]) so that each layer's kernels are alike.
+            slots = torch.arange(T, device=token.device)
+            write = (slots == pos).to(x.dtype)[None, :, None]  # [1, T, 1]: one-hot of slot pos
+            bias = torch.zeros(T, device=token.device).masked_fill(slots > pos, float("-inf"))  # [T]: see slots <= pos
             h = layer.ln_self(x)
-            k = self_k[i] * (1 - write) + layer.self_attn.k(h) * write  # [B, T, Q]
-            v = self_v[i] * (1 - write) + layer.self_attn.v(h) * write
-            x = layer(x, k, v, bias, cross_k[i], cross_v[i], cross_bias[i])
-            new_k.append(k)
-            new_v.append(v)
+            k = caches[2 * i] * (1 - write) + layer.self_attn.k(h) * write  # [B, T, Q]
+            v = caches[2 * i + 1] * (1 - write) + layer.self_attn.v(h) * write
+            x = layer(x, k, v, bias, *cross[3 * i : 3 * i + 3])
+            new += [k, v]
         logits = F.linear(self.dec_ln(x[:, 0]), self.embed[:, :Dd])  # [B, V]
-        return logits, torch.stack(new_k), torch.stack(new_v)
+        return (logits, *new)
 
     # -- full sequence (training-style) forward ----------------------------------------
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:
@@ -202,13 +206,13 @@ class Subnet(nn.Module):
         """Greedy decoding with the KV cache: src [B, S] -> token ids per sentence (no bos/eos)."""
         B = src.shape[0]
         cross = self.encode(src)
-        self_k, self_v = self.init_cache(B, max_len)
+        caches = self.init_cache(B, max_len)
         token = torch.full((B,), bos, dtype=torch.long, device=src.device)
         out = torch.zeros(B, max_len, dtype=torch.long, device=src.device)
         done = torch.zeros(B, dtype=torch.bool, device=src.device)
         for t in range(max_len):
             pos = torch.tensor([t], device=src.device)
-            logits, self_k, self_v = self.decode_step(token, pos, self_k, self_v, *cross)
+            logits, *caches = self.decode_step(token, pos, *caches, *cross)
             token = logits.argmax(-1)
             out[:, t] = token
             done |= token == eos
