@@ -17,6 +17,7 @@ from pathlib import Path
 
 from mosc.compiler.artifact import MANIFEST, write_manifest
 from mosc.compiler.passes import FINISH, PREPARE, drop_known_tvm_noise, import_onnx, run_passes, signature
+from mosc.compiler.schedules import unscheduled_functions
 from mosc.compiler.targets import Target, as_target
 from mosc.compiler.tune import DEFAULT_TRIALS, check_tracker, database_id, default_db_dir, open_database
 from mosc.compiler.tune import tune as _tune  # compile_artifact's `tune` flag shadows the name there
@@ -24,28 +25,39 @@ from mosc.contract import GRAPH_NAME
 from mosc.errors import MoscError
 
 
-def build(mod, target: Target | str, db_dir: Path | str | None = None, *, use_database: bool = True):
+def build(mod, target: Target | str, db_dir: Path | str | None = None, *, use_database: bool = True,
+          coverage: dict | None = None):
     """Imported IRModule -> tvm Executable: PREPARE, FINISH with the target's database, compile.
 
-    With no database (or use_database=False) CPU code stays unscheduled (slow but correct);
-    GPU targets still get TVM's default dlight schedules in tvm.compile.
+    Functions the database has no record for get mosc's default schedules (CPU) or TVM's
+    dlight ones (GPU, in tvm.compile); none runs naive. coverage: a dict that receives
+    {"functions", "from_database", "default_scheduled"} counts of this graph's TIR functions.
     """
     import tvm
 
     target = as_target(target)
     db_dir = Path(db_dir) if db_dir is not None else default_db_dir(target)
     mod = run_passes(mod, target, PREPARE)
+    total = _prim_funcs(mod)
     has_db = use_database and (db_dir / "database_tuning_record.json").is_file()
     if has_db:
         with open_database(db_dir):
-            mod = run_passes(mod, target, FINISH)
-    else:
-        mod = run_passes(mod, target, [p for p in FINISH if p[0] != "apply_database"])
+            mod = run_passes(mod, target, FINISH[:1])
+    from_db = total - len(unscheduled_functions(mod))
+    mod = run_passes(mod, target, FINISH[1:])
+    if coverage is not None:
+        coverage.update(functions=total, from_database=from_db, default_scheduled=total - from_db)
     try:
         with drop_known_tvm_noise():
             return tvm.compile(mod, target=target.tvm_target())
     except Exception as e:
         raise MoscError(f"tvm.compile for {target.name} failed: {str(e).splitlines()[0]}") from e
+
+
+def _prim_funcs(mod) -> int:
+    from tvm import tirx
+
+    return sum(isinstance(f, tirx.PrimFunc) for _, f in mod.functions_items())
 
 
 def cuda_kernels(ex) -> str | None:
@@ -135,25 +147,27 @@ def compile_artifact(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)  # invalidate an older artifact first
-    graphs, cuda = {}, set()
+    graphs, cuda, coverage = {}, set(), {}
     for graph, mod in mods.items():
         sig = signature(mod, onnx_files[graph])
-        lib, kernels = _build_graph(graph, mod, target, db_dir, out_dir)
+        lib, kernels, coverage[graph] = _build_graph(graph, mod, target, db_dir, out_dir)
         graphs[graph] = {"file": lib, **sig}
         cuda.add(kernels)
 
     write_manifest(
         out_dir, graphs, target=target.name, tvm_target=str(target.tvm_target()), device=target.device_type(),
         cuda_kernels=next(iter(cuda)) if len(cuda) == 1 else sorted(map(str, cuda)),
-        tuning={"tuned": tune, "database": database_id(db_dir), "report": tune_report},
+        tuning={"tuned": tune, "database": database_id(db_dir), "report": tune_report, "coverage": coverage},
         compile_seconds=time.perf_counter() - t0, extra=extra_manifest,
     )
     return out_dir
 
 
-def _build_graph(graph: str, mod, target: Target, db_dir: Path, out_dir: Path) -> tuple[str, str | None]:
-    """Build one graph into out_dir/<graph>.so, replaced atomically; returns (file name, cuda_kernels)."""
-    ex = build(mod, target, db_dir)  # whatever the database holds, tuned just now or before
+def _build_graph(graph: str, mod, target: Target, db_dir: Path, out_dir: Path) -> tuple[str, str | None, dict]:
+    """Build one graph into out_dir/<graph>.so, replaced atomically; returns (file name,
+    cuda_kernels, coverage: how many of its functions came from the database)."""
+    coverage: dict = {}
+    ex = build(mod, target, db_dir, coverage=coverage)  # whatever the database holds, tuned just now or before
     lib = f"{graph}.so"
     tmp = out_dir / f".{lib}.{os.getpid()}.tmp.so"  # export_library picks the linker by the suffix
     try:
@@ -161,4 +175,4 @@ def _build_graph(graph: str, mod, target: Target, db_dir: Path, out_dir: Path) -
         os.replace(tmp, out_dir / lib)
     finally:
         tmp.unlink(missing_ok=True)
-    return lib, cuda_kernels(ex)
+    return lib, cuda_kernels(ex), coverage
