@@ -1,11 +1,14 @@
 """The main job end to end (`mosc pipeline`, `mosc demo`).
 
-train a MoS supernet -> measure a sample of subnets on a target through TVM -> fit a latency
-predictor on those rows -> search under a latency budget (fitness: the supernet's validation
-loss) plus the loss-latency Pareto front -> collapse + export the winner -> compile it (host,
-tuned; the target; a cross target) -> translate a few validation sentences with the compiled
-artifact -> check the front (BLEU and measured latency of a few front archs and the winner,
-the winner's compiled artifact timed) -> summary (printed, and summary.json in the output folder).
+train a MoS supernet -> tune the space's TIR workloads once for the target (mosc tune --space)
+-> measure a sample of subnets on the target through TVM, built from that database -> fit a
+latency predictor on those rows -> search under a latency budget (fitness: the supernet's
+validation loss) plus the loss-latency Pareto front -> collapse + export the winner -> compile
+it from the same database (host; the target; a cross target) -> translate a few validation
+sentences with the compiled artifact -> check the front (BLEU and measured latency of a few
+front archs and the winner, the winner's deployed artifact timed against its measured row) ->
+summary (printed, and summary.json in the output folder). No build tunes on its own, so what
+was measured, predicted and searched on is what is deployed.
 
 Every stage is a call into the library; this module only wires them together, times them and
 prints what happened. A `PipelineConfig` is a flat TOML file (see examples/*.toml); every key
@@ -43,18 +46,20 @@ class PipelineConfig:
     train_warmup: int = 60  # linear warm-up updates
     train_dropout: float = 0.1  # residual dropout at the largest embed dim (0.3 suits real data)
     seed: int = 0  # seed of training, arch sampling and the search
-    # -- latency measurement (stage 2) ------------------------------------------------------
+    # -- tuning the space once per target (stage 2): every later build applies its records --
     target: str = "host"  # device measured and searched for (a name in targets/)
+    tune_trials: int = 1000  # trial budget for the space's workloads (0 = none: default schedules only)
+    tune_budget_min: float = 2.0  # stop tuning after this many minutes (0 = no limit); the next run goes on
+    tune_db: str = ""  # tuning database folder ("" = ~/.cache/mosc/tune/<target>)
+    # -- latency measurement (stage 3), from the space's tuning database -------------------
     measure_archs: int = 12  # subnets sampled and measured through TVM
-    measure_tune: bool = False  # tune each measured artifact (real speed, slow) or build untuned (fast, labelled)
-    measure_trials: int = 64  # MetaSchedule trials per measured artifact when measure_tune = true
     measure_warmup: int = -1  # untimed runs per measurement (-1 = the target's [protocol])
     measure_repeats: int = 0  # timed runs per measurement (0 = the target's [protocol])
     tracker: str = ""  # RPC tracker HOST:PORT for a remote target ("" = the target file's [rpc])
     key: str = ""  # device key at the tracker ("" = the target file's [rpc] key)
-    # -- predictor (stage 3) ----------------------------------------------------------------
+    # -- predictor (stage 4) ----------------------------------------------------------------
     predictor: str = "lsq"  # lsq, mlp, gbt or hybrid (mosc predictor fit --model)
-    # -- search (stage 4) -------------------------------------------------------------------
+    # -- search (stage 5) -------------------------------------------------------------------
     latency_budget_ms: float = 0.0  # latency constraint (0 = the median measured latency)
     val_sentences: int = 100  # validation sentences of the search fitness (supernet loss)
     population: int = 40  # population size (HAT: 125)
@@ -66,12 +71,9 @@ class PipelineConfig:
     pareto: bool = True  # also run NSGA-II for the whole loss-latency front
     bleu_archs: int = 4  # front archs checked for the summary: BLEU + measured latency (0 = only the winner)
     bleu_sentences: int = 100  # validation sentences for those BLEU scores
-    # -- compile (stage 6) ------------------------------------------------------------------
-    compile_tune: bool = True  # tune the host artifact with MetaSchedule
-    compile_trials: int = 32  # trial budget of that tuning
-    tune_db: str = ""  # tuning database folder ("" = ~/.cache/mosc/tune/<target>)
+    # -- compile (stage 7): from the same database, so what was measured is deployed--------------------------------------------------------------
     cross_target: str = "rpi4"  # also cross-compile (untuned) for this target when its compiler exists ("" = skip)
-    # -- translate (stage 7) ----------------------------------------------------------------
+    # -- translate (stage 8) ----------------------------------------------------------------
     translate_sentences: int = 5  # validation sentences translated with the compiled host artifact
 
     @classmethod
@@ -90,11 +92,12 @@ class PipelineConfig:
     RANGES = {
         "max_train_pairs": (0, 10**8), "experts": (1, 64), "train_steps": (1, 10**7), "train_max_tokens": (1, 10**6),
         "train_lr": (1e-8, 1.0), "train_warmup": (0, 10**7), "train_dropout": (0.0, 0.9), "seed": (0, 2**32 - 1),
-        "measure_archs": (5, 10**5), "measure_trials": (1, 10**6), "measure_warmup": (-1, 10**4),
+        "measure_archs": (5, 10**5), "tune_trials": (0, 10**7), "tune_budget_min": (0.0, 1e6),
+        "measure_warmup": (-1, 10**4),
         "measure_repeats": (0, 10**5), "latency_budget_ms": (0.0, 1e7), "val_sentences": (1, 10**7),
         "population": (2, 10**5), "parents": (1, 10**5), "mutations": (0, 10**5), "crossovers": (0, 10**5),
         "mutation_prob": (0.0, 1.0), "generations": (1, 10**4), "bleu_archs": (0, 1000),
-        "bleu_sentences": (1, 10**7), "compile_trials": (0, 10**6), "translate_sentences": (0, 10**5),
+        "bleu_sentences": (1, 10**7), "translate_sentences": (0, 10**5),
     }
 
     def check(self, where: str = "config") -> PipelineConfig:
@@ -151,8 +154,11 @@ class Run:
         return self.out / "latency.db"
 
     @property
-    def tune_db(self) -> Path | None:
-        return Path(self.cfg.tune_db).expanduser() if self.cfg.tune_db else None
+    def tune_db(self) -> Path:
+        """The target's tuning database: the space's records, applied by every build of the run."""
+        from mosc.compiler.tune import default_db_dir
+
+        return Path(self.cfg.tune_db).expanduser() if self.cfg.tune_db else default_db_dir(self.target)
 
     def log(self, msg: str) -> None:
         self.console.print(msg, highlight=False, markup=False, soft_wrap=True)
@@ -174,9 +180,7 @@ class Run:
         return load_space(ModelSource(checkpoint=self.run_dir))
 
     def measure_label(self) -> str:
-        c = self.cfg
-        return (f"tuned ({c.measure_trials} trials each)" if c.measure_tune else
-                "UNTUNED builds (no schedules: absolute times are pessimistic, the ranking is what counts)")
+        return f"built from the tuning database {self.tune_db} (tuned records + default schedules, no per-arch tuning)"
 
     def measure(self, archs: list):
         """Measure archs on the target through TVM into the run's latency DB (archs already there
@@ -186,11 +190,10 @@ class Run:
 
         c = self.cfg
         source = ModelSource(checkpoint=self.run_dir, space=c.space, mode=c.mode, seed=c.seed)
-        # Untuned measurement builds read an empty tuning database, not the machine's: otherwise
-        # schedules tuned later (the winner's, another run's) would leak into some rows only.
-        cache = ArtifactCache(self.target, source, root=self.out / "artifacts", tune=c.measure_tune,
-                              trials=c.measure_trials, tune_db=self.tune_db if c.measure_tune else
-                              self.out / "tune-db-empty", log=self.log)
+        # Every build applies the space's database as the tune stage left it and tunes nothing
+        # itself: the rows, the search and the deployed artifact all see the same schedules.
+        cache = ArtifactCache(self.target, source, root=self.out / "artifacts", tune=False, tune_db=self.tune_db,
+                              log=self.log)
         with self.bar(f"measuring on {self.target.name}", len(archs)) as advance:
             return measure_into_db(self.target, archs, cache, self.db_path, remote=remote_for(self.target),
                                    refuse_emulated=True, source="mosc pipeline", log=self.log, done=advance)
@@ -223,6 +226,24 @@ def train_stage(r: Run) -> dict:
     return {"train": res}
 
 
+def tune_stage(r: Run) -> dict:
+    from mosc.jobs.tune import ModelShape, tune_space
+
+    c = r.cfg
+    if c.tune_trials == 0:
+        r.log("tune_trials = 0: no tuning; builds use the database as it is plus default schedules")
+        return {"tune": {"trials": 0}}
+    sf, extra, rep = tune_space(r.space(), ModelShape.of_checkpoint(r.run_dir), r.target, trials=c.tune_trials,
+                                budget_min=c.tune_budget_min or None, tune_db=r.tune_db, log=r.log)
+    r.log(f"space {sf.space}: {rep.with_record}/{rep.workloads} workloads with a tuned record, {rep.trials} trials "
+          f"in {rep.seconds:.0f} s ({rep.trials_total} in the database)" +
+          ("; stopped by tune_budget_min: the next run goes on" if rep.budget_left else ""))
+    return {"tune": {"db": str(r.tune_db), "workloads": rep.workloads, "with_record": rep.with_record,
+                     "trials": rep.trials, "trials_total": rep.trials_total, "untunable": rep.untunable,
+                     "found_only_by_random_archs": extra, "seconds": round(rep.seconds, 1),
+                     "budget_left": rep.budget_left}}
+
+
 def measure_stage(r: Run) -> dict:
     from mosc.jobs.artifacts import sample_archs
 
@@ -235,7 +256,7 @@ def measure_stage(r: Run) -> dict:
     lat = sorted(m.latency_ms.values())
     r.log(f"measured {len(m.new)} new, {len(m.skipped)} already in {r.db_path}; "
           f"latency {lat[0]:.2f}..{lat[-1]:.2f} ms, median {statistics.median(lat):.2f} ms")
-    return {"measure": {"archs": len(archs), "new": len(m.new), "skipped": len(m.skipped), "tuned": r.cfg.measure_tune,
+    return {"measure": {"archs": len(archs), "new": len(m.new), "skipped": len(m.skipped),
                         "label": r.measure_label(), "db": str(r.db_path), "device_key": m.device_key,
                         "latency_ms": m.latency_ms, "median_ms": statistics.median(lat)}}
 
@@ -324,28 +345,30 @@ def export_stage(r: Run) -> dict:
                        "param_count": sum(p.numel() for p in sub.parameters()), "onnx": exports}}
 
 
-def _compile_one(r: Run, target, tune: bool, trials: int) -> dict:
+def _compile_one(r: Run, target, db: Path) -> dict:
     from mosc.jobs.build import compile_export
     from mosc.nn.export import Shapes
 
     onnx = Path(r.summary["export"]["onnx"][_shape_key(Shapes.from_protocol(target.protocol))])
     d = r.out / f"artifact-{target.name}"
-    r.log(f"compiling for {target.name} ({f'tuned, {trials} trials' if tune else 'untuned (--no-tune)'}) -> {d}")
-    c = compile_export(onnx, target, d, trials=trials, tune=tune, tune_db=r.tune_db)
-    rep = c.report
-    r.log(f"  {c.manifest['compile_seconds']:.1f} s" + (
-        f"; {rep['tasks']} tasks: {rep['cached']} cached, {rep['tuned']} tuned, {rep.get('untried', 0)} without a "
-        f"trial; {rep['trials']} trials" if rep else ""))
-    return {"path": str(d), "tuned": tune, "trials": trials if tune else 0,
-            "compile_seconds": c.manifest["compile_seconds"]}
+    r.log(f"compiling for {target.name} from the tuning database {db} -> {d}")
+    c = compile_export(onnx, target, d, tune=False, tune_db=db)
+    cov = c.manifest["tuning"]["coverage"].values()
+    from_db, total = sum(x["from_database"] for x in cov), sum(x["functions"] for x in cov)
+    r.log(f"  {c.manifest['compile_seconds']:.1f} s; {from_db}/{total} functions from tuned records, "
+          f"the rest default schedules")
+    return {"path": str(d), "compile_seconds": c.manifest["compile_seconds"], "functions": total,
+            "functions_from_database": from_db}
 
 
 def compile_stage(r: Run) -> dict:
+    from mosc.compiler.tune import default_db_dir
+
     c, tg = r.cfg, r.target
-    tune = c.compile_tune and c.compile_trials > 0
-    arts = {"host": _compile_one(r, tg if tg.name == "host" else _target("host", c), tune, c.compile_trials)}
+    host = tg if tg.name == "host" else _target("host", c)
+    arts = {"host": _compile_one(r, host, r.tune_db if tg.name == "host" else default_db_dir(host))}
     if tg.name != "host":
-        arts[tg.name] = _compile_one(r, tg, tune, c.compile_trials)
+        arts[tg.name] = _compile_one(r, tg, r.tune_db)  # the build the measure stage timed
     ct = c.cross_target
     if ct and ct not in arts:
         cross = _target(ct, PipelineConfig())
@@ -354,7 +377,7 @@ def compile_stage(r: Run) -> dict:
             r.log(f"skipping {ct}: cross compiler {cc!r} not on PATH (apt-get install gcc-aarch64-linux-gnu)")
             arts[ct] = {"skipped": f"cross compiler {cc} not found"}
         else:
-            arts[ct] = _compile_one(r, cross, False, 0)
+            arts[ct] = _compile_one(r, cross, default_db_dir(cross))
     return {"compile": arts}
 
 
@@ -409,12 +432,16 @@ def check_stage(r: Run) -> dict:
     rows.sort(key=lambda x: x["predicted_ms"])
     errs = [abs(x["predicted_ms"] / x["measured_ms"] - 1) for x in rows if x["bleu"] is not None and x["measured_ms"]]
     r.log(f"predicted vs measured on the checked archs: mean error {statistics.mean(errs):.1%}, max {max(errs):.1%}")
-    # the deployment artifact of the winner (tuned when compile_tune), timed with the same protocol
+    # the deployment artifact of the winner, built like the measured ones, timed with the same protocol
     art = r.summary["compile"][r.target.name]
     stats = bench(r.target, artifact=Path(art["path"]), log=lambda m: None)["stats"]
-    r.log(f"winner's compiled {r.target.name} artifact ({'tuned, %d trials' % art['trials'] if art['tuned'] else 'untuned'}): "
-          f"{stats['latency_ms']:.2f} ms (median {stats['median_ms']:.2f}, p90 {stats['p90_ms']:.2f})")
-    return {"front": rows, "winner_artifact": {"path": art["path"], "tuned": art["tuned"], "trials": art["trials"],
+    row_ms = r.measured.get(r.best.arch.hash)
+    agree = stats["latency_ms"] / row_ms if row_ms else None
+    r.log(f"winner's deployed {r.target.name} artifact: {stats['latency_ms']:.2f} ms (median {stats['median_ms']:.2f}, "
+          f"p90 {stats['p90_ms']:.2f})" + (f"; its measured row: {row_ms:.2f} ms (deployed/measured {agree:.2f})"
+                                            if row_ms else ""))
+    return {"front": rows, "winner_artifact": {"path": art["path"], "measured_row_ms": row_ms,
+                                               "deployed_over_measured": agree,
                                                **{k: stats[k] for k in ("latency_ms", "median_ms", "p90_ms", "std_ms")}}}
 
 
@@ -428,6 +455,7 @@ class Stage:
 # The main job, as a named list of stages (the way a compile pipeline is a named list of passes).
 STAGES = [
     Stage("train", lambda r: f"train a {r.cfg.mode} supernet ({r.cfg.space} space, {r.cfg.corpus} corpus)", train_stage),
+    Stage("tune", lambda r: f"tune the {r.cfg.space} space's workloads once for {r.target.name}", tune_stage),
     Stage("measure", lambda r: f"measure {r.cfg.measure_archs} subnets on {r.target.name} (TVM)", measure_stage),
     Stage("predictor", lambda r: f"fit the {r.cfg.predictor} latency predictor", predictor_stage),
     Stage("search", lambda r: "evolutionary search under the latency budget + Pareto front", search_stage),
@@ -488,6 +516,7 @@ def next_commands(cfg: PipelineConfig, out: Path) -> list[str]:
         "mosc pipeline --config examples/multi30k.toml -o runs/m30k-pipeline   # real data (../shared/data/multi30k), bigger budget",
         "mosc pipeline --config examples/rpi4.toml -o runs/rpi4-pipeline       # a real Raspberry Pi over RPC (see the file's comments)",
         f"mosc translate --artifact {out}/artifact-host --text \"...\"          # the compiled winner",
+        f"mosc tune -t {cfg.target} -c {out}/run --status                      # the space's tuning coverage",
         f"mosc evaluate -c {out}/run --subnet {out}/subnet --beam 4             # the winner's BLEU on the full split",
         f"mosc search -t {cfg.target} -p {out}/predictor.json -c {out}/run --pareto -o {out}/search-hat   # HAT-size search",
     ]
@@ -505,7 +534,7 @@ def print_summary(s: dict, console: Console) -> None:
         rows = [rows[i] for i in keep]
     shown = f"{len(rows)} of {len(s['front'])} archs, " if len(rows) < len(s["front"]) else ""
     t = Table(title=f"Pareto front on {s['config']['target']} ({shown}* = winner under {s['search']['budget_ms']:.2f} ms)",
-              caption=f"measured: {'tuned' if s['measure']['tuned'] else 'untuned'} TVM builds, the target's protocol; "
+              caption="measured: TVM builds from the space's tuning database, the target's protocol; "
                       f"BLEU: greedy, {s['config']['bleu_sentences']} validation sentences")
     for c in ("arch", "val loss", "BLEU", "predicted ms", "measured ms"):
         t.add_column(c, justify="left" if c == "arch" else "right")
@@ -516,8 +545,9 @@ def print_summary(s: dict, console: Console) -> None:
     console.print(t)
     w = s.get("winner_artifact")
     if w:
-        console.print(f"winner's deployment artifact ({'tuned, %d trials' % w['trials'] if w['tuned'] else 'untuned'}): "
-                      f"{w['latency_ms']:.2f} ms measured ({w['path']})", highlight=False)
+        row = w.get("measured_row_ms")
+        console.print(f"winner's deployment artifact: {w['latency_ms']:.2f} ms measured ({w['path']})" +
+                      (f"; its row in the latency DB: {row:.2f} ms" if row else ""), highlight=False)
     a = Table("artifact", "where", title="files")
     for k, v in s["artifacts"].items():
         a.add_row(k, v)

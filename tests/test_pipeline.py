@@ -12,7 +12,7 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 def test_defaults_and_examples_parse():
     d = PipelineConfig()
-    assert d.target == "host" and d.measure_archs == 12 and d.compile_trials == 32 and d.population == 40
+    assert d.target == "host" and d.measure_archs == 12 and d.tune_trials == 1000 and d.population == 40
     assert PipelineConfig.load(ROOT / "examples" / "tiny.toml") == d  # the built-in default, written out
     m = PipelineConfig.load(ROOT / "examples" / "multi30k.toml")
     assert m.corpus == "multi30k" and m.train_steps > d.train_steps
@@ -61,28 +61,31 @@ def test_cli_bad_config_exits_2(tmp_path):
 
 SMALL = dict(train_steps=3, train_max_tokens=256, train_warmup=1, max_train_pairs=200, measure_archs=5,
              measure_warmup=0, measure_repeats=3, population=6, parents=3, mutations=2, crossovers=2, generations=2,
-             val_sentences=10, bleu_archs=1, bleu_sentences=5, compile_tune=False, cross_target="",
+             val_sentences=10, bleu_archs=1, bleu_sentences=5, tune_trials=0, cross_target="",
              translate_sentences=2)
 
 
 def test_pipeline_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setenv("MOSC_ARTIFACT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MOSC_TUNE_DIR", str(tmp_path / "tune"))  # never the machine's own database
     from mosc.pipeline import run_pipeline
 
     out = tmp_path / "p"
     s = run_pipeline(PipelineConfig(**SMALL), out)
     j = json.loads((out / "summary.json").read_text())
     assert j["train"]["steps"] == 3
-    assert len(j["measure"]["latency_ms"]) == 5 and j["measure"]["tuned"] is False
+    assert len(j["measure"]["latency_ms"]) == 5 and j["tune"] == {"trials": 0}
     assert j["predictor"]["rows"] == 5
     assert j["search"]["budget_ms"] == pytest.approx(j["measure"]["median_ms"])
     assert j["front"] and any(r["winner"] for r in j["front"]) and any(r["bleu"] is not None for r in j["front"])
-    assert set(j["stage_seconds"]) == {"train", "measure", "predictor", "search", "export", "compile", "translate",
-                                       "check"}
+    assert set(j["stage_seconds"]) == {"train", "tune", "measure", "predictor", "search", "export", "compile",
+                                       "translate", "check"}
     checked = [r for r in j["front"] if r["bleu"] is not None]
     assert checked and all(r["measured_ms"] > 0 for r in checked)  # every checked arch was measured
-    assert j["winner_artifact"]["latency_ms"] > 0 and j["winner_artifact"]["tuned"] is False
-    assert j["compile"]["host"]["tuned"] is False
+    w = j["winner_artifact"]
+    assert w["latency_ms"] > 0 and w["measured_row_ms"] > 0  # the winner is among the checked archs
+    host = j["compile"]["host"]
+    assert host["functions"] > 0 and host["functions_from_database"] == 0  # an empty database: default schedules
     assert len(j["translate"]["sentences"]) == 2 and all("output" in r for r in j["translate"]["sentences"])
     assert j["next"] and s["total_seconds"] > 0
 

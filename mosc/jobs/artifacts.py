@@ -199,8 +199,13 @@ class ArtifactCache:
             from mosc.compiler.artifact import read_manifest
 
             m = read_manifest(art)
+            cov = (m["tuning"].get("coverage") or {}).values()
             notes.update({"artifact": str(art), "artifact_reused": reused, "tuned": m["tuning"]["tuned"],
-                          "tuning_records": m["tuning"]["database"].get("records")})
+                          "tuning_records": m["tuning"]["database"].get("records"),
+                          "tuning_db_sha256": m["tuning"]["database"].get("sha256"),
+                          # how much of this build came from tuned records (the rest: default schedules)
+                          "functions_from_database": sum(c["from_database"] for c in cov),
+                          "functions_default_scheduled": sum(c["default_scheduled"] for c in cov)})
             return Prepared(artifact=art, notes=notes)
         if backend == "ort":
             return Prepared(export_dir=self.export_dir(arch), notes=notes)
