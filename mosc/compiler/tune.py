@@ -67,6 +67,8 @@ def open_database(db_dir: Path | str):
 
     db_dir = Path(db_dir)
     db_dir.mkdir(parents=True, exist_ok=True)
+    for name in DB_FILES:
+        _drop_torn_tail(db_dir / name)
     return ms.database.JSONDatabase(
         path_workload=str(db_dir / "database_workload.json"),
         path_tuning_record=str(db_dir / "database_tuning_record.json"),
@@ -75,6 +77,23 @@ def open_database(db_dir: Path | str):
 
 
 DB_FILES = ("database_workload.json", "database_tuning_record.json")
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a JSON-lines file back to its last complete line.
+
+    MetaSchedule appends a line per record as it measures; a process killed mid-write leaves
+    half a line, and the next process would append its first record onto it (both lost, or
+    the file unreadable). The cut is written to a temp file and renamed over the old one.
+    """
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    from mosc.fileio import atomic_write_bytes
+
+    atomic_write_bytes(path, data[: data.rfind(b"\n") + 1])
 
 
 def database_id(db_dir: Path | str) -> dict:

@@ -143,22 +143,23 @@ class Coverage:
 
 
 def coverage(database, target: Target, workloads: dict[str, Workload]) -> list[Coverage]:
-    """Per workload, from the database: trials spent and the best time (sorted by share)."""
-    spent: dict[str, int] = {}
-    for rec in database.get_all_tuning_records():
-        k = workload_key(rec.workload.mod)
-        spent[k] = spent.get(k, 0) + 1
-    tvm_target = target.tvm_target()
+    """Per workload, from the database: trials spent and the best time (sorted by share).
+
+    Each workload is looked up with the database's own equality (as a build looks it up),
+    not by comparing hashes: a module read back from the database's JSON does not always
+    hash like the module it was written from (seen for `take` and a plain matmul)."""
     total = sum(w.cost for w in workloads.values()) or 1.0
     out = []
     for k, w in workloads.items():
-        best = None
-        if spent.get(k):
-            rec = database.query_tuning_record(w.ir_module(), tvm_target, w.name)
-            if rec is not None and rec.run_secs:
-                best = 1e6 * sum(float(s) for s in rec.run_secs) / len(rec.run_secs)
-                best = None if best >= 1e9 else best  # MetaSchedule's 1e10 s marks a failed run
-        out.append(Coverage(k, w.name, w.cost / total, spent.get(k, 0), best))
+        spent, best = 0, None
+        mod = w.ir_module()
+        if database.has_workload(mod):
+            records = database.get_top_k(database.commit_workload(mod), 1 << 30)  # best first
+            spent = len(records)
+            secs = [float(s) for s in (records[0].run_secs or [])] if records else []
+            if secs and sum(secs) / len(secs) < 1e9:  # MetaSchedule's 1e10 s marks a failed run
+                best = 1e6 * sum(secs) / len(secs)
+        out.append(Coverage(k, w.name, w.cost / total, spent, best))
     return sorted(out, key=lambda c: -c.share)
 
 
