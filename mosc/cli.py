@@ -650,12 +650,16 @@ def device_serve(
     key: str = typer.Option(..., help="Device key to register under (a target's \\[rpc] key, e.g. host, rpi4)."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (an RPC server runs any code it is sent: keep it local or trusted)."),
     port: int = typer.Option(9091, help="First TCP port to try; the next free one up to +100 is taken."),
+    log_sessions: bool = typer.Option(False, "--log-sessions", help="Print a line per RPC session (which device of a farm got work)."),
 ):
-    """Run a TVM RPC server on this machine, registered with a tracker (foreground)."""
+    """Run a TVM RPC server on this machine, registered with a tracker (foreground).
+
+    Several devices registered under one key form a farm: `mosc measure` takes any free one, `mosc tune` measures on all of them at once.
+    """
     from mosc.device.server import run_server
     from mosc.rpc import parse_hostport
 
-    run_server(*parse_hostport(tracker), key, host, port)
+    run_server(*parse_hostport(tracker), key, host, port, log_sessions=log_sessions)
 
 
 @command(device_app, "emulate")

@@ -182,3 +182,43 @@ def test_status_of_a_space_never_tuned_is_one_line(env, targets_dir, tmp_path):
     r = CliRunner().invoke(app, ["tune", "-t", "host", "-s", str(env / "small.toml"), "--tune-db", str(tmp_path / "none"),
                                  "--status"])
     assert r.exit_code == 2 and "has not been tuned for host" in r.output and "Traceback" not in r.output
+
+
+def test_a_farm_of_devices_under_one_key_measures_at_once(tmp_path):
+    """Two RPC servers (this machine) registered under one key: the tuner's runner gets one
+    worker per device, tuning over the tracker records real measurements, and both devices
+    served sessions (each server prints a line per session with --log-sessions)."""
+    from rpc_helpers import free_port, start_server, start_tracker
+
+    from mosc.compiler.passes import import_onnx
+    from mosc.compiler.tune import check_tracker, rpc_runner, tune
+
+    path = tmp_path / "mlp.onnx"
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64)).eval()
+    torch.onnx.export(mlp, (torch.randn(4, 64),), path, input_names=["x"], output_names=["y"], dynamo=False)
+    tracker, port = start_tracker()
+    servers = []
+    try:
+        for _ in range(2):
+            servers.append(start_server(port, "farm", argv=[sys.executable, "-m", "mosc.device.server", "serve",
+                                                             "--tracker", f"127.0.0.1:{port}", "--key", "farm",
+                                                             "--port", str(free_port()), "--log-sessions"]))
+        target = load_target("host").with_rpc(f"127.0.0.1:{port}", "farm")  # given explicitly: measured over RPC
+        deadline = time.time() + 60  # start_server returns once the key is there: the first one
+        while check_tracker(target) < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        assert target.needs_rpc and check_tracker(target) == 2
+        assert rpc_runner(target).pool._threadpool._max_workers == 2  # one measuring worker per device
+        report = tune([import_onnx(path)], target, tmp_path / "db", trials=16, progress=False)
+        assert report.trials >= 8 and report.tuned >= 1, report
+        sessions = []
+        for s in servers:  # stop it, then read what it printed
+            os.killpg(s.p.pid, signal.SIGKILL)
+            s.p.wait(timeout=10)
+            sessions.append(s.p.stdout.read().count("session connected from"))
+    finally:
+        for s in servers:
+            s.kill()
+        tracker.kill()
+    assert all(n > 0 for n in sessions), sessions

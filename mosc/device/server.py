@@ -132,8 +132,11 @@ def _tracker_connector(key: str, host: str, port: int):
 
 
 def run_server(tracker_host: str, tracker_port: int, key: str, host: str = DEFAULT_HOST,
-               port: int = DEFAULT_SERVER_PORT, port_end: int | None = None, load_library: str | None = None) -> None:
+               port: int = DEFAULT_SERVER_PORT, port_end: int | None = None, load_library: str | None = None,
+               log_sessions: bool = False) -> None:
     """Run a TVM RPC server registered with a tracker under `key`, in this process, until killed.
+
+    log_sessions: print a line per session (who connected): which device of a farm got work.
 
     It registers again after the tracker restarts or the way to it breaks (_tracker_connector).
     TVM's listen loop dies when a session child exits abnormally (a crashed session); it is
@@ -156,6 +159,8 @@ def run_server(tracker_host: str, tracker_port: int, key: str, host: str = DEFAU
                                                    load_library=load_library, silent=True)
         except (OSError, ValueError) as e:
             raise SystemExit(f"error: cannot start an RPC server on {host}:{port} ({e})")
+        if log_sessions:  # after the state: silent=True has just set TVM's logger to ERROR
+            _print_sessions(key)
         if first:
             info = own_info()
             print(f"RPC server {key!r} on {host}:{state.port} ({info['machine']}"
@@ -168,6 +173,22 @@ def run_server(tracker_host: str, tracker_port: int, key: str, host: str = DEFAU
         pause = 0.5 if time.monotonic() - started > 60 else min(2 * pause, RECONNECT_MAX_S)  # a loop that keeps dying waits longer
         print(f"RPC server {key!r}: listen loop ended; restarting in {pause:g} s", file=sys.stderr, flush=True)
         time.sleep(pause)
+
+
+def _print_sessions(key: str) -> None:
+    """Print TVM's "connected from" log records of this server as one line each on stdout."""
+
+    class Sessions(logging.Handler):
+        def emit(self, record):
+            msg = record.getMessage()
+            if msg.startswith("connected from"):
+                print(f"RPC server {key!r}: session {msg}", flush=True)
+
+    lg = logging.getLogger("RPCServer")
+    lg.setLevel(logging.INFO)
+    lg.propagate = False
+    if not any(type(h).__name__ == "Sessions" for h in lg.handlers):
+        lg.addHandler(Sessions())
 
 
 # ----------------------------------------------------------------------------- qemu
@@ -218,12 +239,13 @@ def _main(argv: list[str] | None = None) -> None:
     s.add_argument("--key", required=True)
     s.add_argument("--host", default=DEFAULT_HOST)
     s.add_argument("--port", type=int, default=DEFAULT_SERVER_PORT)
+    s.add_argument("--log-sessions", action="store_true")
     a = ap.parse_args(argv)
     if a.cmd == "tracker":
         run_tracker(a.host, a.port)
     else:
         th, _, tp = a.tracker.rpartition(":")
-        run_server(th, int(tp), a.key, a.host, a.port)
+        run_server(th, int(tp), a.key, a.host, a.port, log_sessions=a.log_sessions)
 
 
 if __name__ == "__main__":
