@@ -52,9 +52,10 @@ def test_protocol_feeds_caches_back_in_order():
     def encode():
         return 0.001, "cross"
 
-    def step(pos, k, v, cross):
+    def step(pos, caches, cross):
+        k, v = caches
         calls.append((pos, k, v, cross))
-        return 0.002, k + 1, v + 10
+        return 0.002, (k + 1, v + 10)
 
     enc, dec = run_protocol(encode, step, lambda: (0, 0), steps=4, warmup=2, repeats=3)
     assert len(enc) == len(dec) == 3 and dec[0] == pytest.approx(8.0) and enc[0] == pytest.approx(1.0)
