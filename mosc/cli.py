@@ -451,16 +451,18 @@ def _print_compiled(c, target_name: str):
     t = Table("", "value", title=f"artifact {c.path} for {target_name}")
     t.add_row("TVM target", m["tvm_target"])
     if r:
-        t.add_row("tuning tasks", f"{r['tasks']} ({r['cached']} cached, {r['tuned']} tuned; left unscheduled: "
+        t.add_row("tuning tasks", f"{r['tasks']} ({r['cached']} cached, {r['tuned']} tuned; without a record: "
                                   f"{r.get('untried', 0)} without a trial (raise --trials), "
                                   f"{r.get('untunable', 0)} untunable)")
         t.add_row("trials measured", str(r["trials"]))
         t.add_row("tuning time", f"{r['seconds']:.1f} s")
     else:
-        t.add_row("tuning", "skipped (--no-tune): " + (
-            "database records applied" if m["tuning"]["database"]["records"] else
-            "no records: TVM's default GPU schedules" if m["device"] != "cpu" else
-            "no records, unscheduled CPU code is slow"))
+        t.add_row("tuning", "skipped (--no-tune): the database's records applied as they are")
+    cov = (m["tuning"].get("coverage") or {}).values()
+    if cov:
+        n, db = sum(x["functions"] for x in cov), sum(x["from_database"] for x in cov)
+        rest = "TVM's default GPU schedules" if m["device"] != "cpu" else "mosc's default schedules"
+        t.add_row("schedules", f"{db} of {n} functions from tuned records, {n - db} {rest}")
     t.add_row("database", f"{m['tuning']['database']['path']} ({m['tuning']['database']['records']} records)")
     for f in m["files"]:
         t.add_row(f, f"{(c.path / f).stat().st_size / 1e6:.1f} MB")
@@ -595,7 +597,7 @@ def measure_cmd(
     tracker: Optional[str] = typer.Option(None, help=TRACKER_HELP),
     key: Optional[str] = typer.Option(None, help=KEY_HELP),
     force: bool = typer.Option(False, "--force", help="Measure archs already in the database again (adds rows)."),
-    tune: bool = typer.Option(True, "--tune/--no-tune", help="Tune new artifacts with MetaSchedule (real speed) or build with what the tuning database holds."),
+    tune: bool = typer.Option(False, "--tune/--no-tune", help="Build from the target's tuning database as it is (default: tune the space once with `mosc tune --space`, so what is measured is what is deployed) or also tune what each new artifact lacks."),
     trials: Optional[int] = typer.Option(None, min=1, help="MetaSchedule trial budget per new artifact (default: mosc compile's)."),
     tune_db: Optional[Path] = typer.Option(None, "--tune-db", help=TUNE_DB_HELP),
     cache: Optional[Path] = typer.Option(None, help=CACHE_HELP),
