@@ -123,12 +123,12 @@ def torch_runner(sub: Subnet, src: np.ndarray, T: int):
     return run
 
 
-def ort_runner(export_dir: Path, src: np.ndarray, T: int):
+def ort_runner(export_dir: Path, src: np.ndarray, T: int, threads: int = 1):
     import onnxruntime as ort
 
     meta = load_export(export_dir)
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     enc, dec = (ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"])
                 for p in onnx_files(export_dir, meta).values())

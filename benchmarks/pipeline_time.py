@@ -47,7 +47,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
         "total_seconds": total, "stage_seconds": s["stage_seconds"],
         "stage_share": {k: round(v / total, 3) for k, v in s["stage_seconds"].items()},
-        "train": s["train"], "measure": {k: s["measure"][k] for k in ("archs", "tuned", "median_ms", "latency_ms")},
+        "train": s["train"], "tune": s["tune"], "measure": {k: s["measure"][k] for k in ("archs", "label", "median_ms", "latency_ms")},
         "predictor": {k: s["predictor"][k] for k in ("model", "rows", "in_sample", "held_out")},
         "search": s["search"], "checked": [r for r in s["front"] if r["bleu"] is not None],
         "front_size": len(s["front"]), "winner_artifact": s["winner_artifact"],
