@@ -8,7 +8,7 @@
 A workload is one fused TIR function as PREPARE leaves it (mosc.compiler.passes); its key is
 its structural hash, the same equality MetaSchedule's database uses (MODULE_EQUALITY). The
 exported graphs keep each decoder layer's tensors apart, so a space's workloads are few
-(tiny: ~110, wmt: ~120) and the same for every arch that uses the same per-layer choices.
+(tiny: 93, wmt: 112) and the same for every arch that uses the same per-layer choices.
 
 This module does not know torch, archs or how the graphs were exported (mosc.jobs.tune
 exports a covering set of archs), nor how a build applies the records (build.py). It imports
