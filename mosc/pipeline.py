@@ -49,7 +49,7 @@ class PipelineConfig:
     # -- tuning the space once per target (stage 2): every later build applies its records --
     target: str = "host"  # device measured and searched for (a name in targets/)
     tune_trials: int = 1000  # trial budget for the space's workloads (0 = none: default schedules only)
-    tune_budget_min: float = 2.0  # stop tuning after this many minutes (0 = no limit); the next run goes on
+    tune_budget_min: float = 1.0  # stop tuning after this many minutes (0 = no limit); the next run goes on
     tune_db: str = ""  # tuning database folder ("" = ~/.cache/mosc/tune/<target>)
     # -- latency measurement (stage 3), from the space's tuning database -------------------
     measure_archs: int = 12  # subnets sampled and measured through TVM
