@@ -144,8 +144,6 @@ def test_subnet_fully_scheduled_and_equal_to_naive(host, subnet_graphs, graph):
 def test_template_tunes_and_the_record_replays(host, subnet_graphs, tmp_path):
     """A few trials of the template alone on one real matmul task: valid records, and the best
     one replays through MetaScheduleApplyDatabase into a build with the naive build's numbers."""
-    import logging
-
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
 
@@ -154,6 +152,7 @@ def test_template_tunes_and_the_record_replays(host, subnet_graphs, tmp_path):
         _extract_tasks,
         _import_tensor_intrinsics,
         _inprocess_builder,
+        _task_loggers,
     )
 
     target = host.tvm_target()
@@ -179,13 +178,12 @@ def test_template_tunes_and_the_record_replays(host, subnet_graphs, tmp_path):
     other = next(t for t in tasks if t.task_name.startswith("softmax"))
     assert not any(from_template(s.trace) for s in spaces(other, space_generator(target)))
 
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
     db = ms.database.JSONDatabase(path_workload=str(tmp_path / "w.json"), path_tuning_record=str(tmp_path / "r.json"),
                                   module_equality="structural")
     ctx = ms.TuneContext(
         mod=task.dispatched[0], target=target, space_generator=space_generator(target, default_space=False),
         search_strategy=ms.search_strategy.EvolutionarySearch(population_size=8), task_name=task.task_name,
-        rand_state=0, num_threads=1, logger=ms.logging.get_loggers_from_work_dir(str(tmp_path), [task.task_name])[0],
+        rand_state=0, num_threads=1, logger=_task_loggers(tmp_path, [task.task_name])[0],
     ).clone()
     ms.tune.tune_tasks(tasks=[ctx], task_weights=[1.0], work_dir=str(tmp_path), max_trials_global=6,
                        max_trials_per_task=6, num_trials_per_iter=6, builder=_inprocess_builder(),
