@@ -518,6 +518,7 @@ def tune_cmd(
     target: str = typer.Option(..., "--target", "-t", help=TARGET_HELP),
     space: Optional[str] = typer.Option(None, "--space", "-s", help=SPACE_HELP + " Default: the checkpoint's, else tiny."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Supernet run/checkpoint whose vocabulary and positions the graphs have (default: a fresh supernet's)."),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", min=8, help="Vocabulary of the model to deploy, without --checkpoint (default: a fresh supernet's, 1000); the embedding and output kernels depend on it."),
     trials: int = typer.Option(2000, min=1, help="Trial budget of the whole space (every workload first gets its minimum, then the budget goes by share of latency)."),
     budget_min: Optional[float] = typer.Option(None, "--budget-min", min=0.1, help="Stop starting new workloads after this many minutes (run again to go on)."),
     tune_db: Optional[Path] = typer.Option(None, "--tune-db", help=TUNE_DB_HELP),
@@ -536,7 +537,11 @@ def tune_cmd(
     sp = load_space(ModelSource(checkpoint=checkpoint, space=space or "tiny"))
     if space is not None and checkpoint is not None and sp.name != _space(space).name:
         raise MoscError(f"--space {space} differs from the checkpoint's space {sp.name!r}; give one of them")
+    if checkpoint is not None and vocab_size is not None:
+        raise MoscError("--vocab-size comes from the checkpoint; give one of --checkpoint and --vocab-size")
     shape = ModelShape.of_checkpoint(checkpoint)
+    if vocab_size is not None:
+        shape = ModelShape(vocab_size=vocab_size)
     if not status:
         sf, extra, r = tune_space(sp, shape, tg, trials=trials, budget_min=budget_min, tune_db=tune_db, log=log)
         log(f"tuned {r.trials} trials in {r.seconds:.0f} s" + (" (stopped by --budget-min; run again to go on)"
