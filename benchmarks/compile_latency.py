@@ -178,6 +178,18 @@ def tvm_runner(art_dir: Path, src: np.ndarray, T: int):
     return run, art
 
 
+def profile_table(title: str, profile: dict):
+    """profile_tvm's top kernels as a rich table: kernel, calls, ms, share of kernel time."""
+    from rich.table import Table
+
+    pt = Table(title=title)
+    for col in ["kernel", "calls", "ms", "share"]:
+        pt.add_column(col, justify="left" if col == "kernel" else "right")
+    for k in profile["top"]:
+        pt.add_row(k["kernel"], str(k["calls"]), f"{k['ms']:.2f}", f"{k['share_of_kernels']:.0%}")
+    return pt
+
+
 def profile_tvm(art, run, top: int = 8) -> dict:
     """Time per VM call (kernels and VM builtins) over one translation, via VM instrumentation.
 
@@ -387,14 +399,9 @@ def main(argv=None) -> int:
                   f"{tr['seconds']:.0f}", "yes" if r["tokens_equal"] else "NO")
     console.print(t)
     p = results[-1]["profile_tvm_tuned"]
-    pt = Table(title=f"where TVM (tuned) time goes: {results[-1]['name']}, one translation, instrumented "
-                     f"({p['kernel_ms']:.1f} ms in kernels, {p['vm_builtin_ms']:.1f} ms in VM builtins; "
-                     f"matmuls {p['matmul_share_of_kernels']:.0%} of kernel time)")
-    for col in ["kernel", "calls", "ms", "share"]:
-        pt.add_column(col, justify="left" if col == "kernel" else "right")
-    for k in p["top"]:
-        pt.add_row(k["kernel"], str(k["calls"]), f"{k['ms']:.2f}", f"{k['share_of_kernels']:.0%}")
-    console.print(pt)
+    console.print(profile_table(f"where TVM (tuned) time goes: {results[-1]['name']}, one translation, instrumented "
+                                f"({p['kernel_ms']:.1f} ms in kernels, {p['vm_builtin_ms']:.1f} ms in VM builtins; "
+                                f"matmuls {p['matmul_share_of_kernels']:.0%} of kernel time)", p))
     console.print(f"second subnet {second_row['name']}: compile with warm database "
                   f"{second_row['compile_warm_db_no_tune_s']:.1f} s (no tuning), "
                   f"{second_row['compile_warm_db_tune_missing_s']:.1f} s (tuning {rep['tasks'] - rep['cached'] - rep['untunable']} missing "

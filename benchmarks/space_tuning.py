@@ -78,6 +78,7 @@ from compile_latency import (
     measure,
     ort_runner,
     pick,
+    profile_table,
     profile_tvm,
     torch_runner,
     tvm_runner,
@@ -384,14 +385,10 @@ def main(argv=None) -> int:
                                   "1-core databases)", two["models"]))
     elif not args.no_two_threads:
         console.print(f"[red]2-thread row failed[/]: {two.get('error')}")
-    pt = Table(title=f"where TVM time goes in the worst model ({profile['model']}, {worst[0]['ratio_tvm_over_ort']:.2f}x ORT): "
-                     f"{profile['kernel_ms']:.1f} ms in kernels, {profile['vm_builtin_ms']:.1f} ms in VM builtins "
-                     f"(instrumented); matmuls {profile['matmul_share_of_kernels']:.0%} of kernel time")
-    for col in ["kernel", "calls", "ms", "share"]:
-        pt.add_column(col, justify="left" if col == "kernel" else "right")
-    for k in profile["top"]:
-        pt.add_row(k["kernel"], str(k["calls"]), f"{k['ms']:.2f}", f"{k['share_of_kernels']:.0%}")
-    console.print(pt)
+    console.print(profile_table(
+        f"where TVM time goes in the worst model ({profile['model']}, {worst[0]['ratio_tvm_over_ort']:.2f}x ORT): "
+        f"{profile['kernel_ms']:.1f} ms in kernels, {profile['vm_builtin_ms']:.1f} ms in VM builtins "
+        f"(instrumented); matmuls {profile['matmul_share_of_kernels']:.0%} of kernel time", profile))
     for s, r in spaces.items():
         ct = Table(title=f"space {s}: workloads with the largest expected share of latency")
         for col in ["workload", "share", "trials", "best us"]:

@@ -458,9 +458,11 @@ def _print_compiled(c, target_name: str):
         t.add_row("tuning time", f"{r['seconds']:.1f} s")
     else:
         t.add_row("tuning", "skipped (--no-tune): the database's records applied as they are")
-    cov = (m["tuning"].get("coverage") or {}).values()
-    if cov:
-        n, db = sum(x["functions"] for x in cov), sum(x["from_database"] for x in cov)
+    from mosc.compiler.artifact import schedule_coverage
+
+    cov = schedule_coverage(m)
+    if cov["functions"]:
+        n, db = cov["functions"], cov["from_database"]
         rest = "TVM's default GPU schedules" if m["device"] != "cpu" else "mosc's default schedules"
         t.add_row("schedules", f"{db} of {n} functions from tuned records, {n - db} {rest}")
     t.add_row("database", f"{m['tuning']['database']['path']} ({m['tuning']['database']['records']} records)")

@@ -346,6 +346,7 @@ def export_stage(r: Run) -> dict:
 
 
 def _compile_one(r: Run, target, db: Path) -> dict:
+    from mosc.compiler.artifact import schedule_coverage
     from mosc.jobs.build import compile_export
     from mosc.nn.export import Shapes
 
@@ -353,8 +354,8 @@ def _compile_one(r: Run, target, db: Path) -> dict:
     d = r.out / f"artifact-{target.name}"
     r.log(f"compiling for {target.name} from the tuning database {db} -> {d}")
     c = compile_export(onnx, target, d, tune=False, tune_db=db)
-    cov = c.manifest["tuning"]["coverage"].values()
-    from_db, total = sum(x["from_database"] for x in cov), sum(x["functions"] for x in cov)
+    cov = schedule_coverage(c.manifest)
+    from_db, total = cov["from_database"], cov["functions"]
     r.log(f"  {c.manifest['compile_seconds']:.1f} s; {from_db}/{total} functions from tuned records, "
           f"the rest default schedules")
     return {"path": str(d), "compile_seconds": c.manifest["compile_seconds"], "functions": total,

@@ -71,6 +71,14 @@ def write_manifest(art_dir: Path | str, graphs: dict[str, dict], *, target: str,
     return manifest
 
 
+def schedule_coverage(manifest: dict) -> dict[str, int]:
+    """Over all graphs of an artifact: {functions, from_database, default_scheduled} (the TIR
+    functions whose schedule came from a tuning record, and those given a default one). All 0
+    for a manifest written before builds recorded it."""
+    per_graph = (manifest["tuning"].get("coverage") or {}).values()
+    return {k: sum(g[k] for g in per_graph) for k in ("functions", "from_database", "default_scheduled")}
+
+
 def check_manifest(manifest: dict, where: str) -> dict:
     """The structure a loader relies on: format, target, device, tuning, graphs and files."""
     if field(manifest, "format", str, where) != ARTIFACT_FORMAT:

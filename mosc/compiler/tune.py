@@ -31,7 +31,7 @@ from typing import Any
 from mosc import env
 from mosc.compiler.passes import PREPARE, run_passes
 from mosc.compiler.targets import Target, as_target
-from mosc.compiler.workloads import MODULE_EQUALITY
+from mosc.compiler.workloads import MODULE_EQUALITY, workload_key
 from mosc.errors import MoscError
 from mosc.fileio import atomic_write_json
 
@@ -115,9 +115,7 @@ def same_database(a: dict, b: dict) -> bool:
 
 
 def _task_key(task) -> str:
-    import tvm_ffi
-
-    return f"{task.task_name}:{tvm_ffi.structural_hash(task.dispatched[0]) & 0xFFFFFFFFFFFFFFFF:016x}"
+    return f"{task.task_name}:{workload_key(task.dispatched[0])}"
 
 
 def _read_untunable(db_dir: Path) -> dict[str, str]:
@@ -357,13 +355,7 @@ def _progress_callback(total: int, enabled: bool):
     from tvm.s_tir import meta_schedule as ms
 
     state = {"measured": 0, "task_ids": set(), "ok": 0, "first_error": None}
-    bar = None
-    if enabled:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        bar = Progress(TextColumn("tuning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                       TextColumn("{task.description}"), transient=True)
-        bar_task = bar.add_task("", total=total)
+    bar, bar_task = _bar("tuning", total) if enabled else (None, None)
 
     @derived_object
     class _Progress(ms.measure_callback.PyMeasureCallback):
@@ -385,13 +377,12 @@ def _progress_callback(total: int, enabled: bool):
 
 def _extract_tasks(mods: list, target: Target) -> list[tuple[Any, float]]:
     """Distinct tuning tasks over several graphs, with weights summed over the graphs."""
-    import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
 
-    tasks: dict[int, list] = {}  # structural hash -> [task, weight]
+    tasks: dict[str, list] = {}  # workload key -> [task, weight]
     for mod in mods:
         for task in ms.relax_integration.extract_tasks(mod, target.tvm_target(), module_equality=MODULE_EQUALITY):
-            key = tvm_ffi.structural_hash(task.dispatched[0])
+            key = workload_key(task.dispatched[0])
             if key in tasks:
                 tasks[key][1] += task.weight
             else:
@@ -469,8 +460,6 @@ def _tune_tasks(todo, target: Target, database, db_dir: Path, report: TuneReport
     if not todo:
         return
     callback, bar, state = _progress_callback(min(trials, trials_per_task * len(todo)), progress)
-    if bar is not None:
-        bar.start()
     try:
         ms.tune.tune_tasks(
             tasks=contexts,
@@ -654,12 +643,13 @@ def tune_space(space, target: Target | str, db_dir: Path | str | None = None, *,
     goal = allot(space.workloads, trials)
     spent = {c.key: c.trials for c in coverage(database, target, space.workloads)}
     # Coverage first: every workload gets its first MIN_TRIALS, then the heavy ones the rest.
-    plan = [(k, min(MIN_TRIALS, goal[k])) for k in _by_cost(space)] + [(k, goal[k]) for k in _by_cost(space)]
+    order = sorted(space.workloads, key=lambda k: -space.workloads[k].cost)
+    plan = [(k, min(MIN_TRIALS, goal[k])) for k in order] + [(k, goal[k]) for k in order]
     plan = [(k, n) for k, n in plan if n > spent.get(k, 0)]
-    tasks = {k: _Task(w.name, [w.ir_module()], tvm_target) for k, w in space.workloads.items()}
+    tasks = {k: _Task(w.name, [w.ir_module], tvm_target) for k, w in space.workloads.items()}
     todo_total = sum(max(0, goal[k] - spent.get(k, 0)) for k in space.workloads)
     show = sys.stderr.isatty() if progress is None else progress
-    bar, bar_task = _space_bar(todo_total, show)
+    bar, bar_task = _bar("tuning the space", todo_total) if show else (None, None)
     runner = runner if runner is not None else (_default_runner(target) if plan else None)
     failed_in_a_row = 0
     try:
@@ -668,7 +658,7 @@ def tune_space(space, target: Target | str, db_dir: Path | str | None = None, *,
                 report.budget_left = True
                 break
             have = spent.get(key, 0)
-            if want <= have or f"{tasks[key].task_name}:{key}" in untunable:
+            if want <= have or _task_key(tasks[key]) in untunable:
                 continue
             if bar is not None:
                 bar.update(bar_task, description=f"{tasks[key].task_name} ({have}/{goal[key]})")
@@ -694,21 +684,16 @@ def tune_space(space, target: Target | str, db_dir: Path | str | None = None, *,
     cov = coverage(database, target, space.workloads)
     report.with_record = sum(c.best_us is not None for c in cov)
     report.trials_total = sum(c.trials for c in cov)
-    report.untunable = sum(f"{w.name}:{k}" in untunable for k, w in space.workloads.items())
+    report.untunable = sum(_task_key(t) in untunable for t in tasks.values())
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _by_cost(space) -> list[str]:
-    return sorted(space.workloads, key=lambda k: -space.workloads[k].cost)
-
-
-def _space_bar(total: int, enabled: bool):
-    if not enabled:
-        return None, None
+def _bar(label: str, total: int):
+    """A started rich progress bar (stderr, removed when done): (bar, its task)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    bar = Progress(TextColumn("tuning the space"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("{task.description}"), transient=True)
     task = bar.add_task("", total=max(total, 1))
     bar.start()

@@ -17,9 +17,9 @@ tvm only inside functions.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 from mosc.compiler.passes import PREPARE, import_onnx, run_passes
@@ -47,7 +47,9 @@ class Workload:
         costs at least a launch's worth (1e4 flops), so tiny data-movement kernels still count."""
         return self.calls * max(self.flops, 1e4)
 
+    @cached_property
     def ir_module(self):
+        """The IRModule, parsed once (tuning and each coverage report ask for it)."""
         import tvm
 
         return tvm.ir.load_json(self.mod)
@@ -152,7 +154,7 @@ def coverage(database, target: Target, workloads: dict[str, Workload]) -> list[C
     out = []
     for k, w in workloads.items():
         spent, best = 0, None
-        mod = w.ir_module()
+        mod = w.ir_module
         if database.has_workload(mod):
             records = database.get_top_k(database.commit_workload(mod), 1 << 30)  # best first
             spent = len(records)

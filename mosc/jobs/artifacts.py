@@ -196,16 +196,16 @@ class ArtifactCache:
         notes = {"weights": self.source.describe()}
         if backend == "tvm":
             art, reused = self.artifact(arch)
-            from mosc.compiler.artifact import read_manifest
+            from mosc.compiler.artifact import read_manifest, schedule_coverage
 
             m = read_manifest(art)
-            cov = (m["tuning"].get("coverage") or {}).values()
+            cov = schedule_coverage(m)
             notes.update({"artifact": str(art), "artifact_reused": reused, "tuned": m["tuning"]["tuned"],
                           "tuning_records": m["tuning"]["database"].get("records"),
                           "tuning_db_sha256": m["tuning"]["database"].get("sha256"),
                           # how much of this build came from tuned records (the rest: default schedules)
-                          "functions_from_database": sum(c["from_database"] for c in cov),
-                          "functions_default_scheduled": sum(c["default_scheduled"] for c in cov)})
+                          "functions_from_database": cov["from_database"],
+                          "functions_default_scheduled": cov["default_scheduled"]})
             return Prepared(artifact=art, notes=notes)
         if backend == "ort":
             return Prepared(export_dir=self.export_dir(arch), notes=notes)
