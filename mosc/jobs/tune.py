@@ -94,8 +94,7 @@ def _workloads_of(archs, space: SearchSpace, shape: ModelShape, target: Target) 
     from mosc.nn.export import Shapes, export_subnet
     from mosc.nn.subnet import Subnet, SubnetConfig
 
-    p = target.protocol
-    shapes = Shapes(p.batch, p.source_len, p.decoder_steps)
+    shapes = Shapes.from_protocol(target.protocol)
     models = []
     with tempfile.TemporaryDirectory(prefix="mosc-space-") as tmp:
         for i, arch in enumerate(archs):
