@@ -167,6 +167,8 @@ class SearchSpace:
     def from_dict(cls, d: dict, where: str = "space") -> SearchSpace:
         if not isinstance(d, dict):
             raise MoscError(f"{where}: a search space is a table of settings, not {type(d).__name__}")
+        if "bert" in d:  # mosc.bert_space.BERT_TABLE (that module imports this one)
+            raise MoscError(f"{where}: an encoder-only (BERT) space; this needs a translation space such as tiny or wmt")
 
         def choices(section: str, key: str) -> tuple[int, ...]:
             try:

@@ -160,7 +160,8 @@ class ElasticFFN(nn.Module):
     Biases are mixed the same way as their rows.
     """
 
-    def __init__(self, d_max: int, f_max: int, cfg: SupernetConfig, code_dim: int):
+    def __init__(self, d_max: int, f_max: int, cfg, code_dim: int):
+        """cfg: a SupernetConfig or mosc.nn.bert.BertConfig (ffn_mode, n_experts, router_*)."""
         super().__init__()
         self.mode = cfg.ffn_mode
         m = 1 if self.mode is FFNMode.shared else cfg.n_experts
@@ -220,23 +221,26 @@ class ElasticAttention(nn.Module):
         self.v = ElasticLinear(kv_in_max, qkv_dim)
         self.out = ElasticLinear(qkv_dim, out_max)
 
-    def forward(self, x, mem, heads: int, bias, attn_dropout: float):
-        Q = self.qkv_dim
+    def forward(self, x, mem, heads: int, bias, attn_dropout: float, qkv: int | None = None):
+        """qkv: slice the q/k/v size too (encoder-only spaces, where it is the layer's width)."""
+        Q = qkv or self.qkv_dim
         ctx = attention(self.q(x, Q), self.k(mem, Q), self.v(mem, Q), heads, bias, attn_dropout, self.training)
         return self.out(ctx, x.shape[-1])
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, cfg: SupernetConfig, s: SearchSpace, code_dim: int):
-        super().__init__()
-        D, F_ = max(s.enc_embed), max(s.enc_ffn)
-        self.ln_attn, self.ln_ffn = ElasticLayerNorm(D), ElasticLayerNorm(D)
-        self.attn = ElasticAttention(D, D, s.qkv_dim, D)
-        self.ffn = ElasticFFN(D, F_, cfg, code_dim)
+    """Pre-LN self-attention + FFN over elastic width D <= d_max. Also the layer of the
+    encoder-only (BERT) supernet (mosc.nn.bert), which slices q/k/v to D as well (qkv=D)."""
 
-    def forward(self, x, bias, code, heads: int, ffn: int, p: float, p_attn: float):
+    def __init__(self, d_max: int, f_max: int, qkv_dim: int, cfg, code_dim: int):
+        super().__init__()
+        self.ln_attn, self.ln_ffn = ElasticLayerNorm(d_max), ElasticLayerNorm(d_max)
+        self.attn = ElasticAttention(d_max, d_max, qkv_dim, d_max)
+        self.ffn = ElasticFFN(d_max, f_max, cfg, code_dim)
+
+    def forward(self, x, bias, code, heads: int, ffn: int, p: float, p_attn: float, qkv: int | None = None):
         h = self.ln_attn(x)
-        x = x + F.dropout(self.attn(h, h, heads, bias, p_attn), p, self.training)
+        x = x + F.dropout(self.attn(h, h, heads, bias, p_attn, qkv), p, self.training)
         return x + F.dropout(self.ffn(self.ln_ffn(x), code, ffn, p), p, self.training)
 
 
@@ -276,7 +280,8 @@ class Supernet(nn.Module):
         nn.init.normal_(self.embed, std=max(s.dec_embed) ** -0.5)  # fairseq's init for shared embeddings
         with torch.no_grad():
             self.embed[cfg.pad_id].zero_()
-        self.encoder = nn.ModuleList(EncoderLayer(cfg, s, code_dim) for _ in range(max(s.enc_layers)))
+        self.encoder = nn.ModuleList(EncoderLayer(max(s.enc_embed), max(s.enc_ffn), s.qkv_dim, cfg, code_dim)
+                                     for _ in range(max(s.enc_layers)))
         self.decoder = nn.ModuleList(DecoderLayer(cfg, s, code_dim) for _ in range(max(s.dec_layers)))
         self.enc_ln, self.dec_ln = ElasticLayerNorm(max(s.enc_embed)), ElasticLayerNorm(max(s.dec_embed))
 

@@ -235,8 +235,8 @@ def _set_linear(dst: nn.Linear, w: torch.Tensor, b: torch.Tensor):
     dst.bias.copy_(b)
 
 
-def _set_attention(dst: Attention, src, d_q: int, d_kv: int, d_out: int):
-    Q = src.qkv_dim
+def _set_attention(dst: Attention, src, d_q: int, d_kv: int, d_out: int, qkv: int | None = None):
+    Q = qkv or src.qkv_dim
     _set_linear(dst.q, *src.q.collapse(d_q, Q))
     _set_linear(dst.k, *src.k.collapse(d_kv, Q))
     _set_linear(dst.v, *src.v.collapse(d_kv, Q))
