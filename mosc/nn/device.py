@@ -17,11 +17,11 @@ import contextlib
 import enum
 import os
 import re
+from dataclasses import fields
 
 import torch
 
 from mosc.errors import MoscError
-from mosc.nn.batching import Batch
 
 DEVICE_SPEC = re.compile(r"(auto|cpu|cuda(:[0-9]{1,4})?)\Z")
 CPU_RNG, CUDA_RNG = "__torch_rng__", "__cuda_rng__"  # names of the generator states in a checkpoint
@@ -149,12 +149,13 @@ class Amp:
             self.scaler.load_state_dict(state)
 
 
-def to_device(batch: Batch, device: torch.device) -> Batch:
-    """The batch on the device. On the CPU the very same tensors; on a GPU copied from pinned
-    memory without blocking, so the copy overlaps the kernels still queued."""
+def to_device(batch, device: torch.device):
+    """The batch (a dataclass of tensors: mosc.nn.batching.Batch, mosc.nn.mlm.MaskedBatch) on
+    the device. On the CPU the very same tensors; on a GPU copied from pinned memory without
+    blocking, so the copy overlaps the kernels still queued."""
     if device.type == "cpu":
         return batch
-    return Batch(*(t.pin_memory().to(device, non_blocking=True) for t in (batch.src, batch.tgt_in, batch.tgt_out, batch.idx)))
+    return type(batch)(*(getattr(batch, f.name).pin_memory().to(device, non_blocking=True) for f in fields(batch)))
 
 
 def rng_states(device: torch.device) -> dict[str, torch.Tensor]:

@@ -63,9 +63,14 @@ from mosc.nn.device import (CPU_RNG, CUDA_RNG, Amp, check_device_spec, check_pre
                              rng_states, set_rng_states, to_device)
 from mosc.nn.model import FFNMode, Supernet, SupernetConfig, load_supernet, save_supernet
 from mosc.nn.settings import real, whole
+from mosc.bert_space import BertArch, BertSpace, load_space
+from mosc.nn.bert import BERT_SUPERNET_KIND, BertConfig, BertSupernet, load_bert_supernet, save_bert_supernet
+from mosc.nn.mlm import DEFAULT_CORPUS, MaskedBatchIterator, TextData, load_text_corpus
 from mosc.space import Arch, SearchSpace
 
 CORPUS_ARGS = ("src_lang", "tgt_lang", "vocab_size", "test_split", "max_train_pairs")  # what a run records
+MLM_CORPUS_ARGS = ("vocab_size",)  # what an encoder-only (masked-LM) run records
+DEFAULT_TRANSLATION_CORPUS = "synthetic"  # the corpus when none is named (MLM: mosc.nn.mlm.DEFAULT_CORPUS)
 MAX_LEN = 100_000  # longest sentence in tokens; the position table grows with it
 MAX_SANDWICH_RANDOM = 1000  # random archs per update: each costs a forward and backward pass
 LATER_KEYS = {"device": "auto", "precision": "fp32"}  # training settings older checkpoints lack: their defaults
@@ -143,7 +148,16 @@ def archs_for_update(space: SearchSpace, rng: random.Random, k: int, fixed: Arch
     return [space.largest(), space.smallest()] + [space.sample(rng) for _ in range(k)]
 
 
-def update_loss(model: Supernet, batch, archs: list[Arch], cfg: TrainConfig, amp: Amp | None = None,
+def predictions(model, batch, arch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [N, V], gold ids [N], PAD_ID where nothing is asked) of one arch on a batch:
+    a translation supernet predicts every target token, an encoder-only one the masked ones."""
+    if isinstance(model, BertSupernet):
+        keep = batch.labels != PAD_ID  # only the masked positions go through the [V]-wide output
+        return model.mlm_logits(model(batch.tokens, arch)[keep]), batch.labels[keep]
+    return model(batch.src, batch.tgt_in, arch).flatten(0, 1), batch.tgt_out.flatten()  # [B*T, V]
+
+
+def update_loss(model, batch, archs: list, cfg: TrainConfig, amp: Amp | None = None,
                 n_tokens: int | None = None) -> float:
     """Forward + backward every arch on the batch (gradients accumulate); returns mean loss.
     amp: autocast and loss scaling (None: plain fp32). n_tokens: batch.n_tokens counted on
@@ -154,10 +168,10 @@ def update_loss(model: Supernet, batch, archs: list[Arch], cfg: TrainConfig, amp
     losses = []
     for i, arch in enumerate(archs):
         with autocast():
-            logits = model(batch.src, batch.tgt_in, arch)  # [B, T, V]
+            logits, gold = predictions(model, batch, arch)
         # The loss in fp32 whatever the forward ran in (a no-op in fp32): a bf16 log-softmax
         # over the vocabulary would round away the small probabilities label smoothing needs.
-        flat, gold = logits.flatten(0, 1).float(), batch.tgt_out.flatten()
+        flat = logits.float()
         loss = F.cross_entropy(flat, gold, ignore_index=PAD_ID, label_smoothing=cfg.label_smoothing, reduction="sum") / n_tok
         if cfg.distill > 0 and i == 0 and len(archs) > 1:
             teacher = torch.log_softmax(flat.detach(), -1)
@@ -229,8 +243,8 @@ def _load_optim(opt: torch.optim.Optimizer, names: dict[int, str], tensors: dict
     opt.load_state_dict(sd)
 
 
-def save_checkpoint(run: Path, step: int, model: Supernet, opt, names, data_meta: dict, cfg: TrainConfig,
-                    rng: random.Random, batches: BatchIterator, fixed: Arch | None, *,
+def save_checkpoint(run: Path, step: int, model: Supernet | BertSupernet, opt, names, data_meta: dict, cfg: TrainConfig,
+                    rng: random.Random, batches, fixed: Arch | BertArch | None, *,
                     device: torch.device | None = None, extra: dict | None = None) -> Path:
     """step_N/ is written whole under a hidden name, renamed into place, and only then named
     by `latest`: a crash, kill or power cut at any moment leaves the previous checkpoint in
@@ -242,7 +256,7 @@ def save_checkpoint(run: Path, step: int, model: Supernet, opt, names, data_meta
         shutil.rmtree(stale, ignore_errors=True)
     rngs = rng_states(device or torch.device("cpu"))
     optim_sha = save_tensors({**_optim_tensors(opt, names), **rngs}, partial / "optim.safetensors")
-    save_supernet(model, partial, {
+    (save_bert_supernet if isinstance(model, BertSupernet) else save_supernet)(model, partial, {
         **data_meta,
         "train": {"config": asdict(cfg), "step": step, "fixed_arch": fixed.to_dict() if fixed else None,
                   "arch_rng": json.loads(json.dumps(rng.getstate())), "batches": batches.state_dict(),
@@ -272,6 +286,34 @@ def load_trained(path: str | Path) -> tuple[Supernet, SubwordTokenizer, dict]:
     if "tokenizer" not in meta:
         raise MoscError(f"{path} has no tokenizer: not written by `mosc train`")
     return model, SubwordTokenizer.from_json(meta["tokenizer"]), meta
+
+
+def load_any_supernet(path: str | Path) -> tuple[Supernet | BertSupernet, dict]:
+    """A translation or encoder-only supernet, by the kind its config.json names."""
+    from mosc.fileio import CONFIG, read_json, resolve_checkpoint
+
+    try:
+        p = Path(path)
+        p = resolve_checkpoint(p) if not (p / CONFIG).exists() and (p / "latest").exists() else p
+        kind = read_json(p / CONFIG, "model config").get("kind")
+    except (MoscError, OSError, AttributeError):
+        kind = None  # load_supernet says what is wrong, as it always did
+    return load_bert_supernet(path) if kind == BERT_SUPERNET_KIND else load_supernet(path)
+
+
+def load_bert_trained(path: str | Path) -> tuple[BertSupernet, SubwordTokenizer, dict]:
+    """(encoder-only supernet, tokenizer, config.json dict) from a checkpoint or run folder."""
+    model, meta = load_bert_supernet(path)
+    if "tokenizer" not in meta:
+        raise MoscError(f"{path} has no tokenizer: not written by `mosc train`")
+    return model, SubwordTokenizer.from_json(meta["tokenizer"]), meta
+
+
+def load_run_text(meta: dict, tokenizer: SubwordTokenizer) -> TextData:
+    """The text an encoder-only checkpoint was trained on, as blocks of its sequence length."""
+    where = "the checkpoint's config.json"
+    seq_len = json_field(json_field(json_field(meta, "train", dict, where), "config", dict, where), "max_len", int, where)
+    return load_text_corpus(json_field(meta, "corpus", str, where), seq_len=seq_len, tokenizer=tokenizer)
 
 
 def load_run_corpus(meta: dict, tokenizer: SubwordTokenizer) -> ParallelData:
@@ -354,13 +396,13 @@ class TrainResult:
 class _Start:
     """Where a run starts: a fresh model, or everything restored from a checkpoint."""
 
-    model: Supernet
+    model: Supernet | BertSupernet  # translation, or encoder-only (masked LM)
     cfg: TrainConfig
-    data: ParallelData
+    data: ParallelData | TextData
     tokenizer: SubwordTokenizer  # the checkpoint's when resuming (not necessarily data's)
     corpus: str
     corpus_args: dict
-    fixed: Arch | None  # the one arch of a standalone run
+    fixed: Arch | BertArch | None  # the one arch of a standalone run
     step: int = 0
     ckpt: Path | None = None  # the checkpoint resumed from
     saved: dict | None = None  # its config.json["train"]
@@ -392,7 +434,8 @@ def _checkpoint_to_resume(run: Path, resume: bool) -> Path | None:
 def _resumed_start(ckpt: Path, cfg: TrainConfig, data: ParallelData | None) -> _Start:
     """Everything comes from the checkpoint (model, config, tokenizer, corpus) except cfg.steps,
     cfg.device and cfg.precision."""
-    model, meta = load_supernet(ckpt)
+    model, meta = load_any_supernet(ckpt)
+    bert = isinstance(model, BertSupernet)
     where = f"checkpoint {ckpt / 'config.json'}"
     tr = json_field(meta, "train", dict, where)
     saved_cfg = TrainConfig.from_dict(json_field(tr, "config", dict, where), where)
@@ -402,25 +445,30 @@ def _resumed_start(ckpt: Path, cfg: TrainConfig, data: ParallelData | None) -> _
     fixed = json_field(tr, "fixed_arch", (dict, type(None)), where)
     if fixed is not None:
         try:
-            fixed = model.space.validate(Arch.from_dict(fixed))
+            fixed = model.space.validate((BertArch if bert else Arch).from_dict(fixed))
         except MoscError as e:
             raise MoscError(f"{where}: fixed_arch: {e}") from None
     corpus_args = {k: v for k, v in json_field(meta, "corpus_args", dict, where).items() if k != "vocab_size"}
     json_field(meta, "corpus", str, where)
     if data is None:
-        data = load_run_corpus(meta, tokenizer)
+        data = load_run_text(meta, tokenizer) if bert else load_run_corpus(meta, tokenizer)
     step = whole(f"{where}: train.step", json_field(tr, "step", int, where), 0)
     return _Start(model, cfg, data, tokenizer, meta["corpus"], corpus_args, fixed, step, ckpt, tr)
 
 
-def _fresh_start(space: str, mode: str, arch: Arch | None, corpus: str, corpus_args: dict | None,
-                 data: ParallelData | None, cfg: TrainConfig, model_overrides: dict | None) -> _Start:
+def _fresh_start(space: str, mode: str, arch: Arch | BertArch | None, corpus: str | None, corpus_args: dict | None,
+                 data: ParallelData | TextData | None, cfg: TrainConfig, model_overrides: dict | None) -> _Start:
     """A new supernet initialized from cfg.seed, and the corpus (loaded unless given). Every
-    setting is checked before the corpus is read: a typo costs no tokenizer training."""
-    s = SearchSpace.load(space)
+    setting is checked before the corpus is read: a typo costs no tokenizer training.
+    The space says what is trained: a translation space a translation supernet on a
+    parallel corpus, an encoder-only space a masked-LM supernet on plain text."""
+    s = load_space(space)
     if mode not in FFNMode.__members__:
         raise MoscError(f"mode must be one of {', '.join(FFNMode.__members__)}, got {mode!r}")
     fixed = s.validate(arch) if arch is not None else None
+    if isinstance(s, BertSpace):
+        return _fresh_bert_start(s, mode, fixed, corpus, corpus_args, data, cfg, model_overrides)
+    corpus = DEFAULT_TRANSLATION_CORPUS if corpus is None else corpus
     model_cfg = SupernetConfig(space=s.to_dict(), ffn_mode=mode, max_positions=max(256, cfg.max_len + 2),
                                **(model_overrides or {}))  # vocab_size: the tokenizer's, below
     corpus_args = dict(corpus_args or {})
@@ -428,6 +476,24 @@ def _fresh_start(space: str, mode: str, arch: Arch | None, corpus: str, corpus_a
         data = load_corpus(corpus, **corpus_args)
     torch.manual_seed(cfg.seed)
     model = Supernet(replace(model_cfg, vocab_size=data.tokenizer.vocab_size))
+    return _Start(model, cfg, data, data.tokenizer, corpus, corpus_args, fixed)
+
+
+def _fresh_bert_start(s: BertSpace, mode: str, fixed: BertArch | None, corpus: str | None, corpus_args: dict | None,
+                      data: TextData | None, cfg: TrainConfig, model_overrides: dict | None) -> _Start:
+    corpus = DEFAULT_CORPUS if corpus is None else corpus
+    corpus_args = dict(corpus_args or {})
+    unknown = sorted(set(corpus_args) - set(MLM_CORPUS_ARGS))
+    if unknown:
+        raise MoscError(f"an encoder-only (masked-LM) run takes no corpus settings {unknown}; only {list(MLM_CORPUS_ARGS)}")
+    model_cfg = BertConfig(space=s.to_dict(), ffn_mode=mode, max_positions=max(512, cfg.max_len),
+                           **(model_overrides or {}))  # vocab_size: the tokenizer's + [MASK], below
+    if cfg.max_tokens // cfg.max_len < 1:
+        raise MoscError(f"max_tokens {cfg.max_tokens} holds no block of max_len {cfg.max_len}")
+    if data is None:
+        data = load_text_corpus(corpus, seq_len=cfg.max_len, **corpus_args)
+    torch.manual_seed(cfg.seed)
+    model = BertSupernet(replace(model_cfg, vocab_size=data.vocab_size))
     return _Start(model, cfg, data, data.tokenizer, corpus, corpus_args, fixed)
 
 
@@ -474,7 +540,11 @@ class _Run:
         s.model.to(device)  # before Adam is made: its moments are allocated next to the weights
         self.names = {i: n for i, (n, _) in enumerate(s.model.named_parameters())}
         self.opt = torch.optim.Adam(s.model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2))
-        self.batches = BatchIterator(s.data.train, cfg.max_tokens, max_len=cfg.max_len, seed=cfg.seed, rank=rank, world_size=world)
+        if isinstance(s.model, BertSupernet):  # blocks of max_len tokens, max_tokens // max_len per batch
+            self.batches = MaskedBatchIterator(s.data.train, cfg.max_tokens // cfg.max_len, s.data.vocab_size - 1,
+                                               seed=cfg.seed, rank=rank, world_size=world)
+        else:
+            self.batches = BatchIterator(s.data.train, cfg.max_tokens, max_len=cfg.max_len, seed=cfg.seed, rank=rank, world_size=world)
         self.arch_rng = random.Random(cfg.seed)
         if s.saved is not None:
             _restore_training_state(s, self.opt, self.names, self.batches, self.arch_rng, device, self.amp)
@@ -634,7 +704,7 @@ def _check_ranks_agree(model: Supernet) -> None:
 
 def train(
     run: str | Path,
-    corpus: str = "synthetic",
+    corpus: str | None = None,  # None: "synthetic" for a translation space, mosc.nn.mlm's default text for a BERT one
     space: str = "tiny",
     mode: str = "neuron",
     cfg: TrainConfig = TrainConfig(),
