@@ -196,6 +196,18 @@ def save_model_dir(out_dir: str | Path, kind: str, tensors: dict, meta: dict) ->
     return out_dir
 
 
+def model_kind(path: str | Path) -> str | None:
+    """The kind a model folder (or a run folder's latest checkpoint) says it holds, read from
+    its config.json alone (no weights); None when that cannot be read: the loader then says why."""
+    try:
+        p = Path(path)
+        p = resolve_checkpoint(p) if not (p / CONFIG).exists() and (p / "latest").exists() else p
+        kind = read_json(p / CONFIG, "model config").get("kind")
+        return kind if isinstance(kind, str) else None
+    except (MoscError, OSError, AttributeError):
+        return None
+
+
 def load_model_dir(path: str | Path, kind: str) -> tuple[dict, dict]:
     """(meta, tensors) of a model folder written by save_model_dir (or of a training run
     folder's latest checkpoint), checked for kind and sha256."""

@@ -90,7 +90,7 @@ def one_line_error(result, needle: str):
 
 @pytest.mark.parametrize("args,needle", [
     (["space", "show", "nope"], "unknown search space 'nope'"),
-    (["arch", "sample", "--space", "nope"], "built-ins: tiny, wmt"),
+    (["arch", "sample", "--space", "nope"], "built-ins: bert, bert-tiny, tiny, wmt"),
     (["collapse", "--mode", "moe"], "'moe' is not one of 'shared', 'layer', 'neuron'"),
     (["collapse", "--no-such-option"], "No such option: --no-such-option"),
     (["arch", "sample", "--which", "medium"], "'medium' is not one of 'random', 'largest', 'smallest'"),

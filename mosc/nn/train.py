@@ -58,7 +58,7 @@ from mosc.nn.batching import BatchIterator
 from mosc.nn.corpus import ParallelData, load_corpus
 from mosc.nn.tokenizer import SubwordTokenizer
 from mosc.errors import MoscError
-from mosc.fileio import atomic_write_text, field as json_field, latest_checkpoint, load_tensors, save_tensors
+from mosc.fileio import atomic_write_text, field as json_field, latest_checkpoint, load_tensors, model_kind, save_tensors
 from mosc.nn.device import (CPU_RNG, CUDA_RNG, Amp, check_device_spec, check_precision, describe, resolve_device,
                              rng_states, set_rng_states, to_device)
 from mosc.nn.model import FFNMode, Supernet, SupernetConfig, load_supernet, save_supernet
@@ -290,15 +290,7 @@ def load_trained(path: str | Path) -> tuple[Supernet, SubwordTokenizer, dict]:
 
 def load_any_supernet(path: str | Path) -> tuple[Supernet | BertSupernet, dict]:
     """A translation or encoder-only supernet, by the kind its config.json names."""
-    from mosc.fileio import CONFIG, read_json, resolve_checkpoint
-
-    try:
-        p = Path(path)
-        p = resolve_checkpoint(p) if not (p / CONFIG).exists() and (p / "latest").exists() else p
-        kind = read_json(p / CONFIG, "model config").get("kind")
-    except (MoscError, OSError, AttributeError):
-        kind = None  # load_supernet says what is wrong, as it always did
-    return load_bert_supernet(path) if kind == BERT_SUPERNET_KIND else load_supernet(path)
+    return load_bert_supernet(path) if model_kind(path) == BERT_SUPERNET_KIND else load_supernet(path)
 
 
 def load_bert_trained(path: str | Path) -> tuple[BertSupernet, SubwordTokenizer, dict]:

@@ -170,9 +170,10 @@ def _dedupe(archs: list[Arch]) -> list[Arch]:
 
 
 def evolve(space: SearchSpace, score: ScoreFn, latency: LatencyFn, max_latency_ms: float,
-           cfg: EvoConfig = EvoConfig(), log: Callable[[str], None] | None = None) -> SearchResult:
+           cfg: EvoConfig = EvoConfig(), log: Callable[[str], None] | None = None, unit: str = "ms") -> SearchResult:
     """HAT's evolutionary search: keep the `parents` lowest-loss archs, add mutations and
-    crossovers of them, drop every candidate over the latency constraint; 30 generations."""
+    crossovers of them, drop every candidate over the latency constraint; 30 generations.
+    Any cost works as "latency" (mosc.jobs.bert: millions of parameters); `unit` names it in the log."""
     cfg.check(space)
     t0 = time.perf_counter()
     score, latency = _cached(score, "fitness"), _cached(latency, "predicted latency")
@@ -188,7 +189,7 @@ def evolve(space: SearchSpace, score: ScoreFn, latency: LatencyFn, max_latency_m
         history.append({"generation": g, "best_loss": score(b), "best_latency_ms": latency(b),
                         "evaluated": score.calls})
         if log:
-            log(f"generation {g + 1}/{cfg.generations}: best loss {score(b):.4f} at {latency(b):.2f} ms "
+            log(f"generation {g + 1}/{cfg.generations}: best loss {score(b):.4f} at {latency(b):.2f} {unit} "
                 f"({score.calls} archs scored)")
         if g == cfg.generations - 1:
             break
