@@ -1,7 +1,9 @@
 """The deploy contract: what torch export writes and the compiler and devices read.
 
 The graph names, their input and output names, the special token ids and the export
-folder's metadata file are fixed here once; `mosc.nn.export` writes graphs that obey it,
+folder's metadata file are fixed here once, for each graph kind (protocol) a folder may hold:
+`translation` (encoder + decoder_step, run by a greedy loop) and `encoder-classifier` (one
+graph, tokens -> class logits, run once); `mosc.nn.export` writes graphs that obey it,
 `mosc.compiler` compiles them, `mosc.runtime` and `mosc.device` run them. The structure of
 a folder record (a graph's file and tensor signature, the `files` sha256 table, the seal
 over the whole record) is checked here too, for export.json and the artifact manifest
@@ -48,6 +50,17 @@ def dec_outputs(layers: int) -> list[str]:
 
 EXPORT_JSON = "export.json"  # written by mosc.nn.export next to the .onnx files
 EXPORT_FORMAT = "mosc-export/2"  # /2: per-layer tensors (/1 stacked them)
+
+# ---- graph kinds: what a folder's graphs compute, so compiler and runtime know what they hold ----
+TRANSLATION = "translation"  # encoder + decoder_step with a fixed-size KV cache (EXPORT_FORMAT)
+ENCODER_CLASSIFIER = "encoder-classifier"  # classifier(tokens [B, T] int64) -> logits [B, C] fp32
+CLASSIFIER = "classifier"  # the one graph of an encoder-classifier
+CLS_INPUTS, CLS_OUTPUTS = ["tokens"], ["logits"]  # pad id 0 is masked out; position 0 holds <s> ([CLS])
+CLASSIFIER_EXPORT_FORMAT = "mosc-export-encoder-classifier/1"
+EXPORT_KINDS = {EXPORT_FORMAT: TRANSLATION, CLASSIFIER_EXPORT_FORMAT: ENCODER_CLASSIFIER}  # export.json format -> kind
+# The graphs of each kind, in the order compile_artifact builds them. A kind is told by its graph
+# names (graph_kind): an artifact needs no extra field, and older artifacts keep working.
+KIND_GRAPHS = {TRANSLATION: (ENCODER, DECODER), ENCODER_CLASSIFIER: (CLASSIFIER,)}
 EXPORT_SEAL = "export_sha256"  # sha256 of export.json's canonical JSON without this key
 
 GRAPH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")  # a graph name is also its file's stem
@@ -167,21 +180,72 @@ def check_translation_graphs(graphs: dict, where: str) -> None:
                         f"(expected [B, S], [B] and equal [B, T, Q] caches)")
 
 
+def check_classifier_graphs(graphs: dict, where: str) -> None:
+    """The one graph of an encoder-classifier: tokens [B, T] int64 -> logits [B, C] float32."""
+    if set(graphs) != {CLASSIFIER}:
+        raise MoscError(f"{where}: has graph(s) {sorted(graphs)}; an {ENCODER_CLASSIFIER} has only {CLASSIFIER!r}")
+    g = graphs[CLASSIFIER]
+    for key, names in (("inputs", CLS_INPUTS), ("outputs", CLS_OUTPUTS)):
+        got = [s["name"] for s in g[key]]
+        if got != names:
+            raise MoscError(f"{where}: graph {CLASSIFIER!r} has {key} {_short(got)}, the contract says {names}")
+    tok, out = g["inputs"][0], g["outputs"][0]
+    if len(tok["shape"]) != 2 or tok["dtype"] != "int64" or len(out["shape"]) != 2 or out["dtype"] != "float32" \
+            or out["shape"][0] != tok["shape"][0]:
+        raise MoscError(f"{where}: inconsistent signature: tokens {tok['dtype']}{tok['shape']}, logits "
+                        f"{out['dtype']}{out['shape']} (expected int64 [B, T] and float32 [B, C])")
+
+
+def graph_kind(graphs: dict, where: str) -> str:
+    """The kind of a record's graphs (export.json or an artifact manifest), their contract checked."""
+    if CLASSIFIER in graphs:
+        check_classifier_graphs(graphs, where)
+        return ENCODER_CLASSIFIER
+    check_translation_graphs(graphs, where)
+    return TRANSLATION
+
+
+def require_kind(graphs: dict, kind: str, where: str) -> None:
+    """MoscError (one line) when a record's graphs are not of `kind` (e.g. a classifier handed to
+    the translation loop)."""
+    have = graph_kind(graphs, where)
+    if have != kind:
+        raise MoscError(f"{where} holds a model of kind {have!r}, not {kind!r}")
+
+
 def _short(names: list[str], keep: int = 8) -> str:
     return str(names) if len(names) <= keep else str(names[:keep])[:-1] + f", ... ({len(names)} in all)]"
 
 
 # ---- export.json ------------------------------------------------------------------------------
+def export_kind(meta: dict) -> str:
+    """The graph kind of a checked export.json (from its format)."""
+    return EXPORT_KINDS[meta["format"]]
+
+
+# export.json "shapes" keys per kind
+EXPORT_SHAPES = {TRANSLATION: ("batch", "source_len", "cache_len"), ENCODER_CLASSIFIER: ("batch", "seq_len")}
+
+
 def check_export(meta: dict, where: str) -> dict:
-    """The structure of export.json: format, arch hash, shapes, the two graphs and their files."""
-    if field(meta, "format", str, where) != EXPORT_FORMAT:
-        raise MoscError(f"{where}: format {meta['format']!r}, expected {EXPORT_FORMAT!r}")
+    """The structure of export.json: format (which says the kind), arch hash, shapes, the graphs
+    of that kind and their files."""
+    fmt = field(meta, "format", str, where)
+    if fmt not in EXPORT_KINDS:
+        raise MoscError(f"{where}: format {fmt!r}, expected one of {', '.join(map(repr, EXPORT_KINDS))}")
+    kind = EXPORT_KINDS[fmt]
     field(meta, "arch_hash", str, where)
     shapes = field(meta, "shapes", dict, where)
-    for k in ("batch", "source_len", "cache_len"):
+    for k in EXPORT_SHAPES[kind]:
         if field(shapes, k, int, f"{where} shapes") < 1:
             raise MoscError(f"{where}: shapes {k} must be >= 1, got {shapes[k]}")
     graphs = check_graphs(meta, where, ".onnx")
+    if kind == ENCODER_CLASSIFIER:
+        check_classifier_graphs(graphs, where)
+        tokens = graphs[CLASSIFIER]["inputs"][0]["shape"]
+        if tokens != [shapes["batch"], shapes["seq_len"]]:
+            raise MoscError(f"{where}: graph shape (tokens {tokens}) disagrees with shapes {shapes}")
+        return meta
     check_translation_graphs(graphs, where)
     src, cache = graphs[ENCODER]["inputs"][0]["shape"], cache_shape(graphs)
     if src != [shapes["batch"], shapes["source_len"]] or cache[:2] != [shapes["batch"], shapes["cache_len"]]:
@@ -189,9 +253,9 @@ def check_export(meta: dict, where: str) -> dict:
     return meta
 
 
-def load_export(out_dir: str | Path) -> dict:
+def load_export(out_dir: str | Path, kind: str | None = None) -> dict:
     """export.json of an export folder, structure and seal checked (the whole record), after
-    checking every ONNX file against its sha256."""
+    checking every ONNX file against its sha256. kind: refuse an export of another graph kind."""
     out_dir = Path(out_dir)
     path = out_dir / EXPORT_JSON
     if not path.is_file():
@@ -199,6 +263,8 @@ def load_export(out_dir: str | Path) -> dict:
     meta = read_json(path, "export metadata")
     check_export(meta, str(path))
     check_seal(meta, EXPORT_SEAL, str(path), "export the model again (mosc export)")
+    if kind is not None and export_kind(meta) != kind:
+        raise MoscError(f"{out_dir} holds an export of kind {export_kind(meta)!r}, not {kind!r}")
     verify_files(out_dir, meta["files"], EXPORT_JSON)
     return meta
 
@@ -206,4 +272,4 @@ def load_export(out_dir: str | Path) -> dict:
 def onnx_files(out_dir: str | Path, meta: dict | None = None) -> dict[str, Path]:
     """graph name -> ONNX path, in the order compile_artifact should build them."""
     meta = meta or load_export(out_dir)
-    return {g: Path(out_dir) / meta["graphs"][g]["file"] for g in (ENCODER, DECODER)}
+    return {g: Path(out_dir) / meta["graphs"][g]["file"] for g in KIND_GRAPHS[export_kind(meta)]}

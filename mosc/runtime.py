@@ -1,4 +1,5 @@
-"""The deployed model run with any backend: the greedy loop over its two graphs (numpy in, numpy out).
+"""The deployed model run with any backend: the greedy loop over its two graphs (numpy in, numpy out),
+or the one call of an encoder-classifier.
 
 The deployed model is two static graphs (see mosc/nn/subnet.py and mosc/contract.py):
     encoder(src [B, S])                        -> cross: 3 tensors per decoder layer
@@ -9,7 +10,9 @@ length), exactly like `Subnet.translate(src, bos, eos, max_len=T)`, so every bac
 (PyTorch, ONNX Runtime, a TVM artifact) must produce the same token ids.
 
 `Backend` wraps ONNX Runtime sessions or a loaded TVM artifact behind the same two
-calls. This module imports neither torch nor tvm at module level: it runs on a device
+calls; `Classifier` does the same for the one graph of an encoder-classifier
+(classifier(tokens [B, T]) -> logits [B, C], mosc.contract). This module imports neither
+torch nor tvm at module level: it runs on a device
 (or under qemu) with only numpy and the TVM runtime.
 """
 
@@ -21,7 +24,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from mosc.contract import DECODER, ENCODER, cache_shape, check_translation_graphs, decoder_layers, load_export
+from mosc.contract import (CLASSIFIER, DECODER, ENCODER, ENCODER_CLASSIFIER, TRANSLATION, cache_shape,
+                           check_translation_graphs, decoder_layers, load_export, require_kind)
 from mosc.errors import MoscError
 
 Fn = Callable[[list[np.ndarray]], list[np.ndarray]]
@@ -55,14 +59,10 @@ def _backend(encode: Fn, step: Fn, graphs: dict) -> Backend:
 
 def ort_backend(export_dir, meta: dict | None = None) -> Backend:
     """ONNX Runtime sessions (CPU, one thread per op) over an export folder."""
-    import onnxruntime as ort
-
     export_dir = Path(export_dir)
-    meta = meta or load_export(export_dir)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = {g: ort.InferenceSession(str(export_dir / meta["graphs"][g]["file"]), opts,
-                                    providers=["CPUExecutionProvider"]) for g in (ENCODER, DECODER)}
+    meta = meta or load_export(export_dir, TRANSLATION)
+    require_kind(meta["graphs"], TRANSLATION, f"export {export_dir}")
+    sess = {g: _ort_session(export_dir / meta["graphs"][g]["file"]) for g in (ENCODER, DECODER)}
 
     def fn(graph):
         names = [s["name"] for s in meta["graphs"][graph]["inputs"]]
@@ -71,10 +71,71 @@ def ort_backend(export_dir, meta: dict | None = None) -> Backend:
     return _backend(fn(ENCODER), fn(DECODER), meta["graphs"])
 
 
+def _ort_session(path: Path, threads: int | None = None):
+    """An ONNX Runtime CPU session; threads: intra-op threads (None: onnxruntime's default)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads is not None:
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
 def artifact_backend(art) -> Backend:
     """A loaded TVM artifact (mosc.compiler.artifact.Artifact) with the encoder and decoder_step graphs."""
     check_translation_graphs(art.manifest["graphs"], f"artifact {art.dir}")
     return _backend(lambda xs: art.run(ENCODER, xs), lambda xs: art.run(DECODER, xs), art.manifest["graphs"])
+
+
+# ----------------------------------------------------------------------------- encoder-classifier
+@dataclass
+class Classifier:
+    """The one graph of an encoder-classifier as a function: tokens [B, T] int64 -> logits [B, C]."""
+
+    fn: Callable[[np.ndarray], np.ndarray]
+    batch: int
+    seq_len: int
+    n_classes: int
+
+    def run(self, tokens: np.ndarray) -> np.ndarray:
+        tokens = np.asarray(tokens)
+        if tokens.shape != (self.batch, self.seq_len) or tokens.dtype != np.int64:
+            raise MoscError(f"tokens must be int64[{self.batch}, {self.seq_len}], got {tokens.dtype}{list(tokens.shape)}")
+        return self.fn(tokens)
+
+
+def _classifier(fn, graphs: dict, where: str) -> Classifier:
+    require_kind(graphs, ENCODER_CLASSIFIER, where)
+    (B, T), (_, C) = graphs[CLASSIFIER]["inputs"][0]["shape"], graphs[CLASSIFIER]["outputs"][0]["shape"]
+    return Classifier(fn, B, T, C)
+
+
+def ort_classifier(export_dir, meta: dict | None = None, threads: int | None = None) -> Classifier:
+    """ONNX Runtime (CPU) on an encoder-classifier export folder; threads: intra-op threads."""
+    export_dir = Path(export_dir)
+    meta = meta or load_export(export_dir, ENCODER_CLASSIFIER)
+    clf = _classifier(None, meta["graphs"], f"export {export_dir}")
+    sess = _ort_session(export_dir / meta["graphs"][CLASSIFIER]["file"], threads)
+    clf.fn = lambda tokens: sess.run(None, {"tokens": tokens})[0]
+    return clf
+
+
+def artifact_classifier(art) -> Classifier:
+    """A loaded TVM artifact (mosc.compiler.artifact.Artifact) holding an encoder-classifier."""
+    return _classifier(lambda tokens: art.run(CLASSIFIER, [tokens])[0], art.manifest["graphs"], f"artifact {art.dir}")
+
+
+def pad_tokens(rows: Sequence[Sequence[int]], batch: int, seq_len: int, bos: int, pad: int) -> np.ndarray:
+    """Id lists (without <s>) -> [batch, seq_len] int64: <s> first, right-padded, cut at seq_len.
+    Fewer rows than `batch`: the rest repeat the first row (their logits are dropped)."""
+    if not rows or len(rows) > batch:
+        raise MoscError(f"{len(rows)} rows for a graph of batch {batch}")
+    out = np.full((batch, seq_len), pad, np.int64)
+    for b in range(batch):
+        ids = [bos, *(rows[b] if b < len(rows) else rows[0])][:seq_len]
+        out[b, : len(ids)] = ids
+    return out
 
 
 def pad_source(rows: Sequence[Sequence[int]], batch: int, source_len: int, pad_id: int) -> tuple[np.ndarray, int]:

@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parents[1] / "mosc"
 # Base modules are the shared vocabulary (errors, paths, the deploy contract, Arch, the RPC
 # client, the greedy loop); then the four worlds in data-flow order; then the application.
 LAYERS = [
-    ("base", {"mosc", "mosc.errors", "mosc.env", "mosc.fileio", "mosc.tables", "mosc.contract", "mosc.space", "mosc.rpc",
+    ("base", {"mosc", "mosc.errors", "mosc.env", "mosc.fileio", "mosc.tables", "mosc.contract", "mosc.space", "mosc.bert_space", "mosc.rpc",
               "mosc.runtime"}),
     ("nn", "mosc.nn"),
     ("compiler", "mosc.compiler"),

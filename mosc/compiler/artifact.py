@@ -72,11 +72,12 @@ def write_manifest(art_dir: Path | str, graphs: dict[str, dict], *, target: str,
 
 
 def schedule_coverage(manifest: dict) -> dict[str, int]:
-    """Over all graphs of an artifact: {functions, from_database, default_scheduled} (the TIR
-    functions whose schedule came from a tuning record, and those given a default one). All 0
-    for a manifest written before builds recorded it."""
-    per_graph = (manifest["tuning"].get("coverage") or {}).values()
-    return {k: sum(g[k] for g in per_graph) for k in ("functions", "from_database", "default_scheduled")}
+    """Over all graphs of an artifact: {functions, from_database, default_scheduled, naive} (the
+    TIR functions whose schedule came from a tuning record, those given a default one, and those
+    left as naive loops). All 0 for a manifest written before builds recorded it (naive: before
+    builds counted it)."""
+    per_graph = list((manifest["tuning"].get("coverage") or {}).values())
+    return {k: sum(g.get(k, 0) for g in per_graph) for k in ("functions", "from_database", "default_scheduled", "naive")}
 
 
 def check_manifest(manifest: dict, where: str) -> dict:

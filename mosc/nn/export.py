@@ -3,6 +3,7 @@
     export_subnet(sub, out_dir, shapes)   encoder.onnx, decoder_step.onnx, export.json
     check_parity(sub, out_dir)            max |torch - onnxruntime| per graph, greedy tokens
     load_export(out_dir)                  export.json with every file's sha256 verified (mosc.contract)
+    export_graph, write_export, ...       the steps every graph kind shares (mosc.nn.bert_export uses them)
 
 The graphs are `Subnet.encode` and `Subnet.decode_step` (see mosc/nn/subnet.py) with static
 shapes: batch B, source length S, KV-cache length T (defaults: a target's [protocol],
@@ -28,6 +29,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -138,6 +140,21 @@ def _optimize(model) -> None:
         p(model)
 
 
+def export_graph(name: str, module, args: tuple, input_names, output_names, ref, out_dir: Path) -> tuple[dict, str]:
+    """Write out_dir/<name>.onnx traced on `args` -> (its export.json graph entry, its sha256).
+
+    ref: the module's outputs on `args` (their shapes and dtypes are the graph's output
+    signature). Shared by every graph kind's exporter (this module, mosc.nn.bert_export)."""
+    path = out_dir / f"{name}.onnx"
+    _onnx_export(module, args, path, input_names, output_names)
+    entry = {
+        "file": path.name,
+        "inputs": [_tensor_spec(n, t) for n, t in zip(input_names, args)],
+        "outputs": [_tensor_spec(n, t) for n, t in zip(output_names, ref)],
+    }
+    return entry, sha256_file(path)
+
+
 def _export_graphs(sub: Subnet, out_dir: Path, shapes: Shapes, seed: int) -> tuple[dict, dict]:
     """Write encoder.onnx and decoder_step.onnx traced on example inputs: ({graph: io spec}, {file: sha256})."""
     src, step_args = example_inputs(sub, shapes, seed)
@@ -151,15 +168,35 @@ def _export_graphs(sub: Subnet, out_dir: Path, shapes: Shapes, seed: int) -> tup
     }
     meta_graphs, files = {}, {}
     for name, (module, args, ins, outs, ref) in graphs.items():
-        path = out_dir / f"{name}.onnx"
-        _onnx_export(module, args, path, ins, outs)
-        files[path.name] = sha256_file(path)
-        meta_graphs[name] = {
-            "file": path.name,
-            "inputs": [_tensor_spec(n, t) for n, t in zip(ins, args)],
-            "outputs": [_tensor_spec(n, t) for n, t in zip(outs, ref)],
-        }
+        meta_graphs[name], sha = export_graph(name, module, args, ins, outs, ref, out_dir)
+        files[meta_graphs[name]["file"]] = sha
     return meta_graphs, files
+
+
+def fresh_export_dir(out_dir: str | Path) -> Path:
+    """out_dir, created, with any export.json removed first: a half-rewritten folder is not an export."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / EXPORT_JSON).unlink(missing_ok=True)
+    return out_dir
+
+
+def exporter_info() -> dict:
+    """What made the graphs (recorded in export.json)."""
+    return {"torch": torch.__version__, "function": "torch.onnx.export(dynamo=True, external_data=False)"}
+
+
+def write_export(out_dir: Path, meta: dict, parity: Callable[[dict], dict] | None) -> dict:
+    """Seal and write export.json atomically; with `parity` (meta -> parity record, raising
+    MoscError on a mismatch), check the written folder and write it again with meta["parity"].
+
+    Written before the check (as export_subnet always did): when the check fails, the folder is
+    still a loadable export without a "parity" record, which can be inspected or compiled."""
+    atomic_write_json(out_dir / EXPORT_JSON, seal(meta, EXPORT_SEAL))
+    if parity is not None:
+        meta["parity"] = parity(meta)
+        atomic_write_json(out_dir / EXPORT_JSON, seal(meta, EXPORT_SEAL))
+    return meta
 
 
 def export_subnet(
@@ -179,9 +216,7 @@ def export_subnet(
     and greedy-decodes one batch with both; the numbers go into export.json["parity"].
     """
     sub = sub.eval()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / EXPORT_JSON).unlink(missing_ok=True)  # a half-rewritten folder is not an export
+    out_dir = fresh_export_dir(out_dir)
     if shapes.cache_len > sub.cfg.max_positions or shapes.source_len > sub.cfg.max_positions:
         raise MoscError(f"shapes {shapes} exceed the model's {sub.cfg.max_positions} positions")
     t0 = time.perf_counter()
@@ -200,15 +235,11 @@ def export_subnet(
         "eos_id": EOS_ID,
         "pad_id": cfg.pad_id,
         "tokenizer": tokenizer_json,
-        "exporter": {"torch": torch.__version__, "function": "torch.onnx.export(dynamo=True, external_data=False)"},
+        "exporter": exporter_info(),
         "export_seconds": round(time.perf_counter() - t0, 2),
         **(extra or {}),
     }
-    atomic_write_json(out_dir / EXPORT_JSON, seal(meta, EXPORT_SEAL))
-    if check:
-        meta["parity"] = check_parity(sub, out_dir, meta, seed=seed, atol=atol)
-        atomic_write_json(out_dir / EXPORT_JSON, seal(meta, EXPORT_SEAL))
-    return meta
+    return write_export(out_dir, meta, (lambda m: check_parity(sub, out_dir, m, seed=seed, atol=atol)) if check else None)
 
 
 def max_abs_diff(ref: np.ndarray, got: np.ndarray) -> float:
