@@ -136,7 +136,7 @@ RANDOM_SUPERNET_HELP = ("Supernet run/checkpoint; omitted: a seeded randomly ini
                         "(latency does not depend on weights).")
 SHAPE_OPTS = {
     "batch": "Batch size B of the static graphs (default: the target's protocol).",
-    "source_len": "Source length S in tokens (default: the target's protocol source_len).",
+    "source_len": "Source length S in tokens, or a BERT encoder's sequence length (default: the target's protocol source_len).",
     "cache_len": "KV-cache length T = decoder steps (default: the target's protocol decoder_steps).",
 }
 
@@ -155,9 +155,10 @@ def _target(name: str, tracker: str | None = None, key: str | None = None):
 
 
 def _space(name: str):
-    from mosc.space import SearchSpace
+    """A translation or encoder-only (BERT) space, by what its file holds."""
+    from mosc.bert_space import load_space
 
-    return SearchSpace.load(name)
+    return load_space(name)
 
 
 def _db_path(db: Optional[Path]) -> Path:
@@ -176,6 +177,13 @@ def _arch_cache(tg, checkpoint, space, seed, *, cache=None, tune=True, trials=No
 
 
 def _arch_table(arch) -> Table:
+    from mosc.bert_space import BertArch
+
+    if isinstance(arch, BertArch):
+        t = Table("layer", "hidden", title=f"arch {arch.hash}")
+        for i, h in enumerate(arch.hidden):
+            t.add_row(str(i), str(h))
+        return t
     t = Table("part", "embed", "layers", "ffn", "heads", "cross heads", "attends last k enc", title=f"arch {arch.hash}")
     t.add_row("encoder", str(arch.enc_embed), str(arch.enc_layers), str(list(arch.enc_ffn)), str(list(arch.enc_heads)), "", "")
     t.add_row("decoder", str(arch.dec_embed), str(arch.dec_layers), str(list(arch.dec_ffn)), str(list(arch.dec_heads)),
@@ -201,8 +209,17 @@ def space_list():
 @command(space_app, "show")
 def space_show(name: str = typer.Argument(..., help=SPACE_HELP)):
     """Show a space's choices per dimension and its size (number of distinct archs)."""
+    from mosc.bert_space import BertSpace
+
     s = _space(name)
     t = Table("dimension", "choices", title=f"search space {s.name!r}: {s.description}")
+    if isinstance(s, BertSpace):
+        for f in ("width", "layers", "hidden", "heads", "ffn_dim"):
+            v = getattr(s, f)
+            t.add_row(f, ", ".join(map(str, v)) if isinstance(v, tuple) else str(v))
+        console.print(t)
+        console.print(f"size: [bold]{s.size():,}[/] distinct archs (10^{s.summary()['log10_size']:.2f})")
+        return
     for part in ("enc", "dec"):
         for f in ("embed", "layers", "ffn", "heads", "cross_heads", "arbitrary"):
             if hasattr(s, f"{part}_{f}"):
@@ -243,9 +260,12 @@ def arch_validate(
     space: str = typer.Option("tiny", "--space", "-s", help=SPACE_HELP),
 ):
     """Check that an arch JSON file is well formed and inside the space."""
+    from mosc.bert_space import BertSpace
+    from mosc.jobs.bert import load_bert_arch
     from mosc.jobs.model import load_arch
 
-    console.print(_arch_table(load_arch(path, _space(space))))
+    sp = _space(space)
+    console.print(_arch_table((load_bert_arch if isinstance(sp, BertSpace) else load_arch)(path, sp)))
     console.print(f"[green]ok[/]: {path} is inside space {space!r}")
 
 
@@ -265,9 +285,12 @@ def collapse_cmd(
 
     Prints the parameter counts (actual vs analytic) and the max |supernet(x, arch) - collapsed(x)|; exits 2 when they disagree.
     """
+    from mosc.bert_space import is_bert_space
+    from mosc.jobs.bert import collapse_bert_and_check, is_bert_checkpoint
     from mosc.jobs.model import COLLAPSE_ATOL, collapse_and_check
 
-    r = collapse_and_check(checkpoint, arch_file, out, space=space, mode=mode, seed=seed)
+    bert = is_bert_checkpoint(checkpoint) if checkpoint is not None else is_bert_space(space)
+    r = (collapse_bert_and_check if bert else collapse_and_check)(checkpoint, arch_file, out, space=space, mode=mode, seed=seed)
     console.print(_arch_table(r.arch))
     t = Table("", "value", title=f"collapse of {r.source} ({r.ffn_mode}, space {r.space})")
     t.add_row("supernet parameters", f"{r.supernet_params:,}")
@@ -287,10 +310,10 @@ def collapse_cmd(
 @command(app, "train")
 def train_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Run folder: checkpoints (step_*/), 'latest' pointer, log.jsonl."),
-    corpus: str = typer.Option("synthetic", help="'synthetic' (built in), a corpus folder, a name under ../shared/data (multi30k) or a path prefix."),
+    corpus: Optional[str] = typer.Option(None, help="Translation: 'synthetic' (the default), a corpus folder, a name under ../shared/data (multi30k) or a path prefix. Encoder-only (BERT) space: 'default' (wikitext-2 + SST-2 and Multi30k English, the default), a folder of .txt/.txt.gz files or one file."),
     src_lang: str = typer.Option("en", help="Source language suffix of the corpus files."),
     tgt_lang: str = typer.Option("de", help="Target language suffix of the corpus files."),
-    vocab_size: Optional[int] = typer.Option(None, help="Joint BPE vocabulary size (default 8000 real, 1000 synthetic)."),
+    vocab_size: Optional[int] = typer.Option(None, help="BPE vocabulary size (default 8000 real, 1000 synthetic, 4000 masked-LM text)."),
     max_train_pairs: Optional[int] = typer.Option(None, help="Use only the first N training pairs (quick runs)."),
     space: str = typer.Option("tiny", "--space", "-s", help=SPACE_HELP),
     mode: FFNMode = typer.Option(FFNMode.neuron, help="FFN mode: shared (HAT), layer or neuron (MoS)."),
@@ -303,7 +326,8 @@ def train_cmd(
     warmup: int = typer.Option(200, help="Linear warm-up updates."),
     sandwich_random: int = typer.Option(1, help="k random archs per update besides the largest and smallest."),
     distill: float = typer.Option(0.0, help="Weight of in-place distillation from the largest arch (0 = off)."),
-    dropout: float = typer.Option(0.3, help="Residual dropout at the largest embed dim (scaled by D / D_max)."),
+    dropout: Optional[float] = typer.Option(None, help="Residual dropout (default 0.3 for translation, scaled by D / D_max; 0.1 for BERT)."),
+    max_len: int = typer.Option(128, help="Longest sentence in subword tokens (translation); the block length (masked LM)."),
     save_every: int = typer.Option(500, help="Checkpoint every N updates (and at the end)."),
     log_every: int = typer.Option(20, help="Updates between log lines (log.jsonl, progress bar)."),
     seed: int = typer.Option(0, help="Seed for init, arch sampling, dropout and batch order."),
@@ -315,37 +339,86 @@ def train_cmd(
 
     Works under `torchrun --nproc_per_node N` for data-parallel training (gloo).
     """
+    from mosc.bert_space import BertArch, is_bert_space
     from mosc.nn.train import TrainConfig, train
     from mosc.space import Arch
 
     cfg = TrainConfig(steps=steps, max_tokens=max_tokens, lr=lr, warmup=warmup, sandwich_random=sandwich_random,
                       distill=distill, save_every=save_every, log_every=log_every, seed=seed, device=device,
-                      precision=precision)
-    corpus_args = {"src_lang": src_lang, "tgt_lang": tgt_lang, "vocab_size": vocab_size, "max_train_pairs": max_train_pairs}
-    r = train(out, corpus=corpus, space=space, mode=mode.value, cfg=cfg,
-              model_overrides={"n_experts": experts, "router_hidden": router_hidden, "dropout": dropout},
+                      precision=precision, max_len=max_len)
+    bert = not resume and is_bert_space(space)  # a resumed run takes everything from its checkpoint
+    if bert:  # masked LM on plain text: no languages, no pairs
+        corpus_args = {"vocab_size": vocab_size}
+    else:
+        corpus_args = {"src_lang": src_lang, "tgt_lang": tgt_lang, "vocab_size": vocab_size, "max_train_pairs": max_train_pairs}
+    overrides = {"n_experts": experts, "router_hidden": router_hidden, **({"dropout": dropout} if dropout is not None else {})}
+    r = train(out, corpus=corpus, space=space, mode=mode.value, cfg=cfg, model_overrides=overrides,
               corpus_args={k: v for k, v in corpus_args.items() if v is not None},
-              arch=Arch.load(arch_file) if arch_file else None, resume=resume)
+              arch=(BertArch if bert else Arch).load(arch_file) if arch_file else None, resume=resume)
     if r.checkpoint != r.run:
         console.print(f"[green]trained[/] {r.steps - r.start_step} updates"
-                      f"{f' (steps {r.start_step}->{r.steps})' if r.start_step else ''} in {r.seconds:.0f} s, {r.tokens_per_s:,.0f} target tokens/s, "
+                      f"{f' (steps {r.start_step}->{r.steps})' if r.start_step else ''} in {r.seconds:.0f} s, {r.tokens_per_s:,.0f} predicted tokens/s, "
                       f"last loss {r.final_loss:.3f} ({r.device}, {r.precision}); checkpoint: {r.checkpoint}")
+
+
+@command(app, "finetune")
+def finetune_cmd(
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the fine-tuned encoder (model.safetensors + config.json with the dev accuracy and the tokenizer)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="BERT pre-training run or checkpoint folder; the subnet --arch is collapsed from it."),
+    arch_file: Optional[Path] = typer.Option(None, "--arch", "-a", help="BertArch JSON file (with --checkpoint); default: the run's fixed arch, else the largest."),
+    encoder: Optional[Path] = typer.Option(None, "--encoder", "-e", help="A collapsed encoder folder (`mosc collapse --out`, holding the run's tokenizer) instead of --checkpoint."),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="A fine-tuned encoder folder (e.g. the largest subnet's) whose logits the student also matches (0.5 CE + 0.5 KL by default)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Folder with train.tsv(.gz) and dev.tsv(.gz) in SST-2's format (default: ../shared/data/sst2)."),
+    steps: int = typer.Option(600, help="Optimizer updates."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Sentences per update."),
+    lr: float = typer.Option(1e-3, help="Peak AdamW learning rate (linear warm-up, then linear decay to 0)."),
+    seq_len: int = typer.Option(64, "--seq-len", help="Tokens per sentence, <s> included; longer sentences are cut."),
+    distill: float = typer.Option(0.5, help="With --teacher: weight of the KL to the teacher's logits (the rest is cross-entropy)."),
+    seed: int = typer.Option(0, help="Seed for the classifier head's init, batch order and dropout."),
+    device: str = typer.Option("auto", help="Where to fine-tune: auto (the GPU when torch sees one), cpu, cuda or cuda:N."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+):
+    """Fine-tune a collapsed BERT subnet on SST-2 (binary sentiment) and report its dev accuracy.
+
+    The subnet comes from a pre-training run at --arch (collapsed here) or from a saved --encoder; sentences are tokenized with the run's tokenizer.
+    """
+    from mosc.nn.finetune import FinetuneConfig, finetune_files
+
+    cfg = FinetuneConfig(steps=steps, batch_size=batch_size, lr=lr, seq_len=seq_len, distill=distill, seed=seed,
+                         device=device)
+    r = finetune_files(cfg, out, checkpoint=checkpoint, arch_file=arch_file, encoder=encoder, teacher=teacher,
+                       data_dir=data, progress=progress)
+    t = Table("", "value", title=f"SST-2 fine-tuning of {r['source']}")
+    t.add_row("arch (hidden per layer)", str(r["arch"]["hidden"]))
+    t.add_row("parameters (with head)", f"{r['param_count']:,}")
+    t.add_row("train / dev sentences", f"{r['data']['train_sentences']:,} / {r['data']['dev_sentences']:,}")
+    t.add_row("updates x batch", f"{steps} x {batch_size}")
+    t.add_row("distilled from", f"{r['teacher']} (weight {r['distill_weight']:g})" if r["distilled"] else "-")
+    t.add_row("final train loss", f"{r['final_loss']:.4f}")
+    t.add_row("dev accuracy", f"[bold]{100 * r['sst2_dev_acc']:.2f}%[/]")
+    t.add_row("time", f"{r['seconds']:.1f} s ({r['device']})")
+    console.print(t)
+    console.print(f"[green]wrote[/] {out}")
 
 
 @command(app, "evaluate")
 def evaluate_cmd(
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Run folder or checkpoint folder from `mosc train`."),
     arch_file: Optional[Path] = typer.Option(None, "--arch", "-a", help="Arch JSON; default: the run's fixed arch, else the largest."),
-    subnet: Optional[Path] = typer.Option(None, help="Evaluate this collapsed subnet folder instead of the supernet."),
-    split: str = typer.Option("val", help="train, val or test."),
+    subnet: Optional[Path] = typer.Option(None, help="Evaluate this collapsed subnet (or BERT encoder) folder instead of the supernet."),
+    split: str = typer.Option("val", help="train, val or test (translation; a BERT run scores its validation text)."),
     beam: int = typer.Option(1, help="Beam size (1 = greedy)."),
     max_sentences: Optional[int] = typer.Option(None, help="Evaluate only the first N sentences."),
     bleu: bool = typer.Option(True, "--bleu/--no-bleu", help="Decode and score BLEU (slower) or loss only."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the numbers (and hypotheses) as JSON here."),
     device: str = typer.Option("auto", help="Where to compute: auto (the GPU when torch sees one), cpu, cuda or cuda:N."),
 ):
-    """Validation loss and corpus BLEU (sacrebleu) of the supernet at an arch (inherited weights) or of a collapsed subnet."""
+    """Validation loss and corpus BLEU (sacrebleu) of the supernet at an arch (inherited weights) or of a collapsed subnet.
+
+    A BERT (masked-LM) run: the validation masked-LM loss and perplexity instead.
+    """
     from mosc.fileio import atomic_write_json
+    from mosc.jobs.bert import evaluate_mlm, is_bert_checkpoint
     from mosc.jobs.model import load_arch
     from mosc.nn.device import resolve_device
     from mosc.nn.evaluate import evaluate
@@ -354,6 +427,16 @@ def evaluate_cmd(
     from mosc.space import Arch
 
     resolve_device(device)  # a missing GPU is one line before anything is loaded
+    if is_bert_checkpoint(checkpoint):
+        r = evaluate_mlm(checkpoint, arch_file, subnet, device=device)
+        t = Table("", "value", title=f"{r['what']}, arch {r['arch_hash']}, {r['valid_blocks']} validation blocks")
+        t.add_row("masked-LM loss (nats/token)", f"{r['mlm_valid_loss']:.4f}")
+        t.add_row("perplexity", f"{r['perplexity']:.2f}")
+        t.add_row("parameters (static encoder)", f"{r['params']:,}")
+        console.print(t)
+        if out is not None:
+            atomic_write_json(out, r)
+        return
     model, tok, meta = load_trained(checkpoint)
     data = load_run_corpus(meta, tok)
     fixed = meta.get("train", {}).get("fixed_arch")
@@ -404,6 +487,8 @@ def targets_cmd():
 
 
 def _print_export(meta: dict, out: Path):
+    if "seq_len" in meta["shapes"]:  # an encoder-classifier export (mosc.contract)
+        return _print_classifier_export(meta, out)
     sh = meta["shapes"]
     t = Table("", "value", title=f"export of arch {meta['arch_hash']} ({meta['param_count']:,} parameters)")
     t.add_row("shapes", f"batch {sh['batch']}, source length {sh['source_len']}, KV cache {sh['cache_len']}")
@@ -421,14 +506,27 @@ def _print_export(meta: dict, out: Path):
     console.print(t)
 
 
+def _print_classifier_export(meta: dict, out: Path):
+    sh, p = meta["shapes"], meta.get("parity")
+    t = Table("", "value", title=f"encoder-classifier export of arch {meta['arch_hash']} ({meta['param_count']:,} parameters)")
+    t.add_row("shapes", f"batch {sh['batch']}, sequence length {sh['seq_len']}, {meta['n_classes']} classes")
+    for g in meta["graphs"].values():
+        t.add_row(g["file"], f"{(out / g['file']).stat().st_size / 1e6:.1f} MB, inputs {', '.join(i['name'] for i in g['inputs'])}")
+    if p:
+        t.add_row("max |torch - onnxruntime| classifier", f"{p['classifier_max_abs_diff']:.2e} (limit {p['atol']:g})")
+        t.add_row("argmax: onnxruntime vs torch", "[green]same classes[/]" if p["argmax_equal"] else "[red]DIFFERENT classes[/]")
+    t.add_row("time", f"{meta['export_seconds']:.1f} s")
+    console.print(t)
+
+
 def _shapes(batch, source_len, cache_len) -> dict:
     return {k: v for k, v in {"batch": batch, "source_len": source_len, "cache_len": cache_len}.items() if v}
 
 
 @command(app, "export")
 def export_cmd(
-    out: Path = typer.Option(..., "--out", "-o", help="Folder for encoder.onnx, decoder_step.onnx and export.json."),
-    subnet: Optional[Path] = typer.Option(None, "--subnet", help="Collapsed subnet folder (from `mosc collapse -o`)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the .onnx graphs (encoder + decoder_step, or classifier) and export.json."),
+    subnet: Optional[Path] = typer.Option(None, "--subnet", help="Collapsed subnet folder (from `mosc collapse -o`), or a BERT encoder folder with a classifier head."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Supernet run or checkpoint folder; needs --arch."),
     arch_file: Optional[Path] = typer.Option(None, "--arch", "-a", help="Arch JSON to collapse the checkpoint at."),
     target: str = typer.Option("host", "--target", "-t", help="Target whose \\[protocol] gives the static shapes."),
@@ -437,11 +535,13 @@ def export_cmd(
     cache_len: Optional[int] = typer.Option(None, min=1, help=SHAPE_OPTS["cache_len"]),
     check: bool = typer.Option(True, "--check/--no-check", help="Compare onnxruntime with PyTorch (max abs diff, greedy tokens)."),
 ):
-    """Export a collapsed subnet to two static ONNX graphs (encoder, decoder step with KV cache), checked against PyTorch with onnxruntime."""
-    from mosc.jobs import model as jobs
+    """Export a collapsed subnet to static ONNX graphs (encoder, decoder step with KV cache; a BERT encoder: one classifier graph), checked against PyTorch with onnxruntime.
+
+    A BERT encoder folder is told by its kind; --source-len is then its sequence length."""
+    from mosc.jobs.bert_deploy import export_model
 
     tg = _target(target)  # an unknown target is one line before any work
-    meta = jobs.export(subnet, checkpoint, arch_file, out, tg, _shapes(batch, source_len, cache_len), check)
+    meta = export_model(subnet, checkpoint, arch_file, out, tg, _shapes(batch, source_len, cache_len), check)
     _print_export(meta, out)
     console.print(f"[green]exported[/] {out}")
 
@@ -464,7 +564,8 @@ def _print_compiled(c, target_name: str):
     if cov["functions"]:
         n, db = cov["functions"], cov["from_database"]
         rest = "TVM's default GPU schedules" if m["device"] != "cpu" else "mosc's default schedules"
-        t.add_row("schedules", f"{db} of {n} functions from tuned records, {n - db} {rest}")
+        naive = f", [red]{cov['naive']} unscheduled (naive loops)[/]" if cov["naive"] else ""
+        t.add_row("schedules", f"{db} of {n} functions from tuned records, {n - db - cov['naive']} {rest}{naive}")
     t.add_row("database", f"{m['tuning']['database']['path']} ({m['tuning']['database']['records']} records)")
     for f in m["files"]:
         t.add_row(f, f"{(c.path / f).stat().st_size / 1e6:.1f} MB")
@@ -478,9 +579,9 @@ def _print_compiled(c, target_name: str):
 @command(app, "compile")
 def compile_cmd(
     target: str = typer.Option(..., "--target", "-t", help=TARGET_HELP),
-    out: Path = typer.Option(..., "--out", "-o", help="Artifact folder: encoder.so, decoder_step.so, manifest.json."),
+    out: Path = typer.Option(..., "--out", "-o", help="Artifact folder: one .so per graph (encoder + decoder_step, or classifier) and manifest.json."),
     onnx_dir: Optional[Path] = typer.Option(None, "--onnx-dir", help="Export folder from `mosc export`."),
-    subnet: Optional[Path] = typer.Option(None, "--subnet", help="One step: export this subnet folder, then compile."),
+    subnet: Optional[Path] = typer.Option(None, "--subnet", help="One step: export this subnet (or BERT encoder) folder, then compile."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="One step: collapse this checkpoint at --arch, export, compile."),
     arch_file: Optional[Path] = typer.Option(None, "--arch", "-a", help="Arch JSON (with --checkpoint)."),
     trials: int = typer.Option(256, min=0, help="MetaSchedule trial budget for tasks the tuning database lacks."),
@@ -496,7 +597,7 @@ def compile_cmd(
     import tempfile
 
     from mosc.compiler.build import require_cross_compiler
-    from mosc.jobs import model as jobs
+    from mosc.jobs.bert_deploy import export_model
     from mosc.jobs.build import compile_export
 
     tg = _target(target, tracker, key)
@@ -509,7 +610,7 @@ def compile_cmd(
     with tempfile.TemporaryDirectory(prefix="mosc-export-") as tmp:
         if onnx_dir is None:
             onnx_dir = Path(tmp)
-            _print_export(jobs.export(subnet, checkpoint, arch_file, onnx_dir, tg, shapes), onnx_dir)
+            _print_export(export_model(subnet, checkpoint, arch_file, onnx_dir, tg, shapes), onnx_dir)
         c = compile_export(onnx_dir, tg, out, trials=trials, tune=tune, tune_db=tune_db, log=log)
     _print_compiled(c, tg.name)
     console.print(f"[green]compiled[/] {out}")
@@ -1001,7 +1102,8 @@ def predictor_eval(
 
 @command(app, "search")
 def search_cmd(
-    target: str = typer.Option(..., "--target", "-t", help="Target device (must match the predictor's target)."),
+    target: Optional[str] = typer.Option(None, "--target", "-t", help="Target device (must match the predictor's target); required unless searching a BERT run under --max-params."),
+    max_params: Optional[float] = typer.Option(None, "--max-params", help="BERT (masked-LM) run: the most parameters the static encoder may have (e.g. 2.5e6); fitness = validation masked-LM loss."),
     predictor: Optional[Path] = typer.Option(None, "--predictor", "-p", help="Latency predictor file (mosc predictor fit) for --target. Omitted for rpi4 with no real measurements in --db: the analytic Cortex-A72 roofline prior."),
     latency_ms: Optional[float] = typer.Option(None, "--latency-ms", "-l", help="Latency constraint in ms (required without --pareto; optional cap with it)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Supernet run/checkpoint: fitness = its validation loss at each arch."),
@@ -1028,14 +1130,22 @@ def search_cmd(
     Candidates over --latency-ms are dropped; fitness is the supernet's validation loss (cached per arch), latency comes from the predictor. With --rounds R the top archs are measured on the target, added to --db, the predictor is refitted and the search repeated.
     """
     from mosc.jobs import search as jobs
+    from mosc.jobs.bert import is_bert_checkpoint
     from mosc.search.evolve import EvoConfig, check_budget, evolve, pareto_search
 
+    evo = EvoConfig(population=population, parents=parents, mutations=mutations, mutation_prob=mutation_prob,
+                    crossovers=crossovers, generations=generations, seed=seed)
+    if is_bert_checkpoint(checkpoint):
+        return _search_bert(checkpoint, max_params, evo, out, latency_ms=latency_ms, target=target, pareto=pareto)
+    if max_params is not None:
+        raise MoscError("--max-params constrains a BERT (masked-LM) run's search; a translation search takes --latency-ms")
+    if target is None:
+        raise MoscError("give --target T (the device whose latency constrains the search)")
     if latency_ms is None and not pareto:
         raise MoscError("give --latency-ms L (or --pareto for the whole front)")
     check_budget(latency_ms)  # before any work is announced
     sp, score = jobs.fitness(fitness, checkpoint, space, val_sentences, max_tokens)
-    cfg = EvoConfig(population=population, parents=parents, mutations=mutations, mutation_prob=mutation_prob,
-                    crossovers=crossovers, generations=generations, seed=seed).check(sp)
+    cfg = evo.check(sp)
     pred = jobs.latency_model(target, sp, predictor, db, log=lambda m: err_console.print(m, style="yellow"))
     target = pred.target  # the canonical name ("rpi" -> "rpi4") in search.json, the plot and the feedback rows
     run = pareto_search if pareto else evolve
@@ -1057,6 +1167,32 @@ def search_cmd(
     _print_search(res, latency_ms, loop, rounds)
     console.print(f"[green]wrote[/] {out}/best.json, search.json, pareto.json, pareto.csv"
                   + (", pareto.png" if o.plotted else " (no plot: matplotlib is not installed)"))
+
+
+def _search_bert(checkpoint: Path, max_params: float | None, evo, out: Path, *, latency_ms, target, pareto) -> None:
+    """mosc search on a BERT run: lowest validation MLM loss under a parameter budget."""
+    from mosc.jobs import bert as jobs
+
+    if max_params is None:
+        raise MoscError("a BERT (masked-LM) run is searched under a parameter budget: give --max-params N")
+    if latency_ms is not None or target is not None or pareto:
+        raise MoscError("--target/--latency-ms/--pareto are not supported for a BERT run yet; use --max-params")
+    fit = jobs.mlm_fitness(checkpoint)
+    jobs.check_max_params(fit.space, fit.vocab_size, max_params)  # before any arch is scored
+    res = jobs.search_params(fit, max_params, evo, log=log)
+    info = {"space": fit.space.name, "checkpoint": str(checkpoint), "fitness": "validation masked-LM loss",
+            "valid_blocks": fit.blocks, "max_params": int(max_params), "config": evo.__dict__}
+    jobs.write_search(out, res, info)
+    t = Table(title=f"front: loss vs parameters ({len(res.front)} archs of {res.evaluated} scored, {res.seconds:.1f} s)")
+    for c in ("arch", "hidden", "parameters", "MLM loss"):
+        t.add_column(c, justify="left" if c in ("arch", "hidden") else "right")
+    for c in res.front:
+        t.add_row(c.arch.hash, str(list(c.arch.hidden)), f"{c.latency_ms * 1e6:,.0f}", f"{c.loss:.4f}")
+    console.print(t)
+    b = res.best
+    console.print(f"best: {b.arch.hash} {list(b.arch.hidden)}, MLM loss {b.loss:.4f}, {b.latency_ms * 1e6:,.0f} "
+                  f"parameters (budget {max_params:,.0f})")
+    console.print(f"[green]wrote[/] {out}/best.json, search.json")
 
 
 def _print_search(res, latency_ms, loop, rounds):
@@ -1085,10 +1221,17 @@ def pipeline_cmd(
     """The main job end to end: train, measure, fit the predictor, search, export, compile, translate, check the front, summarise.
 
     The summary is printed and written to OUT/summary.json; every key of the config file is optional (examples/*.toml).
+
+    A config whose space is encoder-only (examples/bert-tiny.toml) runs the BERT pipeline instead: pre-train (masked LM), search under a parameter budget, fine-tune on SST-2, export, compile, check accuracy and latency.
     """
+    from mosc.bert_pipeline import BertPipelineConfig, is_bert_config, run_bert_pipeline
+    from mosc.fileio import read_toml
     from mosc.pipeline import PipelineConfig, run_pipeline
 
-    run_pipeline(PipelineConfig.load(config) if config is not None else PipelineConfig(), out, console)
+    raw = read_toml(config, "pipeline config") if config is not None else {}
+    if is_bert_config(raw):
+        return run_bert_pipeline(BertPipelineConfig.from_dict(raw, str(config)), out, console)
+    run_pipeline(PipelineConfig.from_dict(raw, str(config)) if config is not None else PipelineConfig(), out, console)
 
 
 @command(app, "demo")

@@ -467,6 +467,23 @@ STAGES = [
 ]
 
 
+def run_stages(r, stages: list[Stage]) -> None:
+    """Each stage in turn under a numbered rule, its summary sections merged into r.summary,
+    its wall time printed; r.summary gets stage_seconds and total_seconds. r: anything with
+    .console and .summary (this module's Run, mosc.bert_pipeline's BertRun)."""
+    times, t_all = {}, time.perf_counter()
+    for i, st in enumerate(stages, 1):
+        r.console.rule(f"[bold cyan][{i}/{len(stages)}] {st.title(r)}")
+        t0 = time.perf_counter()
+        try:
+            r.summary.update(st.run(r))
+        finally:
+            times[st.name] = round(time.perf_counter() - t0, 2)
+            r.console.print(f"[dim]{st.name}: {times[st.name]:.1f} s[/]")
+    r.summary["stage_seconds"] = times
+    r.summary["total_seconds"] = round(time.perf_counter() - t_all, 2)
+
+
 def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, console: Console | None = None,
                  stages: list[Stage] = STAGES) -> dict:
     """Run every stage into out_dir; returns (and writes to out_dir/summary.json) the summary."""
@@ -479,18 +496,8 @@ def run_pipeline(cfg: PipelineConfig, out_dir: str | Path, console: Console | No
     if cfg.cross_target:
         _target(cfg.cross_target, cfg)  # an unknown cross target is one line now, not after training
     r.summary.update(config=cfg.to_dict(), out_dir=str(out))
-    times, t_all = {}, time.perf_counter()
-    for i, st in enumerate(stages, 1):
-        r.console.rule(f"[bold cyan][{i}/{len(stages)}] {st.title(r)}")
-        t0 = time.perf_counter()
-        try:
-            r.summary.update(st.run(r))
-        finally:
-            times[st.name] = round(time.perf_counter() - t0, 2)
-            r.console.print(f"[dim]{st.name}: {times[st.name]:.1f} s[/]")
+    run_stages(r, stages)
     s = r.summary
-    s["stage_seconds"] = times
-    s["total_seconds"] = round(time.perf_counter() - t_all, 2)
     s["artifacts"] = {"run": str(r.run_dir), "latency_db": str(r.db_path), "predictor": s["predictor"]["path"],
                       "search": s["search"]["dir"], "subnet": s["export"]["subnet"],
                       **{f"onnx {k}": v for k, v in s["export"]["onnx"].items()},

@@ -275,3 +275,62 @@ def test_cli_bad_inputs_are_one_line(cli_run, tmp_path, args, msg):
 def test_translation_commands_refuse_a_bert_run(cli_run):
     r = runner.invoke(app, ["tune", "-t", "host", "--checkpoint", str(cli_run), "--status"])
     assert r.exit_code == 2 and "encoder-only" in r.output and "Traceback" not in r.output, r.output
+
+
+# ---- the BERT pipeline ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sst2_dir(tmp_path_factory):
+    """A small SST-2-shaped folder: 'good' sentences are positive, 'bad' ones negative."""
+    d = tmp_path_factory.mktemp("sst2")
+    rng = random.Random(1)
+
+    def rows(n):
+        out = []
+        for _ in range(n):
+            y = rng.randint(0, 1)
+            words = [rng.choice(WORDS) for _ in range(rng.randint(3, 8))] + ["good" if y else "bad"]
+            rng.shuffle(words)
+            out.append(f"{y}\t{' '.join(words)}")
+        return out
+
+    (d / "train.tsv").write_text("label\tsentence\n" + "\n".join(rows(300)) + "\n")
+    (d / "dev.tsv").write_text("label\tcontent\n" + "\n".join(rows(60)) + "\n")
+    return d
+
+
+def test_bert_pipeline_end_to_end(text_dir, sst2_dir, tmp_path):
+    cfg = tmp_path / "bert.toml"
+    cfg.write_text(f'corpus = "{text_dir}"\nspace = "bert-tiny"\nvocab_size = 400\nseq_len = 16\ntrain_steps = 4\n'
+                   f'train_max_tokens = 256\ntrain_warmup = 1\npopulation = 4\nparents = 2\nmutations = 2\ncrossovers = 2\n'
+                   f'generations = 2\nsst2_dir = "{sst2_dir}"\nfinetune_steps = 60\nfinetune_batch = 16\n'
+                   f'cross_target = ""\nlatency_runs = 3\n')
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["pipeline", "--config", str(cfg), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    s = json.loads((out / "summary.json").read_text())
+    assert set(s["stage_seconds"]) == {"train", "search", "finetune", "export", "compile", "check"}
+    best = s["search"]["best"]
+    assert best["params"] <= s["search"]["max_params"] < s["search"]["largest"]["params"]
+    assert SPACE.contains(BertArch.from_dict(best["arch"]))
+    ck = s["check"]
+    # The same sentences right (float32 vs float64 means differ past 1e-7, counts cannot).
+    assert ck["sst2_dev_acc_tvm"] == pytest.approx(ck["sst2_dev_acc_torch"], abs=1e-6)
+    assert ck["sst2_dev_acc_torch"] == pytest.approx(s["finetune"]["sst2_dev_acc"], abs=1e-6)
+    assert ck["sst2_dev_acc_tvm"] >= 0.8  # the easy task is learnt, and the compiled artifact keeps it
+    assert all(ck["latency_ms"][k] > 0 for k in ("tvm", "ort", "torch"))
+    assert (out / "artifact-host" / "manifest.json").is_file() and (out / "onnx" / "export.json").is_file()
+    # Run again: the finished pre-training run is reused, not retrained.
+    r = runner.invoke(app, ["pipeline", "--config", str(cfg), "-o", str(out)])
+    assert r.exit_code == 0 and "reusing it" in r.output, r.output
+
+
+def test_bert_pipeline_bad_config_is_one_line(tmp_path):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('space = "bert-tiny"\nmeasure_archs = 5\n')  # a translation key
+    r = runner.invoke(app, ["pipeline", "--config", str(cfg), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2 and r.output.count("error:") == 1 and "measure_archs" in r.output, r.output
+    cfg.write_text('space = "bert-tiny"\nseq_len = 2\n')
+    r = runner.invoke(app, ["pipeline", "--config", str(cfg), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "seq_len" in r.output, r.output

@@ -21,7 +21,7 @@ LAYERS = [
     ("search", "mosc.search"),
     ("regress", {"mosc.regress"}),
     ("jobs", "mosc.jobs"),
-    ("pipeline", {"mosc.pipeline"}),
+    ("pipeline", {"mosc.pipeline", "mosc.bert_pipeline"}),
     ("cli", {"mosc.cli", "mosc.__main__"}),
 ]
 
