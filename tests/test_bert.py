@@ -334,3 +334,25 @@ def test_bert_pipeline_bad_config_is_one_line(tmp_path):
     cfg.write_text('space = "bert-tiny"\nseq_len = 2\n')
     r = runner.invoke(app, ["pipeline", "--config", str(cfg), "-o", str(tmp_path / "o")])
     assert r.exit_code == 2 and "seq_len" in r.output, r.output
+
+
+def test_pretraining_under_torchrun_two_processes(text_dir, tmp_path):
+    """Data-parallel masked-LM pre-training with 2 processes (gloo): both ranks end with the
+    same weights (checked inside train), rank 0 writes one checkpoint of a 2-rank run."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bin_dir = Path(sys.executable).parent
+    run = tmp_path / "ddp"
+    r = subprocess.run(
+        [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", "29527", str(bin_dir / "mosc"), "train",
+         "-o", str(run), "--space", "bert-tiny", "--corpus", str(text_dir), "--vocab-size", "400", "--max-len", "16",
+         "--max-tokens", "128", "--steps", "3", "--save-every", "3", "--warmup", "1"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"},
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (run / "latest").read_text().strip() == "step_0000003"
+    _, _, meta = load_bert_trained(run)
+    assert meta["train"]["batches"]["world_size"] == 2
