@@ -12,6 +12,13 @@ one measurement with the target's [protocol], the protocol, the target, the arch
 JSON), the artifact's manifest sha256 and the environment. A *baseline* is a result that
 was accepted earlier (`mosc check --update-baseline`).
 
+Model kinds (mosc.contract; `kind`, from the artifact's graphs, "translation" when a result
+predates the field). For a translation model one run is a whole translation (encoder +
+decoder_steps steps). For an encoder-classifier one run is one call of its classifier graph:
+samples_ms = encoder_ms = that call's time, decoder_ms = 0 per run, protocol.source_len = the
+sequence length and protocol.decoder_steps = 0 (there is no decoder, so the target's
+decoder_steps must not decide comparability). A result is compared only with one of its kind.
+
 Statistics. For each metric (p50 = median of the trimmed runs, p90 = 90th percentile of
 the trimmed runs, the same definitions as mosc.device.protocol.summarize), the two sample sets
 are bootstrapped independently (seeded, `resamples` draws each) and the ratio
@@ -40,6 +47,7 @@ from typing import Callable
 
 import numpy as np
 
+from mosc.contract import ENCODER_CLASSIFIER, KIND_GRAPHS, TRANSLATION
 from mosc.device.protocol import _trimmed, summarize
 from mosc.errors import MoscError
 from mosc.rpc import cpu_model  # noqa: F401  (re-exported: the CPU model recorded with a result)
@@ -96,7 +104,7 @@ def bench(target, artifact: str | Path, arch=None, *, repeats: int | None = None
     from mosc.device.backends import measure_artifact, measure_tvm
 
     artifact = Path(artifact)
-    manifest, protocol = _bench_inputs(target, artifact, arch, repeats)
+    manifest, protocol, kind = bench_inputs(target, artifact, arch, repeats)
     t0 = time.perf_counter()
     try:
         m, dev = measure_artifact(artifact, protocol, remote, measure=measure or measure_tvm)
@@ -105,18 +113,30 @@ def bench(target, artifact: str | Path, arch=None, *, repeats: int | None = None
             raise
         raise MoscError(f"cannot reach device {remote.key!r} via tracker {remote.addr}: {e}") from None
     wall = time.perf_counter() - t0
-    p = {k: m.shapes[k] for k in ("batch", "source_len", "decoder_steps")}
-    want = {k: getattr(protocol, k) for k in p}
-    if p != want:
-        raise MoscError(f"{artifact}: graphs have shapes {p}, the {target.name} protocol says {want} (rebuild it)")
-    return _result(target, protocol, artifact, manifest, arch, m, remote, dev, wall)
+    _check_shapes(m.shapes, target, protocol, kind, artifact)  # what was timed, not only what the manifest says
+    return _result(target, protocol, artifact, manifest, arch, m, remote, dev, wall, kind)
 
 
-def _bench_inputs(target, artifact: Path, arch, repeats: int | None):
-    """(verified manifest, protocol) of a bench; MoscError when the artifact is not for these."""
+def run_protocol_of(protocol, kind: str) -> dict:
+    """The protocol a measurement of this kind follows, as recorded in its result: an
+    encoder-classifier has no decoder, so its decoder_steps is 0 whatever the target says."""
+    p = asdict(protocol)
+    return {**p, "decoder_steps": 0} if kind == ENCODER_CLASSIFIER else p
+
+
+def kind_of(r: dict) -> str:
+    """The model kind a result was measured on (results written before kinds existed: translation)."""
+    return r.get("kind", TRANSLATION)
+
+
+def bench_inputs(target, artifact: Path, arch, repeats: int | None) -> tuple[dict, object, str]:
+    """(verified manifest, protocol, model kind) of a bench; MoscError (one line) when the artifact
+    is not for these: its files, arch, target, or its graphs' shapes (read from the manifest, so
+    a wrong artifact is refused before anything is loaded or uploaded)."""
     from dataclasses import replace
 
     from mosc.compiler.artifact import verify_artifact
+    from mosc.contract import graph_kind
 
     manifest = verify_artifact(artifact)
     model = manifest.get("model") or {}
@@ -127,18 +147,41 @@ def _bench_inputs(target, artifact: Path, arch, repeats: int | None):
     protocol = target.protocol if repeats is None else replace(target.protocol, repeats=repeats)
     if protocol.repeats < 2:
         raise MoscError("--repeats must be at least 2 (a statistic needs several runs)")
-    return manifest, protocol
+    kind = graph_kind(manifest["graphs"], f"artifact {artifact}")
+    _check_shapes(artifact_shapes(manifest["graphs"], kind), target, protocol, kind, artifact)
+    return manifest, protocol, kind
+
+
+def artifact_shapes(graphs: dict, kind: str) -> dict[str, int]:
+    """batch, source_len, decoder_steps of an artifact's graphs (as a Measurement's `shapes` says
+    them: an encoder-classifier's sequence length is its source_len, its decoder_steps 0)."""
+    from mosc.contract import CLASSIFIER, ENCODER, cache_shape
+
+    if kind == ENCODER_CLASSIFIER:
+        B, T = graphs[CLASSIFIER]["inputs"][0]["shape"]
+        return {"batch": B, "source_len": T, "decoder_steps": 0}
+    B, S = graphs[ENCODER]["inputs"][0]["shape"]
+    return {"batch": B, "source_len": S, "decoder_steps": cache_shape(graphs)[1]}
+
+
+def _check_shapes(shapes: dict, target, protocol, kind: str, artifact: Path) -> None:
+    p = {k: shapes[k] for k in ("batch", "source_len", "decoder_steps")}
+    want = {k: v for k, v in run_protocol_of(protocol, kind).items() if k in p}
+    if p != want:
+        how = ("re-export it with --source-len {source_len} --batch {batch}: an encoder's sequence length is the "
+               "protocol's source_len" if kind == ENCODER_CLASSIFIER else "rebuild it").format(**want)
+        raise MoscError(f"{artifact}: graphs have shapes {p}, the {target.name} protocol says {want} ({how})")
 
 
 def _result(target, protocol, artifact: Path, manifest: dict, arch, m, remote, dev: dict | None,
-            wall: float) -> dict:
+            wall: float, kind: str = TRANSLATION) -> dict:
     """The `mosc bench` result dict (format FORMAT) of one measurement."""
     from mosc.fileio import sha256_file
 
     model = manifest.get("model") or {}
     return {
-        "format": FORMAT, "target": target.name,
-        "protocol": asdict(protocol), "regression": asdict(target.regression),
+        "format": FORMAT, "target": target.name, "kind": kind,
+        "protocol": run_protocol_of(protocol, kind), "regression": asdict(target.regression),
         "arch": {"hash": arch.hash if arch is not None else model.get("arch_hash"),
                  "json": arch.to_json() if arch is not None else model.get("arch")},
         "artifact": {"sha256": sha256_file(artifact / "manifest.json"), "dir": str(artifact),
@@ -170,6 +213,8 @@ def check_result(r: dict, where: str) -> dict:
     from mosc.fileio import field
 
     field(r, "target", str, where)
+    if kind_of(r) not in KIND_GRAPHS:
+        raise MoscError(f"{where}: 'kind' must be one of {', '.join(map(repr, KIND_GRAPHS))}, not {r.get('kind')!r}")
     protocol = field(r, "protocol", dict, where)
     for k in PROTOCOL_KEYS:
         field(protocol, k, (int, float) if k == "trim" else int, f"{where} protocol")
@@ -212,6 +257,10 @@ def compatible(baseline: dict, result: dict) -> None:
     """MoscError (one line) when the two were measured under different conditions."""
     check_result(baseline, "baseline")
     check_result(result, "result")
+    bk, rk = kind_of(baseline), kind_of(result)
+    if bk != rk:  # first: a classifier call and a whole translation share nothing to compare
+        raise MoscError(f"baseline was measured on a model of kind {bk!r}, result on one of kind {rk!r}: "
+                        "not comparable (keep one baseline per model)")
     bt, rt = baseline.get("target"), result.get("target")
     if bt != rt:
         raise MoscError(f"baseline is for target {bt!r}, result for {rt!r}: not comparable (use the {rt} baseline)")
@@ -291,7 +340,7 @@ def compare(baseline: dict, result: dict, *, tolerances: dict | None = None, res
     overall = "regression" if "regression" in verdicts else "improved" if "improved" in verdicts else "pass"
     return {
         "format": "mosc-check/1", "verdict": overall, "exit_code": EXIT[overall],
-        "target": result.get("target"), "arch_hash": (result.get("arch") or {}).get("hash"),
+        "target": result.get("target"), "kind": kind_of(result), "arch_hash": (result.get("arch") or {}).get("hash"),
         "metrics": rows,
         "mann_whitney": {"alternative": "current slower than baseline", "U": float(u.statistic),
                          "p_value": float(u.pvalue)},
@@ -326,7 +375,8 @@ def junit_xml(report: dict) -> str:
     suite = ET.Element("testsuite", name=f"mosc latency {report['target']}", tests=str(len(rows)),
                        failures=str(fails), errors="0", skipped="0")
     props = ET.SubElement(suite, "properties")
-    for k, v in (("target", report["target"]), ("arch_hash", report["arch_hash"]), ("verdict", report["verdict"]),
+    for k, v in (("target", report["target"]), ("kind", report.get("kind", TRANSLATION)),
+                 ("arch_hash", report["arch_hash"]), ("verdict", report["verdict"]),
                  ("mann_whitney_p", f"{report['mann_whitney']['p_value']:.4g}")):
         ET.SubElement(props, "property", name=k, value=str(v))
     for r in rows:

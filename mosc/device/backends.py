@@ -1,6 +1,7 @@
 """Timing one model with one backend, with HAT's protocol (mosc.device.protocol).
 
-    measure_tvm(art, protocol)               a loaded artifact (local VM or RPC VM: one code path)
+    measure_tvm(art, protocol)               a loaded artifact (local VM or RPC VM: one code path), a
+                                             translation model or an encoder-classifier (by its graphs)
     measure_artifact(dir, protocol, remote)  load an artifact here or over a fresh RPC session, time it
     measure_ort(export_dir, protocol)        ONNX Runtime on an export folder (side-by-side numbers)
     measure_torch(subnet, protocol, ...)     PyTorch eager (imports torch inside)
@@ -20,6 +21,10 @@ caches, like the steps of a real decoding loop). The token fed to every step is 
 static graphs do the same work for every token value. ORT and torch run in this process
 and are timed with time.perf_counter around each call (same loop, same statistics).
 
+An encoder-classifier artifact goes through the same protocol with one run = one call of its
+classifier graph (no decoder: every run's decoder time is 0, its total is the classifier's
+time), on the same device clock, so `mosc bench`/`mosc check` treat both kinds alike.
+
 Imports numpy at module level; tvm, onnxruntime and torch only inside the function that
 needs them. Knows nothing of archs, retries, the latency database or how artifacts are
 built (the caller's prepare callback, mosc.jobs.artifacts).
@@ -36,7 +41,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from mosc.contract import BOS_ID, CLASSIFIER, DECODER, ENCODER, ENCODER_CLASSIFIER, cache_shape, decoder_layers, require_kind
+from mosc.contract import (BOS_ID, CLASSIFIER, DECODER, ENCODER, ENCODER_CLASSIFIER, cache_shape, decoder_layers,
+                           graph_kind, require_kind)
 from mosc.device.protocol import Measurement, run_protocol
 from mosc.errors import MoscError
 from mosc.rpc import connect, device_info, machine_info
@@ -79,12 +85,12 @@ def _shapes(batch: int, source_len: int, steps: int) -> dict[str, int]:
 
 # ----------------------------------------------------------------------------- TVM
 def measure_tvm(art, protocol: Protocol) -> Measurement:
-    """Time a loaded mosc.compiler.artifact.Artifact (local or over RPC) with HAT's protocol."""
+    """Time a loaded mosc.compiler.artifact.Artifact (local or over RPC) with HAT's protocol: a
+    translation model, or an encoder-classifier (measure_tvm_classifier), told apart by its graphs."""
     import tvm
 
-    missing = {ENCODER, DECODER} - set(art.graphs)
-    if missing:
-        raise MoscError(f"{art.dir}: artifact lacks graph(s) {sorted(missing)}: not a translation model")
+    if graph_kind(art.manifest["graphs"], f"artifact {art.dir}") == ENCODER_CLASSIFIER:
+        return measure_tvm_classifier(art, protocol)
     dev = art.device
     enc_vm, dec_vm = art.vms[ENCODER], art.vms[DECODER]
     src_spec = art.manifest["graphs"][ENCODER]["inputs"][0]
@@ -112,6 +118,20 @@ def measure_tvm(art, protocol: Protocol) -> Measurement:
     enc, dec = run_protocol(encode, step, lambda: zeros, T, protocol.warmup, protocol.repeats)
     return Measurement.of_runs(enc, dec, protocol.warmup, protocol.trim, _shapes(B, S, T),
                                "tvm time_evaluator(invoke_stateful, number=1, repeat=1) per graph call, device clock")
+
+
+def measure_tvm_classifier(art, protocol: Protocol) -> Measurement:
+    """The protocol on an encoder-classifier: `warmup` untimed runs, then `repeats` timed runs, a run
+    being one call of the classifier graph on the device clock (tvm_classify_timer: the translation
+    path's evaluator). What the Measurement's fields then mean: total_ms = encoder_ms = the call's
+    time (the encoder and its head are one graph), decoder_ms = 0 (there is no decoder); shapes:
+    source_len = the sequence length, decoder_steps = 0."""
+    timer = tvm_classify_timer(art)
+    B, T = art.manifest["graphs"][CLASSIFIER]["inputs"][0]["shape"]
+    # run_protocol with no decoder steps: the same warm-up/timed loop, each run one call
+    enc, dec = run_protocol(lambda: (timer(), ()), None, tuple, 0, protocol.warmup, protocol.repeats)
+    return Measurement.of_runs(enc, dec, protocol.warmup, protocol.trim, _shapes(B, T, 0),
+                               f"{TVM_CLASSIFY}; one run = one classifier call")
 
 
 def measure_artifact(artifact: str | Path, protocol: Protocol, remote: Remote | None = None, *,

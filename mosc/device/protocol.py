@@ -77,6 +77,10 @@ def noisy(stats: dict) -> str | None:
 # ----------------------------------------------------------------------------- the protocol loop
 @dataclass
 class Measurement:
+    # Per timed run. For an encoder-classifier (mosc.device.backends.measure_tvm_classifier) a run
+    # is one classifier call: total_ms = encoder_ms = its time, decoder_ms = 0, and in shapes
+    # source_len is the sequence length and decoder_steps 0. Same names, so that results, the
+    # database and the statistics need no second layout.
     total_ms: list[float]
     encoder_ms: list[float]
     decoder_ms: list[float]

@@ -88,20 +88,27 @@ def _start(camp, target, backend: str, remote, n: int, refuse_emulated: bool, an
 def bench(target, *, artifact: Path | None = None, arch=None, cache=None, repeats: int | None = None,
           log: Log = print) -> dict:
     """Measure one artifact (a folder, or an arch's artifact from the cache) with the target's
-    protocol -> a `mosc bench` result dict (raw samples, stats, environment, arch, sha256s)."""
-    from mosc.compiler.artifact import read_manifest
+    protocol -> a `mosc bench` result dict (raw samples, stats, environment, arch, sha256s).
+    A translation model or an encoder-classifier, told apart by the manifest's graphs (the
+    result's `kind`; mosc.regress says what a run is for each)."""
+    from mosc.contract import ENCODER_CLASSIFIER
     from mosc.regress import bench as bench_artifact
+    from mosc.regress import bench_inputs
 
     if (artifact is None) == (arch is None):
         raise MoscError("give --artifact DIR or --arch ARCH.json")
     if arch is not None:
         artifact, _ = cache.artifact(arch)
-    read_manifest(artifact)  # a broken manifest is one line before anything is announced (bench verifies the files)
+    # an artifact that is broken (manifest, a file's sha256) or not for this target and protocol
+    # (target, arch, shapes) is one line before anything is announced; bench checks again
+    _, _, kind = bench_inputs(target, Path(artifact), arch, repeats)
     remote = remote_for(target)
     p = target.protocol
-    log(f"benchmarking {artifact} for {target.name} on "
+    run = (f"one classifier call each, sequence {p.source_len}, batch {p.batch}" if kind == ENCODER_CLASSIFIER
+           else f"source {p.source_len}, {p.decoder_steps} steps")
+    log(f"benchmarking {artifact} ({kind}) for {target.name} on "
         f"{'this machine' if remote is None else remote.key + ' via ' + remote.addr}: "
-        f"{p.warmup} warm-up + {repeats or p.repeats} timed runs (source {p.source_len}, {p.decoder_steps} steps)")
+        f"{p.warmup} warm-up + {repeats or p.repeats} timed runs ({run})")
     return bench_artifact(target, artifact, arch, repeats=repeats, remote=remote)
 
 

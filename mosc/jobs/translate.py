@@ -48,7 +48,11 @@ def translate(artifact: Path, sentences: list[str], tokenizer: Path | None = Non
     from mosc.nn.tokenizer import SubwordTokenizer
     from mosc.runtime import artifact_backend, translate_ids
 
-    model = read_manifest(artifact).get("model")
+    from mosc.contract import TRANSLATION, require_kind
+
+    manifest = read_manifest(artifact)
+    require_kind(manifest.get("graphs") or {}, TRANSLATION, f"artifact {artifact}")  # a classifier: say so first
+    model = manifest.get("model")
     if not model:
         raise MoscError(f"{artifact} was not compiled from a mosc export (no model section in its manifest)")
     if tokenizer is not None:
