@@ -3,12 +3,14 @@
 pre-train a MoS BERT supernet on plain text (masked LM, sandwich rule) -> search the space
 for the lowest validation MLM loss under a parameter budget -> collapse the winner and
 fine-tune it on SST-2 -> export it with its classifier head (ONNX, checked against
-ONNX Runtime) -> compile with TVM (host; a cross target when its compiler exists) ->
+ONNX Runtime) -> tune the space's workloads at the export's shape into the target's
+database (mosc.jobs.tune; a later run goes on) -> compile with TVM from that database
+(host; a cross target, untuned, when its compiler exists) ->
 check: SST-2 dev accuracy of the compiled artifact equals torch's, and one classification
 timed with TVM, ONNX Runtime and torch side by side -> summary (printed, summary.json).
 
 Every stage is a call into the library (mosc.jobs.bert, mosc.nn.finetune,
-mosc.jobs.bert_deploy, mosc.jobs.build); the stage loop is mosc.pipeline's. A
+mosc.jobs.bert_deploy, mosc.jobs.tune, mosc.jobs.build); the stage loop is mosc.pipeline's. A
 `BertPipelineConfig` is a flat TOML file whose `space` names an encoder-only space;
 `mosc pipeline` picks this module by that key. An existing OUT/run is resumed (a finished
 one reused).
@@ -57,9 +59,11 @@ class BertPipelineConfig:
     finetune_steps: int = 600  # fine-tuning updates (~0.03 s each for bert-tiny)
     finetune_lr: float = 1e-3  # peak AdamW learning rate (a tiny encoder wants more than BERT-base's 2e-5..5e-5)
     finetune_batch: int = 32  # sentences per update
-    # -- deploy (stages 4-6) --------------------------------------------------------------------------
+    # -- deploy (stages 4-7) --------------------------------------------------------------------------
     target: str = "host"  # device compiled for and timed on (a name in targets/; timing runs here)
     cross_target: str = "rpi4"  # also cross-compile for this target when its compiler exists ("" = skip)
+    tune_trials: int = 0  # trial budget for the space's workloads at the export's shape (0 = none; 1,090 trials' records ran slower than the default schedules)
+    tune_budget_min: float = 1.5  # stop tuning after this many minutes (0 = no limit); the next run goes on
     latency_runs: int = 50  # interleaved rounds of one classification per backend (medians reported)
 
     RANGES = {
@@ -68,6 +72,7 @@ class BertPipelineConfig:
         "seed": (0, 2**32 - 1), "max_params": (0, 10**12), "population": (2, 10**5), "parents": (1, 10**5),
         "mutations": (0, 10**5), "crossovers": (0, 10**5), "mutation_prob": (0.0, 1.0), "generations": (1, 10**4),
         "finetune_steps": (1, 10**7), "finetune_lr": (1e-8, 1.0), "finetune_batch": (1, 10**5), "latency_runs": (1, 10**5),
+        "tune_trials": (0, 10**7), "tune_budget_min": (0.0, 1e6),
     }
 
     @classmethod
@@ -201,7 +206,34 @@ def export_stage(r: BertRun) -> dict:
     return {"export": {"onnx": str(d), "param_count": m["param_count"], "parity": m.get("parity")}}
 
 
+def _one_row(tg):
+    """The target with batch 1 in its protocol: the pipeline exports, tunes and times one classification."""
+    return tg if tg.protocol.batch == 1 else dataclasses.replace(tg, protocol=dataclasses.replace(tg.protocol, batch=1))
+
+
+def tune_stage(r: BertRun) -> dict:
+    from mosc.bert_space import BertSpace
+    from mosc.jobs.tune import ModelShape, tune_space
+
+    c = r.cfg
+    if c.tune_trials == 0:
+        r.log("tune_trials = 0: no tuning; the build uses the database as it is plus default schedules")
+        return {"tune": {"trials": 0}}
+    # the export's shape: the fine-tuned encoder's vocabulary, positions and classes, batch 1, seq_len
+    shape = dataclasses.replace(ModelShape.of_checkpoint(Path(r.summary["finetune"]["encoder"])), seq_len=c.seq_len)
+    sf, extra, rep = tune_space(BertSpace.load(c.space), shape, _one_row(r.target(c.target)), trials=c.tune_trials,
+                                budget_min=c.tune_budget_min or None, log=r.log)
+    r.log(f"space {sf.space}: {rep.with_record}/{rep.workloads} workloads with a tuned record, {rep.trials} trials "
+          f"in {rep.seconds:.0f} s ({rep.trials_total} in the database)" +
+          ("; stopped by tune_budget_min: the next run goes on" if rep.budget_left else ""))
+    return {"tune": {"db": rep.db_dir, "workloads": rep.workloads, "with_record": rep.with_record,
+                     "trials": rep.trials, "trials_total": rep.trials_total, "untunable": rep.untunable,
+                     "found_only_by_random_archs": extra, "seconds": round(rep.seconds, 1),
+                     "budget_left": rep.budget_left}}
+
+
 def compile_stage(r: BertRun) -> dict:
+    from mosc.compiler.artifact import schedule_coverage
     from mosc.jobs.build import compile_export
 
     c, onnx = r.cfg, Path(r.summary["export"]["onnx"])
@@ -213,9 +245,13 @@ def compile_stage(r: BertRun) -> dict:
             arts[name] = {"skipped": f"cross compiler {tg.cross_compiler} not found"}
             continue
         d = r.out / f"artifact-{name}"
-        comp = compile_export(onnx, tg, d, tune=False, log=r.log)
-        arts[name] = {"path": str(d), "compile_seconds": comp.manifest["compile_seconds"]}
-        r.log(f"  {name}: {comp.manifest['compile_seconds']:.1f} s -> {d}")
+        comp = compile_export(onnx, tg, d, tune=False, log=r.log)  # from the target's database (tuned above for cfg.target)
+        cov = schedule_coverage(comp.manifest)
+        from_db, total = cov["from_database"], cov["functions"]
+        arts[name] = {"path": str(d), "compile_seconds": comp.manifest["compile_seconds"], "functions": total,
+                      "functions_from_database": from_db}
+        r.log(f"  {name}: {comp.manifest['compile_seconds']:.1f} s; {from_db}/{total} functions from tuned records, "
+              f"the rest default schedules -> {d}")
     return {"compile": arts}
 
 
@@ -252,7 +288,8 @@ STAGES = [
     Stage("search", lambda r: "evolutionary search: lowest validation MLM loss under the parameter budget", search_stage),
     Stage("finetune", lambda r: f"collapse the winner {r.best.arch.hash} and fine-tune it on SST-2", finetune_stage),
     Stage("export", lambda r: "export the encoder and its classifier head (ONNX)", export_stage),
-    Stage("compile", lambda r: "compile with TVM", compile_stage),
+    Stage("tune", lambda r: f"tune the {r.cfg.space} space's workloads for {r.cfg.target} at the export's shape", tune_stage),
+    Stage("compile", lambda r: "compile with TVM from the tuning database", compile_stage),
     Stage("check", lambda r: "check: compiled accuracy and latency (TVM vs ONNX Runtime vs torch)", check_stage),
 ]
 
@@ -286,8 +323,13 @@ def print_summary(s: dict, console: Console) -> None:
         ms = ck["latency_ms"]
         t.add_row("one classification", f"TVM {ms['tvm']:.3f} ms, ONNX Runtime {ms['ort']:.3f} ms, torch {ms['torch']:.3f} ms "
                   f"(TVM/ORT {ck['tvm_over_ort']:.2f})")
+    tn = s.get("tune", {})
+    if "workloads" in tn:
+        t.add_row("space tuning", f"{tn['with_record']}/{tn['workloads']} workloads with a tuned record, "
+                  f"{tn['trials']} trials this run ({tn['trials_total']} in {tn['db']})")
     for k, v in s["compile"].items():
-        t.add_row(f"artifact {k}", v.get("path", "skipped: " + v.get("skipped", "")))
+        cov = f" ({v['functions_from_database']}/{v['functions']} functions from tuned records)" if "functions" in v else ""
+        t.add_row(f"artifact {k}", v.get("path", "skipped: " + v.get("skipped", "")) + cov)
     t.add_row("wall time", ", ".join(f"{k} {v:.0f} s" for k, v in s["stage_seconds"].items()) + f"; total {s['total_seconds']:.0f} s")
     console.print(t)
     console.print(f"[green]done[/]: {s['out_dir']}/summary.json")

@@ -170,6 +170,18 @@ class BertSpace:
         """Every layer at hidden size h (a choice of the space)."""
         return self.validate(BertArch((h,) * self.layers))
 
+    def covering_archs(self) -> list[BertArch]:
+        """Few archs whose layers, together, show every per-layer choice the compiled graph
+        depends on: one uniform arch per hidden size h.
+
+        Why this covers the space's kernels: width, heads and FFN are fixed, the exported
+        graph keeps each layer's tensors apart, and TVM fuses within a layer's pieces (the
+        bottlenecks, attention, FFN, cut at the LayerNorms and at the W-wide residual
+        stream), so a kernel depends on its own layer's h and the fixed shapes, never on the
+        neighbours' h, depth or position. `mosc tune --space` also compiles a few random
+        archs and reports what they add (0)."""
+        return [self.uniform(h) for h in self.hidden]
+
     # ---- validation ---------------------------------------------------------------------
     def validate(self, arch: BertArch) -> BertArch:
         if not isinstance(arch, BertArch):

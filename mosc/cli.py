@@ -620,31 +620,39 @@ def compile_cmd(
 def tune_cmd(
     target: str = typer.Option(..., "--target", "-t", help=TARGET_HELP),
     space: Optional[str] = typer.Option(None, "--space", "-s", help=SPACE_HELP + " Default: the checkpoint's, else tiny."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Supernet run/checkpoint whose vocabulary and positions the graphs have (default: a fresh supernet's)."),
-    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", min=8, help="Vocabulary of the model to deploy, without --checkpoint (default: a fresh supernet's, 1000); the embedding and output kernels depend on it."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Supernet run/checkpoint (translation or BERT; or a fine-tuned BERT encoder folder) whose space, vocabulary, positions and classes the graphs have (default: a fresh supernet's)."),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", min=8, help="Vocabulary of the model to deploy, without --checkpoint (default: a fresh supernet's, 1000; a BERT one's 4000, its run's vocab_size + 1 for [MASK]); the embedding and output kernels depend on it."),
     trials: int = typer.Option(2000, min=1, help="Trial budget of the whole space (every workload first gets its minimum, then the budget goes by share of latency)."),
     budget_min: Optional[float] = typer.Option(None, "--budget-min", min=0.1, help="Stop starting new workloads after this many minutes (run again to go on)."),
     tune_db: Optional[Path] = typer.Option(None, "--tune-db", help=TUNE_DB_HELP),
     tracker: Optional[str] = typer.Option(None, help="RPC tracker HOST:PORT where a cross/GPU target's candidates are measured (default: the target's \\[rpc])."),
     key: Optional[str] = typer.Option(None, help="Device key at the tracker; every device registered under it measures at once (default: the target's \\[rpc] key)."),
     status: bool = typer.Option(False, "--status", help="Print the coverage of the space's database (workloads with a record, trials, best times) and exit."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", min=1, help="Tokens per row of an encoder-only (BERT) space's graphs (default: the target's protocol source_len); translation spaces take their lengths from the protocol."),
 ):
     """Tune every TIR workload a search space can produce, once per target, so any arch compiles from records in seconds.
 
-    The workloads come from a covering set of archs (each layer's kernels depend only on its own choices). The run is resumable: kill it, run it again, it continues.
+    The workloads come from a covering set of archs (each layer's kernels depend only on its own choices). Translation and encoder-only (BERT) spaces alike. The run is resumable: kill it, run it again, it continues.
     """
-    from mosc.jobs.artifacts import ModelSource, load_space
-    from mosc.jobs.tune import ModelShape, space_status, tune_space
+    import dataclasses
+
+    from mosc.bert_space import BertSpace
+    from mosc.jobs.tune import ModelShape, load_tune_space, space_status, tune_space
 
     tg = _target(target, tracker, key)
-    sp = load_space(ModelSource(checkpoint=checkpoint, space=space or "tiny"))
+    sp = load_tune_space(space, checkpoint)
     if space is not None and checkpoint is not None and sp.name != _space(space).name:
         raise MoscError(f"--space {space} differs from the checkpoint's space {sp.name!r}; give one of them")
     if checkpoint is not None and vocab_size is not None:
         raise MoscError("--vocab-size comes from the checkpoint; give one of --checkpoint and --vocab-size")
-    shape = ModelShape.of_checkpoint(checkpoint)
+    if seq_len is not None and not isinstance(sp, BertSpace):
+        raise MoscError(f"--seq-len is for encoder-only (BERT) spaces; {sp.name!r} is a translation space, "
+                        "whose lengths are the target's [protocol] source_len and decoder_steps")
+    shape = ModelShape.of_checkpoint(checkpoint) if checkpoint is not None else ModelShape.fresh(sp)
     if vocab_size is not None:
-        shape = ModelShape(vocab_size=vocab_size)
+        shape = dataclasses.replace(shape, vocab_size=vocab_size)
+    if seq_len is not None:
+        shape = dataclasses.replace(shape, seq_len=seq_len)
     if not status:
         sf, extra, r = tune_space(sp, shape, tg, trials=trials, budget_min=budget_min, tune_db=tune_db, log=log)
         log(f"tuned {r.trials} trials in {r.seconds:.0f} s" + (" (stopped by --budget-min; run again to go on)"
@@ -902,7 +910,8 @@ def _bench(target, artifact, arch_file, checkpoint, space, seed, tune, trials, t
 
 def _bench_line(r: dict) -> str:
     s = r["stats"]
-    return (f"{r['target']} / arch {r['arch']['hash']}: median {s['median_ms']:.3f} ms, p90 {s['p90_ms']:.3f} ms, "
+    kind = f" ({r['kind']})" if r.get("kind", "translation") != "translation" else ""
+    return (f"{r['target']} / arch {r['arch']['hash']}{kind}: median {s['median_ms']:.3f} ms, p90 {s['p90_ms']:.3f} ms, "
             f"trimmed mean {s['trimmed_mean_ms']:.3f} ms, std {s['std_ms']:.3f} ms over {len(r['samples_ms'])} runs "
             f"({r['wall_s']:.1f} s)")
 
@@ -924,7 +933,10 @@ def bench_cmd(
     tracker: Optional[str] = typer.Option(None, help=TRACKER_HELP),
     key: Optional[str] = typer.Option(None, help=KEY_HELP),
 ):
-    """Measure one artifact with the target's protocol and write a result JSON for `mosc check`."""
+    """Measure one artifact with the target's protocol and write a result JSON for `mosc check`.
+
+    A translation artifact: one run = one translation (encoder + decoder steps). An encoder-classifier artifact (told apart by its graphs): one run = one call of its classifier graph, at the protocol's source_len as sequence length.
+    """
     from mosc.fileio import atomic_write_json
 
     r = _bench(_target(target, tracker, key), artifact, arch_file, checkpoint, space, seed, tune, trials, tune_db,

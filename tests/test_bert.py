@@ -272,9 +272,12 @@ def test_cli_bad_inputs_are_one_line(cli_run, tmp_path, args, msg):
     assert r.output.count("error:") == 1 and "Traceback" not in r.output
 
 
-def test_translation_commands_refuse_a_bert_run(cli_run):
-    r = runner.invoke(app, ["tune", "-t", "host", "--checkpoint", str(cli_run), "--status"])
-    assert r.exit_code == 2 and "encoder-only" in r.output and "Traceback" not in r.output, r.output
+def test_tune_takes_a_bert_run(cli_run, tmp_path):
+    """`mosc tune --checkpoint` reads a BERT run's space and shape (width 128, positions 512, 2 classes)."""
+    r = runner.invoke(app, ["tune", "-t", "host", "--checkpoint", str(cli_run), "--tune-db", str(tmp_path / "db"),
+                            "--status"])
+    assert r.exit_code == 2 and "'bert-tiny' has not been tuned" in r.output and "-w128-p512-c2-" in r.output, r.output
+    assert r.output.count("error:") == 1 and "Traceback" not in r.output
 
 
 # ---- the BERT pipeline ------------------------------------------------------------------------------
@@ -305,12 +308,12 @@ def test_bert_pipeline_end_to_end(text_dir, sst2_dir, tmp_path):
     cfg.write_text(f'corpus = "{text_dir}"\nspace = "bert-tiny"\nvocab_size = 400\nseq_len = 16\ntrain_steps = 4\n'
                    f'train_max_tokens = 256\ntrain_warmup = 1\npopulation = 4\nparents = 2\nmutations = 2\ncrossovers = 2\n'
                    f'generations = 2\nsst2_dir = "{sst2_dir}"\nfinetune_steps = 60\nfinetune_batch = 16\n'
-                   f'cross_target = ""\nlatency_runs = 3\n')
+                   f'cross_target = ""\nlatency_runs = 3\ntune_trials = 0\n')
     out = tmp_path / "out"
     r = runner.invoke(app, ["pipeline", "--config", str(cfg), "-o", str(out)])
     assert r.exit_code == 0, r.output
     s = json.loads((out / "summary.json").read_text())
-    assert set(s["stage_seconds"]) == {"train", "search", "finetune", "export", "compile", "check"}
+    assert set(s["stage_seconds"]) == {"train", "search", "finetune", "export", "tune", "compile", "check"}
     best = s["search"]["best"]
     assert best["params"] <= s["search"]["max_params"] < s["search"]["largest"]["params"]
     assert SPACE.contains(BertArch.from_dict(best["arch"]))

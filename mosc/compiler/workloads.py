@@ -97,7 +97,12 @@ class SpaceFile:
 
     @staticmethod
     def path(db_dir: Path | str, space: str, model: dict) -> Path:
+        """Named by the model key: an encoder-only space's key has a width, classes and one
+        sequence length instead of a q/k/v size and decoder lengths."""
         s = model["shapes"]
+        if model.get("kind") == "encoder-classifier":  # mosc.contract.ENCODER_CLASSIFIER
+            return Path(db_dir) / "spaces" / (f"{space}-v{model['vocab_size']}-w{model['width']}-p{model['max_positions']}"
+                                              f"-c{model['n_classes']}-b{s['batch']}s{s['seq_len']}.json")
         return Path(db_dir) / "spaces" / (f"{space}-v{model['vocab_size']}-q{model['qkv_dim']}-p{model['max_positions']}"
                                           f"-b{s['batch']}s{s['source_len']}t{s['cache_len']}.json")
 
