@@ -18,7 +18,6 @@ Knows nothing of torch, weights, data or devices.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 from dataclasses import dataclass
@@ -26,7 +25,8 @@ from pathlib import Path
 
 from mosc.errors import MoscError
 from mosc.fileio import parse_json, read_json, read_toml
-from mosc.space import BUILTIN_DIR, MAX_ARCH_LAYERS, MAX_ARCH_VALUE, MAX_ARCHS_PER_REQUEST, MAX_SPACE_LAYERS, SearchSpace, _arch_int
+from mosc.space import (BUILTIN_DIR, MAX_ARCH_LAYERS, MAX_ARCH_VALUE, MAX_ARCHS_PER_REQUEST, MAX_SPACE_LAYERS, SearchSpace,
+                        _arch_int, canonical_json)
 
 BERT_TABLE = "bert"  # the TOML table that makes a space file an encoder-only space
 
@@ -51,9 +51,7 @@ class BertArch:
         return {"hidden": list(self.hidden)}
 
     def to_json(self, indent: int | None = None) -> str:
-        if indent is None:
-            return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return json.dumps(self.to_dict(), sort_keys=True, indent=indent)
+        return canonical_json(self.to_dict(), indent)
 
     @property
     def hash(self) -> str:

@@ -44,6 +44,13 @@ def _arch_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_ARCH_VALUE
 
 
+def canonical_json(d: dict, indent: int | None = None) -> str:
+    """Sorted keys, no spaces (unless indent): equal archs give equal strings, hence equal hashes."""
+    if indent is None:
+        return json.dumps(d, sort_keys=True, separators=(",", ":"))
+    return json.dumps(d, sort_keys=True, indent=indent)
+
+
 @dataclass(frozen=True)
 class Arch:
     """One subnet. The number of encoder (decoder) layers is the length of the per-layer tuples."""
@@ -83,10 +90,7 @@ class Arch:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)}
 
     def to_json(self, indent: int | None = None) -> str:
-        """Canonical JSON: sorted keys, no spaces (unless indent), so equal archs give equal strings."""
-        if indent is None:
-            return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
-        return json.dumps(self.to_dict(), sort_keys=True, indent=indent)
+        return canonical_json(self.to_dict(), indent)
 
     @property
     def hash(self) -> str:

@@ -85,7 +85,30 @@ def _pack(keep: list[int], src_len: list[int], tgt_len: list[int], max_tokens: i
     return plan
 
 
-class BatchIterator:
+class Resumable:
+    """The resume point of a batch iterator (epoch, position within it) and the check that it
+    is resumed on the same data and settings. Subclasses have `epoch`, `position`,
+    `__len__` (batches per epoch on this rank) and `_fingerprint()` (what must match)."""
+
+    def state_dict(self) -> dict:
+        """JSON-able resume point: {"epoch", "position", and what must match to resume}."""
+        return {"epoch": self.epoch, "position": self.position, **self._fingerprint()}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self._fingerprint()
+        diff = [k for k in mine if k in state and state[k] != mine[k]]
+        if diff:
+            k = diff[0]
+            raise MoscError(f"cannot resume batches: {k} was {state[k]}, now {mine[k]} (data or batching settings changed)")
+        epoch, position = state.get("epoch"), state.get("position")
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (epoch, position)):
+            raise MoscError(f"cannot resume batches: epoch and position must be whole numbers, got {epoch!r} and {position!r}")
+        if not position < max(len(self), 1):
+            raise MoscError(f"cannot resume batches: position {position} outside an epoch of {len(self)}")
+        self.epoch, self.position = epoch, position
+
+
+class BatchIterator(Resumable):
     """Token-budget batches over one Split, resumable mid-epoch and shardable across ranks.
 
     Batches are planned once: pairs sorted by padded length (ties by index), then packed
@@ -181,22 +204,6 @@ class BatchIterator:
             "world_size": self.world_size,
         }
 
-    def state_dict(self) -> dict:
-        """JSON-able resume point: {"epoch", "position", and what must match to resume}."""
-        return {"epoch": self.epoch, "position": self.position, **self._fingerprint()}
-
-    def load_state_dict(self, state: dict) -> None:
-        mine = self._fingerprint()
-        diff = [k for k in mine if k in state and state[k] != mine[k]]
-        if diff:
-            k = diff[0]
-            raise MoscError(f"cannot resume batches: {k} was {state[k]}, now {mine[k]} (data or batching settings changed)")
-        epoch, position = state.get("epoch"), state.get("position")
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (epoch, position)):
-            raise MoscError(f"cannot resume batches: epoch and position must be whole numbers, got {epoch!r} and {position!r}")
-        if not position < max(len(self), 1):
-            raise MoscError(f"cannot resume batches: position {position} outside an epoch of {len(self)}")
-        self.epoch, self.position = epoch, position
 
 
 def eval_batches(split: Split, max_tokens: int = 4096, max_len: int = 256) -> list[Batch]:

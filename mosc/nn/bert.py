@@ -31,9 +31,9 @@ import torch.nn.functional as F
 
 from mosc.bert_space import BertArch, BertSpace
 from mosc.errors import MoscError
-from mosc.fileio import load_model_dir, save_model_dir
+from mosc.fileio import save_model_dir
 from mosc.nn.model import (MAX_EXPERTS, MAX_POSITIONS, MAX_ROUTER_HIDDEN, MIN_VOCAB, ElasticLayerNorm, ElasticLinear,
-                           EncoderLayer, padding_bias, sinusoidal_positions)
+                           EncoderLayer, count_parameters, load_module, padding_bias, sinusoidal_positions)
 from mosc.nn.modes import FFNMode
 from mosc.nn.settings import MAX_VOCAB, real, whole
 from mosc.nn.subnet import EncoderLayer as StaticEncoderLayer
@@ -234,10 +234,6 @@ def collapse_bert(supernet: BertSupernet, arch: BertArch) -> BertEncoder:
     return enc.eval()
 
 
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 # ---------------------------------------------------------------------------------
 # files: DIR/model.safetensors + DIR/config.json
 # ---------------------------------------------------------------------------------
@@ -252,18 +248,7 @@ def save_bert_supernet(model: BertSupernet, out_dir, extra: dict | None = None):
 
 def load_bert_supernet(path) -> tuple[BertSupernet, dict]:
     """(model in eval mode, the config.json dict). Corrupt or mismatched files raise MoscError."""
-    meta, state = load_model_dir(path, BERT_SUPERNET_KIND)
-    try:
-        model = BertSupernet(BertConfig(**meta["config"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise MoscError(f"{path}: malformed BERT supernet config ({e})") from None
-    except MoscError as e:
-        raise MoscError(f"{path}: BERT supernet config: {e}") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise MoscError(f"{path}: weights do not match the BERT supernet config ({str(e).splitlines()[0]})") from None
-    return model.eval(), meta
+    return load_module(path, BERT_SUPERNET_KIND, lambda c: BertSupernet(BertConfig(**c)), "BERT supernet")
 
 
 def save_bert_encoder(enc: BertEncoder, out_dir, extra: dict | None = None):
@@ -272,15 +257,4 @@ def save_bert_encoder(enc: BertEncoder, out_dir, extra: dict | None = None):
 
 
 def load_bert_encoder(path) -> tuple[BertEncoder, dict]:
-    meta, state = load_model_dir(path, BERT_ENCODER_KIND)
-    try:
-        enc = BertEncoder(BertEncoderConfig(**meta["config"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise MoscError(f"{path}: malformed BERT encoder config ({e})") from None
-    except MoscError as e:
-        raise MoscError(f"{path}: BERT encoder config: {e}") from None
-    try:
-        enc.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise MoscError(f"{path}: weights do not match the BERT encoder config ({str(e).splitlines()[0]})") from None
-    return enc.eval(), meta
+    return load_module(path, BERT_ENCODER_KIND, lambda c: BertEncoder(BertEncoderConfig(**c)), "BERT encoder")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from mosc.contract import BOS_ID, EOS_ID, PAD_ID
 from mosc.errors import MoscError
+from mosc.nn.batching import Resumable
 from mosc.nn.corpus import shared_data_dir
 from mosc.nn.tokenizer import N_RESERVED, SubwordTokenizer
 
@@ -183,12 +184,12 @@ def mask_blocks(blocks: torch.Tensor, mask: int, g: torch.Generator) -> MaskedBa
     return MaskedBatch(tokens, labels)
 
 
-class MaskedBatchIterator:
+class MaskedBatchIterator(Resumable):
     """Batches of `batch_size` blocks with fresh masks, resumable mid-epoch, sharded by rank.
 
     The same contract as mosc.nn.batching.BatchIterator (epoch, position, batches(),
-    state_dict/load_state_dict): an epoch is a permutation seeded by (seed, epoch) cut to a
-    multiple of world_size batches; rank r takes every world_size-th batch; batch k of
+    state_dict/load_state_dict from Resumable): an epoch is a permutation seeded by
+    (seed, epoch) cut to a multiple of world_size batches; rank r takes every world_size-th batch; batch k of
     epoch e is masked with a generator seeded by (seed, e, k), so resuming recomputes it."""
 
     def __init__(self, blocks: torch.Tensor, batch_size: int, mask: int, *, seed: int = 0, rank: int = 0,
@@ -232,22 +233,6 @@ class MaskedBatchIterator:
         return {"n_blocks": len(self.blocks), "n_tokens": int((self.blocks != PAD_ID).sum()),
                 "seq_len": self.blocks.shape[1], "batch_size": self.batch_size, "seed": self.seed,
                 "world_size": self.world_size}
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, **self._fingerprint()}
-
-    def load_state_dict(self, state: dict) -> None:
-        mine = self._fingerprint()
-        diff = [k for k in mine if k in state and state[k] != mine[k]]
-        if diff:
-            k = diff[0]
-            raise MoscError(f"cannot resume batches: {k} was {state[k]}, now {mine[k]} (data or batching settings changed)")
-        epoch, position = state.get("epoch"), state.get("position")
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (epoch, position)):
-            raise MoscError(f"cannot resume batches: epoch and position must be whole numbers, got {epoch!r} and {position!r}")
-        if not position < max(len(self), 1):
-            raise MoscError(f"cannot resume batches: position {position} outside an epoch of {len(self)}")
-        self.epoch, self.position = epoch, position
 
 
 # ---- validation loss ---------------------------------------------------------------------------

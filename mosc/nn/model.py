@@ -355,17 +355,24 @@ def save_supernet(model: Supernet, out_dir, extra: dict | None = None):
     return save_model_dir(out_dir, SUPERNET_KIND, model.state_dict(), {"config": model.cfg.to_dict(), **(extra or {})})
 
 
-def load_supernet(path) -> tuple[Supernet, dict]:
-    """(model in eval mode, the config.json dict). Corrupt, tampered or mismatched files raise MoscError."""
-    meta, state = load_model_dir(path, SUPERNET_KIND)
+def load_module(path, kind: str, build, what: str) -> tuple[nn.Module, dict]:
+    """(module in eval mode, the config.json dict) of a model folder of `kind`: build(config
+    dict) makes the module, then the checked weights are loaded strictly. Corrupt, tampered or
+    mismatched files raise MoscError naming `what` (e.g. "supernet")."""
+    meta, state = load_model_dir(path, kind)
     try:
-        model = Supernet(SupernetConfig(**meta["config"]))
+        model = build(meta["config"])
     except (KeyError, TypeError, ValueError) as e:
-        raise MoscError(f"{path}: malformed supernet config ({e})") from None
+        raise MoscError(f"{path}: malformed {what} config ({e})") from None
     except MoscError as e:
-        raise MoscError(f"{path}: supernet config: {e}") from None
+        raise MoscError(f"{path}: {what} config: {e}") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise MoscError(f"{path}: weights do not match the supernet config ({str(e).splitlines()[0]})") from None
+        raise MoscError(f"{path}: weights do not match the {what} config ({str(e).splitlines()[0]})") from None
     return model.eval(), meta
+
+
+def load_supernet(path) -> tuple[Supernet, dict]:
+    """(model in eval mode, the config.json dict). Corrupt, tampered or mismatched files raise MoscError."""
+    return load_module(path, SUPERNET_KIND, lambda c: Supernet(SupernetConfig(**c)), "supernet")
