@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from mosc.bert_space import BertArch, BertSpace
 from mosc.errors import MoscError
 from mosc.fileio import save_model_dir
-from mosc.nn.model import (MAX_EXPERTS, MAX_POSITIONS, MAX_ROUTER_HIDDEN, MIN_VOCAB, ElasticLayerNorm, ElasticLinear,
-                           EncoderLayer, count_parameters, load_module, padding_bias, sinusoidal_positions)
+from mosc.nn.model import (MIN_VOCAB, ElasticLayerNorm, ElasticLinear, EncoderLayer, check_model_settings, count_parameters,
+                           load_module, padding_bias, sinusoidal_positions)
 from mosc.nn.modes import FFNMode
-from mosc.nn.settings import MAX_VOCAB, real, whole
+from mosc.nn.settings import MAX_VOCAB, whole
 from mosc.nn.subnet import EncoderLayer as StaticEncoderLayer
 from mosc.nn.subnet import _set_attention, _set_ffn, _set_linear, _set_ln
 
@@ -60,14 +60,8 @@ class BertConfig:
             raise MoscError(f"ffn_mode must be one of {', '.join(FFNMode.__members__)}, got {self.ffn_mode!r}")
         self.ffn_mode = FFNMode(self.ffn_mode)
         BertSpace.from_dict(self.space, where="the model's search space")
-        whole("vocab_size", self.vocab_size, MIN_VOCAB, MAX_VOCAB + 1)
-        whole("n_experts", self.n_experts, 1, MAX_EXPERTS)
-        whole("router_hidden", self.router_hidden, 1, MAX_ROUTER_HIDDEN)
-        real("router_dropout", self.router_dropout, 0, 1, below=True)
-        real("dropout", self.dropout, 0, 1, below=True)
-        real("attn_dropout", self.attn_dropout, 0, 1, below=True)
-        whole("max_positions", self.max_positions, 2, MAX_POSITIONS)
-        whole("pad_id", self.pad_id, 0, self.vocab_size - 1)
+        whole("vocab_size", self.vocab_size, MIN_VOCAB, MAX_VOCAB + 1)  # + 1: [MASK] past the tokenizer's ids
+        check_model_settings(self)
 
     @property
     def search_space(self) -> BertSpace:

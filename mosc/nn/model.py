@@ -61,13 +61,7 @@ class SupernetConfig:
         self.ffn_mode = FFNMode(self.ffn_mode)
         SearchSpace.from_dict(self.space, where="the model's search space")  # its own checks: dims, heads
         whole("vocab_size", self.vocab_size, MIN_VOCAB, MAX_VOCAB)
-        whole("n_experts", self.n_experts, 1, MAX_EXPERTS)
-        whole("router_hidden", self.router_hidden, 1, MAX_ROUTER_HIDDEN)
-        real("router_dropout", self.router_dropout, 0, 1, below=True)
-        real("dropout", self.dropout, 0, 1, below=True)
-        real("attn_dropout", self.attn_dropout, 0, 1, below=True)
-        whole("max_positions", self.max_positions, 2, MAX_POSITIONS)
-        whole("pad_id", self.pad_id, 0, self.vocab_size - 1)
+        check_model_settings(self)
 
     @property
     def search_space(self) -> SearchSpace:
@@ -75,6 +69,17 @@ class SupernetConfig:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "ffn_mode": self.ffn_mode.value}
+
+
+def check_model_settings(cfg) -> None:
+    """The settings every supernet config has (this module's, mosc.nn.bert's), each in range."""
+    whole("n_experts", cfg.n_experts, 1, MAX_EXPERTS)
+    whole("router_hidden", cfg.router_hidden, 1, MAX_ROUTER_HIDDEN)
+    real("router_dropout", cfg.router_dropout, 0, 1, below=True)
+    real("dropout", cfg.dropout, 0, 1, below=True)
+    real("attn_dropout", cfg.attn_dropout, 0, 1, below=True)
+    whole("max_positions", cfg.max_positions, 2, MAX_POSITIONS)
+    whole("pad_id", cfg.pad_id, 0, cfg.vocab_size - 1)
 
 
 def sinusoidal_positions(n: int, dim: int) -> torch.Tensor:
