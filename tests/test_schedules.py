@@ -56,6 +56,8 @@ def _run(func, target, arrays, out_shape):
     ((1, 2), 3, 16, 10, False, False),  # attention-style batched matmul
     ((), 5, 32, 20, True, False),  # inner reduction (B stored [N, K])
     ((2,), 6, 24, 13, True, True),
+    ((), 64, 32, 96, False, False),  # N tile of whole vectors, a power of two of them (32 on AVX-512)
+    ((), 12, 16, 1000, False, True),  # no such divisor of a vector: half vectors
 ])
 def test_matmul_rule_matches_numpy(host, batch, m, k, n, inner, relu):
     from mosc.compiler.schedules import schedule_func
@@ -72,6 +74,16 @@ def test_matmul_rule_matches_numpy(host, batch, m, k, n, inner, relu):
     if relu:
         ref = np.maximum(ref, 0)
     np.testing.assert_allclose(_run(scheduled, target, [a, b, bias], ref.shape), ref, atol=ATOL, rtol=1e-5)
+
+
+def test_n_tile_under_an_m_tile_is_a_power_of_two_of_vectors():
+    """3 or 5 vectors (or 2.5) of accumulators per row of an unrolled M tile ran 10-90x slower
+    than 1, 2 or 4 (see _pick_tile); a GEMV (no M tile) keeps the best-filled divisor."""
+    from mosc.compiler.schedules import _pick_tile
+
+    assert [_pick_tile(n, 64, 16, pow2_vectors=True) for n in (48, 80, 96, 192, 1000, 512, 30)] == [16, 16, 32, 64, 8, 64, 30]
+    assert [_pick_tile(n, 32, 8, pow2_vectors=True) for n in (24, 96, 40, 20)] == [8, 32, 8, 20]
+    assert _pick_tile(1000, 64, 16) == 40 and _pick_tile(48, 64, 16) == 48  # unchanged without an M tile
 
 
 def test_non_cpu_targets_and_scheduled_functions_are_left_alone(host):

@@ -141,7 +141,7 @@ def test_tune_space_resumes_after_a_kill_then_any_arch_compiles_from_records(env
 
     r = subprocess.run(_tune_cmd(env, db, trials), env=environ, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "workloads have a tuned record" in r.stdout
+    assert "workloads have a tuned record or a timed default schedule" in r.stdout
     cov = {c.key: c for c in coverage(open_database(db), target, SpaceFile.load(SpaceFile.path(
         db, sp.name, sf.model)).workloads)}
     # resumed, not restarted: every workload got its allotment once, what the killed run measured counts

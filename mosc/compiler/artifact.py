@@ -72,12 +72,13 @@ def write_manifest(art_dir: Path | str, graphs: dict[str, dict], *, target: str,
 
 
 def schedule_coverage(manifest: dict) -> dict[str, int]:
-    """Over all graphs of an artifact: {functions, from_database, default_scheduled, naive} (the
-    TIR functions whose schedule came from a tuning record, those given a default one, and those
-    left as naive loops). All 0 for a manifest written before builds recorded it (naive: before
-    builds counted it)."""
+    """Over all graphs of an artifact: {functions, from_database, tuned, default_scheduled, naive}
+    (the TIR functions whose schedule came from a database record, those of them from a tuned
+    record rather than a recorded default schedule, those given a default schedule by the build,
+    and those left as naive loops). All 0 for a manifest written before builds recorded it."""
     per_graph = list((manifest["tuning"].get("coverage") or {}).values())
-    return {k: sum(g.get(k, 0) for g in per_graph) for k in ("functions", "from_database", "default_scheduled", "naive")}
+    keys = ("functions", "from_database", "tuned", "default_scheduled", "naive")
+    return {k: sum(g.get(k, 0) for g in per_graph) for k in keys}
 
 
 def check_manifest(manifest: dict, where: str) -> dict:

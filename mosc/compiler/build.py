@@ -31,8 +31,10 @@ def build(mod, target: Target | str, db_dir: Path | str | None = None, *, use_da
 
     Functions the database has no record for get mosc's default schedules (CPU) or TVM's
     dlight ones (GPU, in tvm.compile). coverage: a dict that receives {"functions",
-    "from_database", "default_scheduled", "naive"} counts of this graph's TIR functions
-    (naive: CPU functions no default rule matched; 0 is what every known graph gets).
+    "from_database", "default_scheduled", "naive", "tuned"} counts of this graph's TIR functions
+    (naive: CPU functions no default rule matched; 0 is what every known graph gets; tuned: of
+    from_database, those whose record is a tuned candidate rather than the default schedule's
+    trace, which the tuner records as the yardstick a candidate must beat).
     """
     import tvm
 
@@ -45,6 +47,7 @@ def build(mod, target: Target | str, db_dir: Path | str | None = None, *, use_da
         with open_database(db_dir):
             mod = run_passes(mod, target, FINISH[:1])
     from_db = total - len(unscheduled_functions(mod))
+    tuned = sum(1 for _, f in mod.functions_items() if _is_tuned(f))
     cut = 1 + next(i for i, (name, _) in enumerate(FINISH) if name == "default_schedules")
     mod = run_passes(mod, target, FINISH[1:cut])
     # CPU: what no default rule matched runs as a naive loop nest; counted before the last
@@ -54,12 +57,23 @@ def build(mod, target: Target | str, db_dir: Path | str | None = None, *, use_da
     mod = run_passes(mod, target, FINISH[cut:])
     if coverage is not None:
         coverage.update(functions=total, from_database=from_db, default_scheduled=total - from_db - naive,
-                        naive=naive)
+                        naive=naive, tuned=tuned)
     try:
         with drop_known_tvm_noise():
             return tvm.compile(mod, target=target.tvm_target())
     except Exception as e:
         raise MoscError(f"tvm.compile for {target.name} failed: {str(e).splitlines()[0]}") from e
+
+
+def _is_tuned(func) -> bool:
+    """A PrimFunc scheduled by a tuned record: from the database, and not the replayed trace of a
+    default schedule (the tuner records those too; see mosc.compiler.tune.commit_default_schedules)."""
+    from tvm import tirx
+
+    from mosc.compiler.schedules import SCHEDULED_ATTR, default_rule_of
+
+    return (isinstance(func, tirx.PrimFunc) and func.attrs is not None and bool(func.attrs.get(SCHEDULED_ATTR, False))
+            and default_rule_of(func) is None)
 
 
 def _prim_funcs(mod) -> int:

@@ -1,6 +1,7 @@
 """Default CPU schedules for the fused TIR functions of a graph, and a MetaSchedule matmul template.
 
     apply_default_schedules  IRModule -> IRModule: every PrimFunc not yet scheduled gets a rule
+    default_schedule         one function's default schedule as a traced Schedule (the tuner records it)
     default_schedules_pass   the same as a module pass under the current target (FINISH)
     unscheduled_functions    names of the PrimFuncs that no rule could schedule (left naive)
     matmul_space             MetaSchedule schedule function: the matmul template, tiles sampled
@@ -33,6 +34,7 @@ from __future__ import annotations
 from typing import Any
 
 SCHEDULED_ATTR = "tirx.is_scheduled"  # what MetaScheduleApplyDatabase sets; tvm.compile skips nothing on CPU
+DEFAULT_MARK = "mosc.default_schedule"  # root-block annotation (the rule's name) that ends every default schedule
 MR_MAX = 6  # rows of the accumulator tile (unrolled); 6 x NR accumulators + broadcasts fit the register file
 NR_VECTORS_WIDE = 4  # NR = this many vectors on a 32-register ISA (AVX-512, NEON): 6 x 4 = 24 registers
 NR_VECTORS_NARROW = 2  # ... on a 16-register ISA (AVX2, SSE): 6 x 2 = 12 registers
@@ -256,15 +258,29 @@ def _producers_closure(sch, block) -> set[str]:
     return seen
 
 
-def _pick_tile(extent: int | None, preferred: int, lanes: int) -> int:
+def _pick_tile(extent: int | None, preferred: int, lanes: int, pow2_vectors: bool = False) -> int:
     """Tile of a loop: the whole extent when it is short; else the divisor of the extent,
     at most `preferred`, that fills its vectors best (the larger on a tie), e.g. N=1000 with
     16 lanes: 40 (3 vectors, 83% full) rather than a ragged 64 (a predicated tail is
     scalarised: 0.83 ms instead of 0.02 ms for [1,512]x[512,1000]); `preferred` with a
     ragged tail only when no divisor reaches half a vector. lanes=1: plain largest divisor.
+    pow2_vectors: the N tile under an unrolled M tile: the largest divisor that is 1, 2, 4.. whole
+    vectors (half a vector for a long N without one), when one exists; else as above (a short
+    N, e.g. 30, stays whole: not measured).
     """
     if extent is None:
         return preferred
+    if pow2_vectors:
+        # a register tile of 3 or 5 vectors (48, 80 fp32 on AVX-512) or a partial one (40) under
+        # an unrolled M tile ran 10-90x slower than 1, 2 or 4 whole vectors (measured, 1 thread,
+        # [64,128]x[128,N]: N=48 66 us with tile 48, 6 us with 16; N=96 548 vs 8 us with 32;
+        # N=80 456 vs 10 us; N=192 620 us with 48, 16 us with 64; N=1000 4.3 ms with 40, 0.7 ms with 8)
+        sizes = [lanes << j for j in range(8) if lanes << j <= preferred]
+        if extent > preferred:  # long and no whole-vector divisor: half a vector beats 2.5 vectors
+            sizes.append(max(1, lanes // 2))
+        fits = [d for d in sizes if extent % d == 0]
+        if fits:
+            return max(fits)
     if extent <= preferred:
         return extent
     best, best_fill = None, 0.0
@@ -313,7 +329,7 @@ def _matmul_schedule(sch, block, roles, target, tiles: tuple | None, sample: boo
             m0, m1 = sch.split(m, mf)
     else:
         mr, nr = tiles or (MR_MAX, lanes * (NR_VECTORS_WIDE if _many_registers(target) else NR_VECTORS_NARROW))
-        n0, n1 = sch.split(n, [None, _pick_tile(n_ext, nr, lanes)])
+        n0, n1 = sch.split(n, [None, _pick_tile(n_ext, nr, lanes, pow2_vectors=m is not None and (m_ext or 2) > 1)])
         if m is not None:  # a ragged M tile is cheap (its predicate is outside the vector loop)
             m0, m1 = sch.split(m, [None, _pick_tile(m_ext, mr, mr)])
     outer = [x for x in (batch, n0) if x is not None]
@@ -531,22 +547,55 @@ def _matmul_rule(sch, target) -> bool:
 RULES = [("matmul", _matmul_rule), ("reduction", _reduction_rule), ("spatial", _spatial_rule)]
 
 
-def schedule_func(func, target) -> tuple[Any, str | None]:
-    """(scheduled PrimFunc, rule name), or (func unchanged, None) when no rule applies.
+def default_schedule(func_or_mod, target) -> tuple[Any, str | None]:
+    """(traced Schedule with the default rule applied and marked, rule name), or (None, None)
+    when no rule applies. Takes a PrimFunc or a one-function IRModule (a tuning workload).
 
-    A rule that raises half-way is discarded whole: each attempt works on a fresh Schedule.
+    The Schedule's trace is replayable: the tuner commits it as a database record next to the
+    tuned candidates, measured alike, so a build applies a tuned record only where it beats
+    this (mosc.compiler.tune). The last instruction annotates the root block with
+    DEFAULT_MARK, which tells such a record from tuned ones in a database (is_default_trace);
+    lowering ignores the annotation. A rule that raises half-way is discarded whole: each
+    attempt works on a fresh Schedule.
     """
     from tvm import s_tir
 
     for name, rule in RULES:
-        sch = s_tir.Schedule(func)
+        sch = s_tir.Schedule(func_or_mod)
         try:
             if not rule(sch, target):
                 continue
+            sch.annotate(sch.get_sblock("root"), DEFAULT_MARK, name)
         except Exception:  # a shape the rule did not foresee: try the next one
             continue
-        return sch.mod["main"].with_attr(SCHEDULED_ATTR, True), name
-    return func, None
+        return sch, name
+    return None, None
+
+
+def is_default_trace(trace) -> bool:
+    """True for the trace of a default_schedule (its DEFAULT_MARK annotation), e.g. a record's."""
+    for inst in reversed(list(trace.insts)):
+        if inst.kind.name == "Annotate" and inst.attrs and str(inst.attrs[0]) == DEFAULT_MARK:
+            return True
+    return False
+
+
+def default_rule_of(func) -> str | None:
+    """The rule name a scheduled PrimFunc's DEFAULT_MARK carries (a default schedule, applied by
+    the FINISH pass or replayed from a database record), else None (tuned, or unscheduled)."""
+    block = getattr(func.body, "block", None)
+    if block is None or block.annotations is None:
+        return None
+    rule = block.annotations.get(DEFAULT_MARK)
+    return None if rule is None else str(rule)
+
+
+def schedule_func(func, target) -> tuple[Any, str | None]:
+    """(scheduled PrimFunc, rule name), or (func unchanged, None) when no rule applies."""
+    sch, name = default_schedule(func, target)
+    if sch is None:
+        return func, None
+    return sch.mod["main"].with_attr(SCHEDULED_ATTR, True), name
 
 
 def _is_scheduled(func) -> bool:

@@ -1,6 +1,8 @@
 """MetaSchedule tuning against a persistent per-target database (JSON files in a folder).
 
     tune            tune the TIR tasks of some graphs that the database lacks; add the records
+    tune_space      tune every workload of a search space (mosc.compiler.workloads.SpaceFile)
+    commit_default_schedules  each task's default schedule, measured, as a record (the guard)
     open_database   the database in a folder; default_db_dir: ~/.cache/mosc/tune/<target>/
     database_id     path, record count and content sha256 of a database (what a manifest records)
     check_tracker   fail in one line, before any trial, when the device cannot be reached
@@ -10,6 +12,14 @@ so an untuned CPU build is ~100x slower than onnxruntime. The database is keyed 
 workload, so it is shared by every model compiled for a target: tasks that already have a
 record are not tuned again (a second, similar model costs few or no trials). Tasks that
 MetaSchedule cannot tune are remembered next to it (UNTUNABLE) so no compile retries them.
+
+The guard (commit_default_schedules): before a task is tuned, its default schedule
+(mosc.compiler.schedules) is built and measured by the same builder and runner as the candidates
+and committed as a record, so the database's best record is the default whenever no candidate
+beat it, and a build replays that trace. Without it a few trials' best record was applied even
+when 2-20x slower than the default (bert-tiny tuned with 1,090 trials built 2.6x slower than with
+default schedules only). `tune --space` adds the default records a database tuned before this
+lacks. Local measurements run on the target's num-cores threads (_run_on_threads).
 
 This module does not know about artifacts, shared libraries or how a model is measured;
 it reaches a device only through MetaSchedule's RPC runner. It imports tvm only inside
@@ -31,9 +41,11 @@ from typing import Any
 from mosc import env
 from mosc.compiler.passes import PREPARE, run_passes
 from mosc.compiler.targets import Target, as_target
-from mosc.compiler.workloads import MODULE_EQUALITY, workload_key
+from mosc.compiler.workloads import MODULE_EQUALITY, split_records, workload_key
 from mosc.errors import MoscError
 from mosc.fileio import atomic_write_json
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TRIALS = 256  # global trial budget of one compile; ~300 took a d=512 model to torch speed
 TRIALS_PER_TASK = 64  # cap per task: matmuls keep improving, small ops exhaust their space at 1
@@ -325,13 +337,117 @@ def _default_runner(target: Target):
     if target.needs_rpc:
         return rpc_runner(target)
     return ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S, f_alloc_argument=_alloc_arguments(),
-                                 evaluator_config=_evaluator_config())
+                                 evaluator_config=_evaluator_config(),
+                                 f_run_evaluator=_run_on_threads(_target_threads(target)))
+
+
+def _target_threads(target: Target) -> int:
+    """Threads a local measurement uses: the target's num-cores (host: "auto" = the cores this
+    process may use, so `taskset -c 0 mosc tune ...` tunes for 1 thread), else every core."""
+    try:
+        return max(1, int(target.tvm_target().attrs.get("num-cores", 0) or len(os.sched_getaffinity(0))))
+    except (TypeError, ValueError):
+        return len(os.sched_getaffinity(0))
+
+
+def _run_on_threads(threads: int):
+    """f_run_evaluator for the LocalRunner: MetaSchedule's own evaluator with the worker's TVM
+    thread pool set to `threads` first. Without it a worker runs on every core whatever the
+    target's num-cores says, so a num-cores=1 target's candidates (and its default schedules)
+    were measured on 2 threads. Measured on bert-tiny (2 cores, one busy with another job):
+    tuned at 2 threads, the recorded times were 1.2-1.8x the same kernels' 1-thread times and
+    ranked them wrongly (a softmax record "faster" than its default ran 1.5x slower at 1 thread);
+    tuned on 1 core they agreed within ~10%. Closure: cloudpickle ships it by value."""
+
+    def run(rt_mod, device, evaluator_config, repeated_args):
+        import tvm
+        from tvm.s_tir.meta_schedule.runner.local_runner import default_run_evaluator
+
+        tvm.get_global_func("runtime.config_threadpool")(1, threads)  # (affinity mode 1, threads)
+        return default_run_evaluator(rt_mod, device, evaluator_config, repeated_args)
+
+    return run
 
 
 def _evaluator_config():
     from tvm.s_tir import meta_schedule as ms
 
     return ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=MIN_REPEAT_MS, enable_cpu_cache_flush=False)
+
+
+# ----------------------------------------------------------------------------- the default yardstick
+def commit_default_schedules(tasks: list, target: Target, database, *, builder=None, runner=None) -> dict[str, float]:
+    """Measure each task's default schedule (mosc.compiler.schedules.default_schedule) with the
+    tuning builder and runner, and commit it to the database as a TuningRecord: its trace, its
+    measured run_secs. Tasks that already have such a record are skipped.
+
+    Why: a build applies a workload's best record, and nothing else compared a record with the
+    default schedule the build would otherwise give (measured: bert-tiny tuned with 1,090 trials
+    built 2.6x slower than default schedules; after a few trials a record is often 10-20x slower
+    than the default). With the default's trace in the database, measured like the candidates,
+    the best record is the default schedule whenever no candidate beat it, and the build
+    (MetaScheduleApplyDatabase) replays that trace: the same code the FINISH pass would give.
+    Returns {task name: default's mean time in us} of the tasks measured here; a default whose
+    build or run fails is logged and not committed (its candidates then go unguarded). CPU
+    targets only: a GPU build's fallback is dlight's schedule inside tvm.compile, which this
+    does not reproduce (its records stay unguarded).
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    from mosc.compiler.schedules import default_schedule
+
+    tvm_target = target.tvm_target()
+    if tvm_target.kind.name != "llvm":  # GPU builds get dlight's schedules in tvm.compile, not mosc's
+        return {}
+    todo = []
+    for task in tasks:
+        mod = task.dispatched[0]
+        if split_records(database, mod)[1]:
+            continue
+        with tvm_target:
+            sch, _rule = default_schedule(mod, tvm_target)
+        if sch is None:  # no rule: the build leaves it naive; an unscheduled trace measures that
+            from tvm import s_tir
+
+            sch = s_tir.Schedule(mod)
+        todo.append((task, sch))
+    if not todo:
+        return {}
+    builder = builder if builder is not None else _default_builder(target)
+    runner = runner if runner is not None else _default_runner(target)
+    _import_tensor_intrinsics(tvm_target)
+    built = builder.build([ms.builder.BuilderInput(sch.mod, tvm_target) for _, sch in todo])
+    args = [ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True) for _, sch in todo]
+    ok = [i for i, b in enumerate(built) if b.error_msg is None]
+    device = {"llvm": "cpu"}.get(tvm_target.kind.name, tvm_target.kind.name)  # a device name (cuda, rocm, ...)
+    futures = runner.run([ms.runner.RunnerInput(built[i].artifact_path, device, args[i]) for i in ok])
+    measured = {}
+    for i, fut in zip(ok, futures):
+        res = fut.result()
+        task, sch = todo[i]
+        if res.error_msg is not None or not res.run_secs:
+            log.warning("default schedule of %s could not be measured: %s", task.task_name,
+                        " ".join(str(res.error_msg).split())[-600:])
+            continue
+        secs = [float(x) for x in res.run_secs]
+        database.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, database.commit_workload(task.dispatched[0]), secs, tvm_target, args[i]))
+        measured[task.task_name] = 1e6 * sum(secs) / len(secs)
+    for i, b in enumerate(built):
+        if b.error_msg is not None:
+            log.warning("default schedule of %s did not build: %s", todo[i][0].task_name,
+                        " ".join(str(b.error_msg).split())[:200])
+        elif b.artifact_path and os.path.isfile(b.artifact_path):
+            _remove_artifact(b.artifact_path)
+    return measured
+
+
+def _remove_artifact(path: str) -> None:
+    """Builders export each candidate to a temp folder; MetaSchedule's runner removes them after
+    measuring, a direct runner.run call does not."""
+    import shutil
+
+    shutil.rmtree(os.path.dirname(path), ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- tuning
@@ -426,16 +542,14 @@ def tune(
 
 
 def _new_tasks(mods: list, target: Target, database, db_dir: Path, report: TuneReport) -> list[tuple[Any, float]]:
-    """The (task, weight)s of the graphs that have no record and are not known untunable;
-    counts all of them into the report."""
-    tvm_target = target.tvm_target()
+    """The (task, weight)s of the graphs that have no tuned record (a default-schedule record
+    alone does not count) and are not known untunable; counts all of them into the report."""
     all_tasks = _extract_tasks([run_passes(m, target, PREPARE) for m in mods], target)
     untunable = _read_untunable(db_dir)
     known_bad = [(task, w) for task, w in all_tasks if _task_key(task) in untunable]
     todo = [
         (task, w) for task, w in all_tasks
-        if _task_key(task) not in untunable
-        and database.query_tuning_record(task.dispatched[0], tvm_target, task.task_name) is None
+        if _task_key(task) not in untunable and not split_records(database, task.dispatched[0])[0]
     ]
     report.tasks, report.untunable = len(all_tasks), len(known_bad)
     report.cached = len(all_tasks) - len(todo) - len(known_bad)
@@ -459,6 +573,8 @@ def _tune_tasks(todo, target: Target, database, db_dir: Path, report: TuneReport
     todo, contexts = _drop_unschedulable(todo, contexts, db_dir, report, make_contexts)
     if not todo:
         return
+    # the yardstick first: each task's default schedule, measured like its candidates, as a record
+    commit_default_schedules([t for t, _ in todo], target, database, builder=builder, runner=runner)
     callback, bar, state = _progress_callback(min(trials, trials_per_task * len(todo)), progress)
     try:
         ms.tune.tune_tasks(
@@ -588,11 +704,7 @@ def _record_outcome(state: dict, todo, target: Target, database, db_dir: Path, r
     # Tasks that were measured and still have no record would be retried by every compile:
     # remember them. Here that is the embedding `take` (mode="fast": no bounds check), most
     # likely because MetaSchedule's runner feeds it random, out-of-range indices.
-    tvm_target = target.tvm_target()
-    failed = [
-        todo[i][0] for i in state["task_ids"]
-        if database.query_tuning_record(todo[i][0].dispatched[0], tvm_target, todo[i][0].task_name) is None
-    ]
+    failed = [todo[i][0] for i in state["task_ids"] if not split_records(database, todo[i][0].dispatched[0])[0]]
     _remember_untunable(db_dir, failed)
     report.tuned = len(state["task_ids"]) - len(failed)
     report.untunable += len(failed)
@@ -618,6 +730,7 @@ class SpaceTuneReport:
     trials_total: int = 0  # records in the database for the space's workloads, all calls together
     untunable: int = 0  # workloads with no valid candidate (they build with a default schedule)
     budget_left: bool = False  # stopped by --budget-min before every workload got its trials
+    defaults: int = 0  # default schedules measured and recorded in this call (the guard; see commit_default_schedules)
     seconds: float = 0.0
 
 
@@ -650,7 +763,11 @@ def tune_space(space, target: Target | str, db_dir: Path | str | None = None, *,
     todo_total = sum(max(0, goal[k] - spent.get(k, 0)) for k in space.workloads)
     show = sys.stderr.isatty() if progress is None else progress
     bar, bar_task = _bar("tuning the space", todo_total) if show else (None, None)
-    runner = runner if runner is not None else (_default_runner(target) if plan else None)
+    guard = [t for t in tasks.values() if _task_key(t) not in untunable and not split_records(database, t.dispatched[0])[1]]
+    runner = runner if runner is not None else (_default_runner(target) if plan or guard else None)
+    # every workload's default schedule first, measured and recorded (a database tuned before
+    # this guard existed gets them now): no build applies a record slower than its default
+    report.defaults = len(commit_default_schedules(guard, target, database, runner=runner)) if guard else 0
     failed_in_a_row = 0
     try:
         for key, want in plan:

@@ -145,12 +145,37 @@ class Coverage:
     key: str
     name: str
     share: float  # of the space's expected latency (cost / total cost)
-    trials: int  # records in the database for this workload (candidates measured)
-    best_us: float | None  # best measured time per call, microseconds (None: no valid record)
+    trials: int  # tuned records in the database for this workload (candidates measured)
+    best_us: float | None  # best measured time per call, microseconds (None: no valid record);
+    # the default schedule's when no tuned candidate beat it
+    default_us: float | None = None  # the default schedule's measured time (None: not recorded)
+
+
+def record_us(record) -> float | None:
+    """A record's mean measured time in microseconds; None for a failed run (MetaSchedule's 1e10 s)."""
+    secs = [float(s) for s in (record.run_secs or [])]
+    if not secs or sum(secs) / len(secs) >= 1e9:
+        return None
+    return 1e6 * sum(secs) / len(secs)
+
+
+def split_records(database, mod) -> tuple[list, list]:
+    """(tuned records best first, default-schedule records) of one workload in the database.
+    A default-schedule record (mosc.compiler.schedules.default_schedule, committed by the
+    tuner to guard builds against worse tuned records) is no trial."""
+    from mosc.compiler.schedules import is_default_trace
+
+    if not database.has_workload(mod):
+        return [], []
+    tuned, defaults = [], []
+    for r in database.get_top_k(database.commit_workload(mod), 1 << 30):  # best first
+        (defaults if is_default_trace(r.trace) else tuned).append(r)
+    return tuned, defaults
 
 
 def coverage(database, target: Target, workloads: dict[str, Workload]) -> list[Coverage]:
-    """Per workload, from the database: trials spent and the best time (sorted by share).
+    """Per workload, from the database: trials spent, the best time and the default schedule's
+    (sorted by share).
 
     Each workload is looked up with the database's own equality (as a build looks it up),
     not by comparing hashes: a module read back from the database's JSON does not always
@@ -158,15 +183,10 @@ def coverage(database, target: Target, workloads: dict[str, Workload]) -> list[C
     total = sum(w.cost for w in workloads.values()) or 1.0
     out = []
     for k, w in workloads.items():
-        spent, best = 0, None
-        mod = w.ir_module
-        if database.has_workload(mod):
-            records = database.get_top_k(database.commit_workload(mod), 1 << 30)  # best first
-            spent = len(records)
-            secs = [float(s) for s in (records[0].run_secs or [])] if records else []
-            if secs and sum(secs) / len(secs) < 1e9:  # MetaSchedule's 1e10 s marks a failed run
-                best = 1e6 * sum(secs) / len(secs)
-        out.append(Coverage(k, w.name, w.cost / total, spent, best))
+        tuned, defaults = split_records(database, w.ir_module)
+        best = min((u for u in map(record_us, tuned[:1] + defaults[:1]) if u is not None), default=None)
+        out.append(Coverage(k, w.name, w.cost / total, len(tuned), best,
+                            record_us(defaults[0]) if defaults else None))
     return sorted(out, key=lambda c: -c.share)
 
 
