@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mosc.errors import MoscError
-from mosc.pipeline import Stage, run_stages
+from mosc.pipeline import Stage, check_common, run_stages
 
 
 @dataclass
@@ -82,19 +82,9 @@ class BertPipelineConfig:
         return from_table(cls, raw, where).check(where)
 
     def check(self, where: str = "config") -> BertPipelineConfig:
-        import math
-
         from mosc.bert_space import BertSpace
-        from mosc.nn.modes import FFNMode
 
-        for k, (lo, hi) in self.RANGES.items():
-            v = getattr(self, k)
-            if not (isinstance(v, int) or math.isfinite(v)) or not lo <= v <= hi:
-                raise MoscError(f"{where}: {k} must be between {lo:g} and {hi:g}, got {v!r}")
-        if self.parents > self.population:
-            raise MoscError(f"{where}: parents ({self.parents}) must not exceed population ({self.population})")
-        if self.mode not in FFNMode.__members__:
-            raise MoscError(f"{where}: mode must be one of {', '.join(FFNMode.__members__)}, got {self.mode!r}")
+        check_common(self, where)
         if self.train_max_tokens < self.seq_len:
             raise MoscError(f"{where}: train_max_tokens ({self.train_max_tokens}) holds no block of seq_len {self.seq_len}")
         BertSpace.load(self.space)

@@ -10,6 +10,7 @@ Knows nothing of models or archs: bytes, JSON and flat dicts of tensors only.
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
 import json
 import os
@@ -59,13 +60,16 @@ def atomic_write_json(path: str | Path, obj) -> Path:
 # Each turns "not there", "not readable", "not UTF-8", "not JSON/TOML" and "not the expected
 # structure" into one MoscError line naming the file and what is wrong; a UTF-8 BOM is fine.
 def read_text(path: str | Path, what: str = "file") -> str:
+    """A UTF-8 text file (a name ending in .gz is decompressed first); one line on any failure."""
     path = Path(path)
     try:
         data = path.read_bytes()
+        if path.name.endswith(".gz"):
+            data = gzip.decompress(data)
     except IsADirectoryError:
         raise MoscError(f"{what} {path} is a folder, not a file") from None
-    except OSError as e:
-        raise MoscError(f"cannot read {what} {path} ({e.strerror or e})") from None
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError; a cut-off stream is EOFError
+        raise MoscError(f"cannot read {what} {path} ({getattr(e, 'strerror', None) or e})") from None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:

@@ -102,20 +102,9 @@ class PipelineConfig:
 
     def check(self, where: str = "config") -> PipelineConfig:
         """One line for the first setting out of range or not a known choice."""
-        import math
-
-        from mosc.nn.modes import FFNMode
         from mosc.search.predictor import MODELS
 
-        for k, (lo, hi) in self.RANGES.items():
-            v = getattr(self, k)
-            if not (isinstance(v, int) or math.isfinite(v)) or not lo <= v <= hi:
-                why = " (the predictor needs 5 rows)" if k == "measure_archs" else ""
-                raise MoscError(f"{where}: {k} must be between {lo:g} and {hi:g}{why}, got {v!r}")
-        if self.parents > self.population:
-            raise MoscError(f"{where}: parents ({self.parents}) must not exceed population ({self.population})")
-        if self.mode not in FFNMode.__members__:
-            raise MoscError(f"{where}: mode must be one of {', '.join(FFNMode.__members__)}, got {self.mode!r}")
+        check_common(self, where, {"measure_archs": " (the predictor needs 5 rows)"})
         if self.predictor not in MODELS:
             raise MoscError(f"{where}: predictor must be one of {', '.join(MODELS)}, got {self.predictor!r}")
         if self.tracker:
@@ -126,6 +115,24 @@ class PipelineConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def check_common(cfg, where: str, why: dict[str, str] | None = None) -> None:
+    """What every pipeline config checks (this module's and mosc.bert_pipeline's): each
+    numeric setting within cfg.RANGES (why: a reason to add per key), parents <= population,
+    a known FFN mode. One line for the first that fails."""
+    import math
+
+    from mosc.nn.modes import FFNMode
+
+    for k, (lo, hi) in cfg.RANGES.items():
+        v = getattr(cfg, k)
+        if not (isinstance(v, int) or math.isfinite(v)) or not lo <= v <= hi:
+            raise MoscError(f"{where}: {k} must be between {lo:g} and {hi:g}{(why or {}).get(k, '')}, got {v!r}")
+    if cfg.parents > cfg.population:
+        raise MoscError(f"{where}: parents ({cfg.parents}) must not exceed population ({cfg.population})")
+    if cfg.mode not in FFNMode.__members__:
+        raise MoscError(f"{where}: mode must be one of {', '.join(FFNMode.__members__)}, got {cfg.mode!r}")
 
 
 # ---------------------------------------------------------------------------- the run

@@ -94,18 +94,26 @@ class MlmFitness:
     blocks: int  # validation blocks scored per arch
 
 
-def mlm_fitness(checkpoint: Path, valid_blocks: int = MAX_VALID_BLOCKS, device: str = "auto") -> MlmFitness:
+def _run_and_valid(checkpoint: Path, valid_blocks: int, device: str):
+    """(supernet in eval mode on the device, its config.json dict, the masked validation
+    batches of its own text, how many blocks they hold, the device)."""
     from mosc.nn.device import resolve_device
-    from mosc.nn.mlm import mlm_loss, valid_batches
+    from mosc.nn.mlm import valid_batches
     from mosc.nn.train import load_bert_trained, load_run_text
 
     dev = resolve_device(device)
     model, tok, meta = load_bert_trained(checkpoint)
-    model.to(dev).eval()
     data = load_run_text(meta, tok)
     batches = valid_batches(data.valid, data.vocab_size - 1, max_blocks=valid_blocks)
+    return model.to(dev).eval(), meta, batches, min(valid_blocks, len(data.valid)), dev
+
+
+def mlm_fitness(checkpoint: Path, valid_blocks: int = MAX_VALID_BLOCKS, device: str = "auto") -> MlmFitness:
+    from mosc.nn.mlm import mlm_loss
+
+    model, _, batches, n_blocks, dev = _run_and_valid(checkpoint, valid_blocks, device)
     score = lambda a: mlm_loss(lambda x: model(x, a), model.mlm_logits, batches, dev)  # noqa: E731
-    return MlmFitness(model.space, model.cfg.vocab_size, score, min(valid_blocks, len(data.valid)))
+    return MlmFitness(model.space, model.cfg.vocab_size, score, n_blocks)
 
 
 def evaluate_mlm(checkpoint: Path, arch_file: Path | None = None, encoder: Path | None = None,
@@ -115,14 +123,10 @@ def evaluate_mlm(checkpoint: Path, arch_file: Path | None = None, encoder: Path 
     import math
 
     from mosc.nn.bert import load_bert_encoder
-    from mosc.nn.device import resolve_device
-    from mosc.nn.mlm import mlm_loss, valid_batches
-    from mosc.nn.train import load_bert_trained, load_run_text
+    from mosc.nn.mlm import mlm_loss
+    from mosc.nn.train import run_arch
 
-    dev = resolve_device(device)
-    model, tok, meta = load_bert_trained(checkpoint)
-    data = load_run_text(meta, tok)
-    batches = valid_batches(data.valid, data.vocab_size - 1, max_blocks=valid_blocks)
+    model, meta, batches, n_blocks, dev = _run_and_valid(checkpoint, valid_blocks, device)
     if encoder is not None:
         if arch_file is not None:
             raise MoscError("--arch goes with the supernet; an --encoder folder already has its arch")
@@ -132,13 +136,10 @@ def evaluate_mlm(checkpoint: Path, arch_file: Path | None = None, encoder: Path 
         enc.to(dev).eval()
         arch, loss, what = enc.arch, mlm_loss(enc, enc.mlm_logits, batches, dev), f"encoder {encoder}"
     else:
-        fixed = meta.get("train", {}).get("fixed_arch")
-        arch = (load_bert_arch(arch_file, model.space) if arch_file else
-                BertArch.from_dict(fixed) if fixed else model.space.largest())
-        model.to(dev).eval()
+        arch = load_bert_arch(arch_file, model.space) if arch_file else run_arch(model, meta)
         loss, what = mlm_loss(lambda x: model(x, arch), model.mlm_logits, batches, dev), f"supernet {checkpoint}"
     return {"what": what, "arch": arch.to_dict(), "arch_hash": arch.hash, "mlm_valid_loss": loss,
-            "perplexity": math.exp(min(loss, 50.0)), "valid_blocks": min(valid_blocks, len(data.valid)),
+            "perplexity": math.exp(min(loss, 50.0)), "valid_blocks": n_blocks,
             "params": param_count(arch, model.space, model.cfg.vocab_size)}
 
 

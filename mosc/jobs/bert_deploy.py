@@ -25,14 +25,10 @@ def is_bert_encoder(path: Path | None) -> bool:
     without a readable config is not one (the translation loader then says what is wrong)."""
     if path is None or not (Path(path) / "config.json").is_file():
         return False
-    from mosc.fileio import read_json
+    from mosc.fileio import model_kind
     from mosc.nn.bert import BERT_ENCODER_KIND  # torch: every caller is about to export anyway
 
-    try:
-        meta = read_json(Path(path) / "config.json", "model config")
-    except MoscError:
-        return False
-    return isinstance(meta, dict) and meta.get("kind") == BERT_ENCODER_KIND
+    return model_kind(path) == BERT_ENCODER_KIND
 
 
 def export_bert_encoder(path: Path, out: Path, target, shapes: dict | None = None, check: bool = True) -> dict:

@@ -22,7 +22,6 @@ mosc.nn.bert), masking, search, export or latency.
 from __future__ import annotations
 
 import copy
-import gzip
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 
 from mosc.contract import BOS_ID, PAD_ID
 from mosc.errors import MoscError
+from mosc.fileio import read_text
 from mosc.nn.settings import real, whole
 
 N_CLASSES = 2  # SST-2: 0 = negative, 1 = positive
@@ -129,14 +129,7 @@ def read_labelled_tsv(path: str | Path) -> tuple[list[int], list[str]]:
     first column is `label`. Anything else (unreadable, not UTF-8, a row without a tab, a
     label other than 0/1, an empty text, no rows) is one MoscError line naming the file."""
     path = Path(path)
-    try:
-        raw = gzip.open(path, "rb").read() if path.name.endswith(".gz") else path.read_bytes()
-        text = raw.decode("utf-8")
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise MoscError(f"cannot read SST-2 file {path}: {e}") from None
-    except UnicodeDecodeError as e:
-        raise MoscError(f"SST-2 file {path} is not UTF-8 (byte {e.start})") from None
-    lines = text.splitlines()
+    lines = read_text(path, "SST-2 file").splitlines()
     header = lines[0].split("\t") if lines else []
     if len(header) != 2 or header[0].strip() != "label":
         shown = repr(lines[0][:60]) if lines else "nothing"
@@ -361,7 +354,7 @@ def load_student(checkpoint: Path | None, arch_file: Path | None, encoder: Path 
     an arch (default: the run's fixed arch, else the largest), or a saved encoder."""
     from mosc.bert_space import BertArch
     from mosc.nn.bert import collapse_bert, load_bert_encoder
-    from mosc.nn.train import load_bert_trained
+    from mosc.nn.train import load_bert_trained, run_arch
 
     if (checkpoint is None) == (encoder is None):
         raise MoscError("give exactly one of --checkpoint (a BERT pre-training run) or --encoder (a collapsed encoder)")
@@ -372,11 +365,7 @@ def load_student(checkpoint: Path | None, arch_file: Path | None, encoder: Path 
         tok = _tokenizer_of(meta, f"encoder {encoder}")
         return enc, tok, meta["tokenizer"], f"encoder {encoder}"
     supernet, tok, meta = load_bert_trained(checkpoint)
-    fixed = meta.get("train", {}).get("fixed_arch")
-    if arch_file is not None:
-        arch = supernet.space.validate(BertArch.load(arch_file))
-    else:
-        arch = BertArch.from_dict(fixed) if fixed else supernet.space.largest()
+    arch = supernet.space.validate(BertArch.load(arch_file)) if arch_file is not None else run_arch(supernet, meta)
     return collapse_bert(supernet, arch), tok, meta["tokenizer"], f"{checkpoint} at arch {list(arch.hidden)}"
 
 

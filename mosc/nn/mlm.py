@@ -17,7 +17,6 @@ What it does NOT know: the model's layout, training, devices or files other than
 
 from __future__ import annotations
 
-import gzip
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Iterator
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 
 from mosc.contract import BOS_ID, EOS_ID, PAD_ID
 from mosc.errors import MoscError
+from mosc.fileio import read_text
 from mosc.nn.batching import Resumable
 from mosc.nn.corpus import shared_data_dir
 from mosc.nn.tokenizer import N_RESERVED, SubwordTokenizer
@@ -51,14 +51,7 @@ def mask_id(tokenizer: SubwordTokenizer) -> int:
 def _read_text(path: Path) -> list[str]:
     """Non-blank lines, whitespace-normalized; a .tsv(.gz) keeps its last column minus the
     header (SST-2's sentences). Unreadable or non-UTF-8 files are one line."""
-    try:
-        raw = gzip.open(path, "rb").read() if path.name.endswith(".gz") else path.read_bytes()
-        text = raw.decode("utf-8")
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise MoscError(f"cannot read text file {path}: {e}") from None
-    except UnicodeDecodeError as e:
-        raise MoscError(f"text file {path} is not UTF-8 (byte {e.start})") from None
-    lines = text.splitlines()
+    lines = read_text(path, "text file").splitlines()
     if ".tsv" in path.name:
         lines = [ln.split("\t")[-1] for ln in lines[1:]]
     return [s for ln in lines if (s := " ".join(ln.split()))]

@@ -301,6 +301,13 @@ def load_bert_trained(path: str | Path) -> tuple[BertSupernet, SubwordTokenizer,
     return model, SubwordTokenizer.from_json(meta["tokenizer"]), meta
 
 
+def run_arch(model: BertSupernet, meta: dict) -> BertArch:
+    """The arch a BERT run stands for when none is named: its fixed arch (a standalone run),
+    else the supernet's largest."""
+    fixed = meta.get("train", {}).get("fixed_arch")
+    return BertArch.from_dict(fixed) if fixed else model.space.largest()
+
+
 def load_run_text(meta: dict, tokenizer: SubwordTokenizer) -> TextData:
     """The text an encoder-only checkpoint was trained on, as blocks of its sequence length."""
     where = "the checkpoint's config.json"
