@@ -3,7 +3,8 @@ refusals, exit codes, JUnit XML, --update-baseline.
 
 One tiny artifact (space tiny, smallest arch, source 8 tokens, 4 decoder steps, --no-tune) is
 built once for the module into a private cache; measurements are real. A slowdown is injected
-with a test double of the *timer only* (the measured samples scaled); the statistics are real.
+with a test double of the *timer only* (one real measurement replayed, its samples scaled); the
+statistics are real.
 """
 
 import copy
@@ -57,13 +58,24 @@ def baseline(built):
     return bench(built.target, built.art, built.arch)
 
 
-def scaled_timer(factor):
-    """A test double of the timer only: the real measurement, every sample scaled by factor."""
+def recording_timer(into):
+    """The real timer (measure_tvm), each Measurement it returns also appended to `into`."""
     from mosc.device.backends import measure_tvm
-    from mosc.device.protocol import Measurement
 
     def measure(art, protocol):
         m = measure_tvm(art, protocol)
+        into.append(m)
+        return m
+
+    return measure
+
+
+def replayed_timer(m, factor):
+    """A test double of the timer only: no new timing, the recorded Measurement m with every
+    sample scaled by factor (the rest of bench -- loading the artifact, shape checks, result -- is real)."""
+    from mosc.device.protocol import Measurement
+
+    def measure(art, protocol):
         return Measurement([x * factor for x in m.total_ms], [x * factor for x in m.encoder_ms],
                            [x * factor for x in m.decoder_ms], m.warmup, m.trim, m.shapes, m.method + " (scaled)")
 
@@ -151,18 +163,30 @@ def test_aa_measured_twice_does_not_flag_regression(built, baseline):
     assert rep["verdict"] != "regression", rep["metrics"]
 
 
-def test_injected_slowdown_is_flagged(built, baseline):
+def test_injected_slowdown_is_flagged(built):
+    """One real measurement, then the same runs replayed through bench 1.3x slower: the check must
+    flag that, deterministically. Baseline and slowed result share their runs, so machine load
+    between two live timings (test_aa_measured_twice_... covers that path) cannot hide the slowdown."""
     from mosc.regress import bench, compare
 
-    slow = bench(built.target, built.art, built.arch, measure=scaled_timer(1.3))
-    rep = compare(baseline, slow)
-    assert rep["verdict"] == "regression" and rep["exit_code"] == 1
+    runs = []
+    real = bench(built.target, built.art, built.arch, measure=recording_timer(runs))  # the one live timing
+    (m,) = runs
+    slow = bench(built.target, built.art, built.arch, measure=replayed_timer(m, 1.3))
+    assert slow["samples_ms"] == pytest.approx([x * 1.3 for x in real["samples_ms"]], rel=1e-6, abs=1e-5)
+    assert slow["method"].endswith("(scaled)") and slow["stats"]["median_ms"] > real["stats"]["median_ms"]
+    rep = compare(real, slow)
+    assert rep["verdict"] == "regression" and rep["exit_code"] == 1, rep["metrics"]
     p50 = rep["metrics"][0]
     assert p50["metric"] == "p50" and p50["verdict"] == "regression" and p50["ci_low"] > 1.05
+    assert p50["ratio"] == pytest.approx(1.3, rel=1e-4)
     assert rep["mann_whitney"]["p_value"] < 0.01
-    fast = copy.deepcopy(baseline)
-    fast["samples_ms"] = [x * 0.7 for x in baseline["samples_ms"]]
-    assert compare(baseline, fast)["verdict"] == "improved"
+    assert compare(real, slow) == rep  # seeded: the same runs give the same verdict every time
+    same = compare(real, copy.deepcopy(real))  # the unscaled runs: no regression
+    assert same["verdict"] == "pass" and same["exit_code"] == 0, same["metrics"]
+    fast = copy.deepcopy(real)
+    fast["samples_ms"] = [x * 0.7 for x in real["samples_ms"]]
+    assert compare(real, fast)["verdict"] == "improved"
 
 
 @pytest.mark.parametrize("change, needle", [
