@@ -58,6 +58,9 @@ def _run(func, target, arrays, out_shape):
     ((2,), 6, 24, 13, True, True),
     ((), 64, 32, 96, False, False),  # N tile of whole vectors, a power of two of them (32 on AVX-512)
     ((), 12, 16, 1000, False, True),  # no such divisor of a vector: half vectors
+    ((), 1, 512, 1000, False, False),  # streamed GEMV (K x N >= GEMV_STREAM_MIN): k outside n
+    ((), 1, 100, 768, False, True),  # streamed, K not a multiple of GEMV_ROWS (5 rows a pass), relu
+    ((1,), 1, 256, 512, False, False),  # streamed under a unit batch loop
 ])
 def test_matmul_rule_matches_numpy(host, batch, m, k, n, inner, relu):
     from mosc.compiler.schedules import schedule_func
@@ -74,6 +77,19 @@ def test_matmul_rule_matches_numpy(host, batch, m, k, n, inner, relu):
     if relu:
         ref = np.maximum(ref, 0)
     np.testing.assert_allclose(_run(scheduled, target, [a, b, bias], ref.shape), ref, atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("m,k,n,streamed", [(1, 512, 512, True), (1, 64, 1000, False), (2, 512, 512, False)])
+def test_large_gemv_streams_b_row_by_row(host, m, k, n, streamed):
+    """An M = 1 matmul with a large K-major B puts the reduction outermost (B read once, front
+    to back; see _stream_gemv); a small one or M > 1 keeps the register tile (k inside n)."""
+    from mosc.compiler.schedules import default_schedule
+
+    sch, rule = default_schedule(_matmul_func((), m, k, n), host.tvm_target())
+    assert rule == "matmul"
+    names = [str(sch.get(lp).loop_var.name) for lp in sch.get_loops(sch.get_sblock("matmul_update"))
+             if sch.get(lp).extent.value > 1]
+    assert (names[0].startswith("k")) == streamed, names
 
 
 def test_n_tile_under_an_m_tile_is_a_power_of_two_of_vectors():

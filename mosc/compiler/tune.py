@@ -52,7 +52,8 @@ TRIALS_PER_TASK = 64  # cap per task: matmuls keep improving, small ops exhaust 
 TRIALS_PER_ITER = 32  # candidates built+measured per round (TVM's 64 is coarse for small budgets)
 BUILD_TIMEOUT_S = 60.0  # per candidate build in a tuning worker
 RUN_TIMEOUT_S = 30.0  # per candidate measurement
-MIN_REPEAT_MS = 20  # a candidate's timed calls last at least this long (TVM's 100 ms: 1 s a trial)
+MIN_REPEAT_MS = 20  # a candidate's timed calls last at least this long (TVM's 100 ms: 1 s a trial); GPU only
+COLD_REPEATS = 10  # CPU: timed calls per candidate, each after its arguments were flushed from the caches
 EVOLVE_MIN_TRIALS = 16  # below this many trials a task samples its design space at random:
 # the evolutionary search costs seconds per round (population, cost model), more than 8 trials
 UNTUNABLE = "untunable.json"  # in a database folder: tasks tried without any valid candidate
@@ -291,7 +292,7 @@ def rpc_runner(target: Target):
         tracker_key=target.rpc.key,
         session_timeout_sec=int(RUN_TIMEOUT_S * 4),
     )
-    return ms.runner.RPCRunner(rpc_config=config, evaluator_config=_evaluator_config(), max_workers=max(1, devices),
+    return ms.runner.RPCRunner(rpc_config=config, evaluator_config=_evaluator_config(target), max_workers=max(1, devices),
                                f_alloc_argument=_alloc_arguments(remote=True))
 
 
@@ -337,7 +338,7 @@ def _default_runner(target: Target):
     if target.needs_rpc:
         return rpc_runner(target)
     return ms.runner.LocalRunner(timeout_sec=RUN_TIMEOUT_S, f_alloc_argument=_alloc_arguments(),
-                                 evaluator_config=_evaluator_config(),
+                                 evaluator_config=_evaluator_config(target),
                                  f_run_evaluator=_run_on_threads(_target_threads(target)))
 
 
@@ -369,9 +370,20 @@ def _run_on_threads(threads: int):
     return run
 
 
-def _evaluator_config():
+def _evaluator_config(target: Target):
+    """How a candidate is timed. CPU: COLD_REPEATS single calls, each after its arguments
+    (weights, caches, output; not the first input) were flushed from the caches.
+
+    Why cold: in a model a decoder step reads each weight once, so it comes from L3 or DRAM, not
+    from the L1/L2 that back-to-back calls leave it in. Timed warm, the tuner preferred register
+    tiles that walk B in strided strips; in the model those kernels ran 3.5-6.6x slower per call
+    than their recorded time (wmt, profile of session 4) and slower than the streaming default
+    (mosc.compiler.schedules._stream_gemv). GPU: back-to-back calls for MIN_REPEAT_MS.
+    """
     from tvm.s_tir import meta_schedule as ms
 
+    if target.tvm_target().kind.name == "llvm":
+        return ms.runner.EvaluatorConfig(number=1, repeat=COLD_REPEATS, min_repeat_ms=0, enable_cpu_cache_flush=True)
     return ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=MIN_REPEAT_MS, enable_cpu_cache_flush=False)
 
 
