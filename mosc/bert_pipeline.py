@@ -213,7 +213,7 @@ def tune_stage(r: BertRun) -> dict:
     shape = dataclasses.replace(ModelShape.of_checkpoint(Path(r.summary["finetune"]["encoder"])), seq_len=c.seq_len)
     sf, extra, rep = tune_space(BertSpace.load(c.space), shape, _one_row(r.target(c.target)), trials=c.tune_trials,
                                 budget_min=c.tune_budget_min or None, log=r.log)
-    r.log(f"space {sf.space}: {rep.with_record}/{rep.workloads} workloads with a tuned record, {rep.trials} trials "
+    r.log(f"space {sf.space}: {rep.with_record}/{rep.workloads} workloads with a record (tuned, or their timed default schedule), {rep.trials} trials "
           f"in {rep.seconds:.0f} s ({rep.trials_total} in the database)" +
           ("; stopped by tune_budget_min: the next run goes on" if rep.budget_left else ""))
     return {"tune": {"db": rep.db_dir, "workloads": rep.workloads, "with_record": rep.with_record,
@@ -223,7 +223,7 @@ def tune_stage(r: BertRun) -> dict:
 
 
 def compile_stage(r: BertRun) -> dict:
-    from mosc.compiler.artifact import schedule_coverage
+    from mosc.compiler.artifact import describe_coverage, schedule_coverage
     from mosc.jobs.build import compile_export
 
     c, onnx = r.cfg, Path(r.summary["export"]["onnx"])
@@ -240,8 +240,7 @@ def compile_stage(r: BertRun) -> dict:
         from_db, total = cov["from_database"], cov["functions"]
         arts[name] = {"path": str(d), "compile_seconds": comp.manifest["compile_seconds"], "functions": total,
                       "functions_from_database": from_db}
-        r.log(f"  {name}: {comp.manifest['compile_seconds']:.1f} s; {from_db}/{total} functions from tuned records, "
-              f"the rest default schedules -> {d}")
+        r.log(f"  {name}: {comp.manifest['compile_seconds']:.1f} s; {describe_coverage(cov, comp.manifest['device'])} -> {d}")
     return {"compile": arts}
 
 
@@ -315,10 +314,10 @@ def print_summary(s: dict, console: Console) -> None:
                   f"(TVM/ORT {ck['tvm_over_ort']:.2f})")
     tn = s.get("tune", {})
     if "workloads" in tn:
-        t.add_row("space tuning", f"{tn['with_record']}/{tn['workloads']} workloads with a tuned record, "
+        t.add_row("space tuning", f"{tn['with_record']}/{tn['workloads']} workloads with a record, "
                   f"{tn['trials']} trials this run ({tn['trials_total']} in {tn['db']})")
     for k, v in s["compile"].items():
-        cov = f" ({v['functions_from_database']}/{v['functions']} functions from tuned records)" if "functions" in v else ""
+        cov = f" ({v['functions_from_database']}/{v['functions']} functions from database records)" if "functions" in v else ""
         t.add_row(f"artifact {k}", v.get("path", "skipped: " + v.get("skipped", "")) + cov)
     t.add_row("wall time", ", ".join(f"{k} {v:.0f} s" for k, v in s["stage_seconds"].items()) + f"; total {s['total_seconds']:.0f} s")
     console.print(t)

@@ -558,14 +558,11 @@ def _print_compiled(c, target_name: str):
         t.add_row("tuning time", f"{r['seconds']:.1f} s")
     else:
         t.add_row("tuning", "skipped (--no-tune): the database's records applied as they are")
-    from mosc.compiler.artifact import schedule_coverage
+    from mosc.compiler.artifact import describe_coverage, schedule_coverage
 
     cov = schedule_coverage(m)
     if cov["functions"]:
-        n, db = cov["functions"], cov["from_database"]
-        rest = "TVM's default GPU schedules" if m["device"] != "cpu" else "mosc's default schedules"
-        naive = f", [red]{cov['naive']} unscheduled (naive loops)[/]" if cov["naive"] else ""
-        t.add_row("schedules", f"{db} of {n} functions from tuned records, {n - db - cov['naive']} {rest}{naive}")
+        t.add_row("schedules", ("[red]" if cov["naive"] else "") + describe_coverage(cov, m["device"]))
     t.add_row("database", f"{m['tuning']['database']['path']} ({m['tuning']['database']['records']} records)")
     for f in m["files"]:
         t.add_row(f, f"{(c.path / f).stat().st_size / 1e6:.1f} MB")

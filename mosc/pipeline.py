@@ -242,7 +242,7 @@ def tune_stage(r: Run) -> dict:
         return {"tune": {"trials": 0}}
     sf, extra, rep = tune_space(r.space(), ModelShape.of_checkpoint(r.run_dir), r.target, trials=c.tune_trials,
                                 budget_min=c.tune_budget_min or None, tune_db=r.tune_db, log=r.log)
-    r.log(f"space {sf.space}: {rep.with_record}/{rep.workloads} workloads with a tuned record, {rep.trials} trials "
+    r.log(f"space {sf.space}: {rep.with_record}/{rep.workloads} workloads with a record (tuned, or their timed default schedule), {rep.trials} trials "
           f"in {rep.seconds:.0f} s ({rep.trials_total} in the database)" +
           ("; stopped by tune_budget_min: the next run goes on" if rep.budget_left else ""))
     return {"tune": {"db": str(r.tune_db), "workloads": rep.workloads, "with_record": rep.with_record,
@@ -353,7 +353,7 @@ def export_stage(r: Run) -> dict:
 
 
 def _compile_one(r: Run, target, db: Path) -> dict:
-    from mosc.compiler.artifact import schedule_coverage
+    from mosc.compiler.artifact import describe_coverage, schedule_coverage
     from mosc.jobs.build import compile_export
     from mosc.nn.export import Shapes
 
@@ -363,8 +363,7 @@ def _compile_one(r: Run, target, db: Path) -> dict:
     c = compile_export(onnx, target, d, tune=False, tune_db=db)
     cov = schedule_coverage(c.manifest)
     from_db, total = cov["from_database"], cov["functions"]
-    r.log(f"  {c.manifest['compile_seconds']:.1f} s; {from_db}/{total} functions from tuned records, "
-          f"the rest default schedules")
+    r.log(f"  {c.manifest['compile_seconds']:.1f} s; {describe_coverage(cov, c.manifest['device'])}")
     return {"path": str(d), "compile_seconds": c.manifest["compile_seconds"], "functions": total,
             "functions_from_database": from_db}
 

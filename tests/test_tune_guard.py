@@ -123,5 +123,11 @@ def test_tuned_database_never_holds_a_best_record_slower_than_the_default(host, 
     ex_default = build(graph, host, db_dir, use_database=False, coverage=cov_default)
     assert cov_db["from_database"] == cov_db["functions"] == cov_default["default_scheduled"] > 0
     assert cov_db["tuned"] == len(space.workloads) - default_won and cov_default["tuned"] == 0
+    from mosc.compiler.artifact import describe_coverage
+
+    n, tuned = cov_db["functions"], cov_db["tuned"]  # the wording users read tells tuned records from recorded defaults
+    assert describe_coverage(cov_db) == (f"{n} of {n} functions from database records ({tuned} tuned, {n - tuned} "
+                                         "the recorded default schedule), 0 mosc's default schedules")
+    assert describe_coverage(cov_default).startswith(f"0 of {n} functions from database records (0 tuned")
     x = np.random.default_rng(1).standard_normal((16, 64)).astype("float32")
     np.testing.assert_allclose(_run(ex_db, x), _run(ex_default, x), atol=1e-6, rtol=1e-5)

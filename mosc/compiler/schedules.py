@@ -373,10 +373,10 @@ def _stream_gemv(sch, block, outer: list, n, k, target, macs: int) -> None:
 
     Why: the register tile (n0 outside k) walks B column strip by strip, N / NR strided streams
     of NR floats per row; a decoder step's weights come from L3 or DRAM (each is read once per
-    step), where that pattern starves the prefetchers. Measured (1 thread, znver5, weights
-    rotated through 400 MB so each call reads DRAM; and back to back): [1,512]x[512,512] 34 us
-    cold / 17 us warm (register tile 49 / 23; onnxruntime 36 / 20), [512,2048] 119 / 50 (190 / 84;
-    ort 127 / 59), [512,8000] 486 / 187 (504 / 182; ort 523 / 245).
+    step), where that pattern starves the prefetchers. Measured (benchmarks/gemv_streaming.py,
+    1 thread, znver5; cold = weights rotated through 400 MB so each call reads DRAM): cold
+    0.76-0.84x the register tile's time on 5 of 6 decoder shapes and equal on [512,8000];
+    warm 0.43-0.67x (equal on [512,8000]); cold vs onnxruntime 0.74-1.09x.
     With num-cores > 1 the N strips are split across cores outside k (each core streams its
     columns of every row).
     """
