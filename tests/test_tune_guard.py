@@ -131,3 +131,27 @@ def test_tuned_database_never_holds_a_best_record_slower_than_the_default(host, 
     assert describe_coverage(cov_default).startswith(f"0 of {n} functions from database records (0 tuned")
     x = np.random.default_rng(1).standard_normal((16, 64)).astype("float32")
     np.testing.assert_allclose(_run(ex_db, x), _run(ex_default, x), atol=1e-6, rtol=1e-5)
+
+
+def test_database_timed_otherwise_is_refused_for_tuning(host, tmp_path):
+    """Records compare by time: a CPU database without the cold-timing marker but with records
+    (tuned warm, before CPU timing went cold) is refused in one line; an empty one gets the marker."""
+    import json
+
+    from mosc.compiler.tune import CPU_TIMING, TIMING_FILE, check_timing
+    from mosc.errors import MoscError
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    check_timing(fresh, host)
+    assert json.loads((fresh / TIMING_FILE).read_text()) == {"cpu": CPU_TIMING}
+    check_timing(fresh, host)  # marked alike: fine again
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "database_tuning_record.json").write_text('[0, [[], [1e-05], {}, []]]\n')
+    with pytest.raises(MoscError, match="timed warm .*new --tune-db"):
+        check_timing(old, host)
+    assert not (old / TIMING_FILE).exists()
+    (old / TIMING_FILE).write_text('{"cpu": "warm"}')
+    with pytest.raises(MoscError, match="timed warm, which new cold-timed"):
+        check_timing(old, host)

@@ -21,6 +21,10 @@ when 2-20x slower than the default (bert-tiny tuned with 1,090 trials built 2.6x
 default schedules only). `tune --space` adds the default records a database tuned before this
 lacks. Local measurements run on the target's num-cores threads (_run_on_threads).
 
+CPU candidates are timed cold (_evaluator_config); a database says so in TIMING_FILE, and one
+whose records were timed otherwise is refused for tuning (check_timing), since its records'
+times would not compare with new ones.
+
 This module does not know about artifacts, shared libraries or how a model is measured;
 it reaches a device only through MetaSchedule's RPC runner. It imports tvm only inside
 functions.
@@ -90,6 +94,32 @@ def open_database(db_dir: Path | str):
 
 
 DB_FILES = ("database_workload.json", "database_tuning_record.json")
+TIMING_FILE = "timing.json"  # in a database folder: how its CPU records were timed ({"cpu": CPU_TIMING})
+CPU_TIMING = "cold"  # COLD_REPEATS single calls, arguments flushed first (see _evaluator_config)
+
+
+def check_timing(db_dir: Path, target: Target) -> None:
+    """Before records are timed into a CPU database: its records must have been timed alike.
+
+    Records compare by their times (a build applies the fastest), so a database whose CPU
+    records were timed warm, back to back (mosc before CPU timing went cold: no TIMING_FILE)
+    cannot take cold-timed candidates: its warm records would always look faster and keep being
+    applied. Refused with one line; an empty database gets the marker. GPU databases: no check.
+    """
+    if target.tvm_target().kind.name != "llvm":
+        return
+    from mosc.fileio import read_json
+
+    path = db_dir / TIMING_FILE
+    have = read_json(path, "tuning database timing marker").get("cpu") if path.is_file() else None
+    if have == CPU_TIMING:
+        return
+    records = db_dir / "database_tuning_record.json"
+    if have is None and not (records.is_file() and records.stat().st_size > 0):
+        atomic_write_json(path, {"cpu": CPU_TIMING})
+        return
+    raise MoscError(f"tuning database {db_dir} holds CPU records timed {have or 'warm (before mosc timed candidates cold)'}, "
+                    f"which new {CPU_TIMING}-timed candidates cannot be compared with: tune into a new --tune-db, or delete that folder")
 
 
 def _drop_torn_tail(path: Path) -> None:
@@ -544,6 +574,8 @@ def tune(
     database = open_database(db_dir)
     todo = _new_tasks(mods, target, database, db_dir, report)
     if todo and trials > 0:
+        check_timing(db_dir, target)
+    if todo and trials > 0:
         _tune_tasks(todo, target, database, db_dir, report, trials=trials, trials_per_task=trials_per_task,
                     runner=runner if runner is not None else _default_runner(target),
                     progress=sys.stderr.isatty() if progress is None else progress, seed=seed)
@@ -763,6 +795,7 @@ def tune_space(space, target: Target | str, db_dir: Path | str | None = None, *,
     report = SpaceTuneReport(db_dir=str(db_dir), workloads=len(space.workloads))
     t0 = time.perf_counter()
     database = open_database(db_dir)
+    check_timing(db_dir, target)
     untunable = _read_untunable(db_dir)
     tvm_target = target.tvm_target()
     goal = allot(space.workloads, trials)
