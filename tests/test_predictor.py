@@ -291,3 +291,15 @@ def test_hat_csv_encodings(tmp_path):
         read_hat_csv(f)
     with pytest.raises(MoscError, match="cannot read"):
         read_hat_csv(tmp_path / "missing.csv")
+
+
+def test_mlp_never_predicts_a_negative_latency():
+    """A net whose linear output is negative (as far from its training rows) predicts the floor, not < 0."""
+    from mosc.search.predictor import predict_mlp
+
+    X = np.ones((3, 4))
+    state = {"layers": [[np.full((4, 1), -1.0).tolist(), [0.5]]], "y_scale": 2.0}  # 4 * -1 + 0.5 < 0
+    pred = predict_mlp(state, X)
+    assert pred.shape == (3,) and (pred > 0).all() and pred.max() == pytest.approx(1e-6)
+    state["layers"][0][1] = [10.0]  # positive outputs pass through unchanged
+    assert predict_mlp(state, X) == pytest.approx(np.full(3, 12.0))

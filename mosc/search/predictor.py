@@ -293,8 +293,10 @@ def fit_mlp(X: np.ndarray, y: np.ndarray, *, hidden: int = 400, layers: int = 3,
 
 
 def predict_mlp(state: dict, X: np.ndarray) -> np.ndarray:
+    """Latency in ms, at least 1e-6 as predict_lsq: the net's linear output can go negative far
+    from its training rows (a tiny arch), and search would take a negative latency as free."""
     params = [(np.array(W), np.array(b)) for W, b in state["layers"]]
-    return _mlp_forward(params, X)[0] * state["y_scale"]
+    return np.maximum(_mlp_forward(params, X)[0] * state["y_scale"], 1e-6)
 
 
 def fit_lsq(C: np.ndarray, y: np.ndarray, *, iters: int = 20, huber: float = 1.345) -> dict:
