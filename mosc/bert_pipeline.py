@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mosc.errors import MoscError
-from mosc.pipeline import Stage, check_common, run_stages
+from mosc.pipeline import Stage, check_common, run_stages, tune_summary
 
 
 @dataclass
@@ -213,13 +213,7 @@ def tune_stage(r: BertRun) -> dict:
     shape = dataclasses.replace(ModelShape.of_checkpoint(Path(r.summary["finetune"]["encoder"])), seq_len=c.seq_len)
     sf, extra, rep = tune_space(BertSpace.load(c.space), shape, _one_row(r.target(c.target)), trials=c.tune_trials,
                                 budget_min=c.tune_budget_min or None, log=r.log)
-    r.log(f"space {sf.space}: {rep.with_record}/{rep.workloads} workloads with a record (tuned, or their timed default schedule), {rep.trials} trials "
-          f"in {rep.seconds:.0f} s ({rep.trials_total} in the database)" +
-          ("; stopped by tune_budget_min: the next run goes on" if rep.budget_left else ""))
-    return {"tune": {"db": rep.db_dir, "workloads": rep.workloads, "with_record": rep.with_record,
-                     "trials": rep.trials, "trials_total": rep.trials_total, "untunable": rep.untunable,
-                     "found_only_by_random_archs": extra, "seconds": round(rep.seconds, 1),
-                     "budget_left": rep.budget_left}}
+    return tune_summary(sf, extra, rep, r.log)
 
 
 def compile_stage(r: BertRun) -> dict:

@@ -242,10 +242,16 @@ def tune_stage(r: Run) -> dict:
         return {"tune": {"trials": 0}}
     sf, extra, rep = tune_space(r.space(), ModelShape.of_checkpoint(r.run_dir), r.target, trials=c.tune_trials,
                                 budget_min=c.tune_budget_min or None, tune_db=r.tune_db, log=r.log)
-    r.log(f"space {sf.space}: {rep.with_record}/{rep.workloads} workloads with a record (tuned, or their timed default schedule), {rep.trials} trials "
-          f"in {rep.seconds:.0f} s ({rep.trials_total} in the database)" +
-          ("; stopped by tune_budget_min: the next run goes on" if rep.budget_left else ""))
-    return {"tune": {"db": str(r.tune_db), "workloads": rep.workloads, "with_record": rep.with_record,
+    return tune_summary(sf, extra, rep, r.log)
+
+
+def tune_summary(sf, extra: int, rep, log) -> dict:
+    """A tune stage's log line and summary entry, from mosc.jobs.tune.tune_space's result
+    (both pipelines: translation here, encoder-only in mosc.bert_pipeline)."""
+    log(f"space {sf.space}: {rep.with_record}/{rep.workloads} workloads with a record (tuned, or their timed default "
+        f"schedule), {rep.trials} trials in {rep.seconds:.0f} s ({rep.trials_total} in the database)" +
+        ("; stopped by tune_budget_min: the next run goes on" if rep.budget_left else ""))
+    return {"tune": {"db": rep.db_dir, "workloads": rep.workloads, "with_record": rep.with_record,
                      "trials": rep.trials, "trials_total": rep.trials_total, "untunable": rep.untunable,
                      "found_only_by_random_archs": extra, "seconds": round(rep.seconds, 1),
                      "budget_left": rep.budget_left}}

@@ -1,6 +1,7 @@
 """Real TVM RPC trackers and servers on 127.0.0.1 for tests: subprocesses on free ports,
 bounded waits, always killed (whole process group: the server forks a child per session).
-Also: another process holding a latency database's write lock (hold_write_lock)."""
+Also: another process holding a latency database's write lock (hold_write_lock), and host
+targets for tests (host_test_env, one_core_host_target)."""
 
 from __future__ import annotations
 
@@ -110,6 +111,27 @@ def host_test_env(work: Path, protocol: dict) -> dict:
     (tdir / "host.toml").write_text(text)
     return {**ENV, "MOSC_TARGETS_DIR": str(tdir), "MOSC_ARTIFACT_CACHE": str(work / "cache"),
             "MOSC_TUNE_DIR": str(work / "tune"), "COLUMNS": "200"}
+
+
+ONE_CORE_HOST_TOML = """
+description = "this machine, one core, short protocol (tests)"
+tvm_target = {kind = "llvm", mcpu = "auto", num-cores = 1}
+[protocol]
+batch = 1
+source_len = 8
+decoder_steps = 8
+warmup = 1
+repeats = 3
+"""
+
+
+def one_core_host_target(work: Path) -> Path:
+    """A targets folder under `work` whose `host` is this machine at one core with a short
+    protocol (what the tuning tests tune for); point MOSC_TARGETS_DIR at the returned folder."""
+    tdir = work / "targets"
+    tdir.mkdir()
+    (tdir / "host.toml").write_text(ONE_CORE_HOST_TOML)
+    return tdir
 
 
 LOCK_HOLDER = """

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from mosc.bert_space import BertArch, BertSpace
 from mosc.compiler.targets import load_target
 from mosc.jobs.tune import ModelShape
+from rpc_helpers import one_core_host_target
 
 SPACE_TOML = """
 name = "bert-small"
@@ -29,25 +30,13 @@ hidden = [16, 32]
 heads = 2
 ffn_dim = 64
 """
-TARGET_TOML = """
-description = "this machine, one core (tests)"
-tvm_target = {kind = "llvm", mcpu = "auto", num-cores = 1}
-[protocol]
-batch = 1
-source_len = 8
-decoder_steps = 8
-warmup = 1
-repeats = 3
-"""
 SHAPE = ModelShape(vocab_size=300, max_positions=64, seq_len=8)
 
 
 @pytest.fixture()
 def env(tmp_path, monkeypatch):
     (tmp_path / "bert-small.toml").write_text(SPACE_TOML)
-    tdir = tmp_path / "targets"
-    tdir.mkdir()
-    (tdir / "host.toml").write_text(TARGET_TOML)
+    tdir = one_core_host_target(tmp_path)
     monkeypatch.setenv("MOSC_TARGETS_DIR", str(tdir))
     return tmp_path
 

@@ -20,6 +20,7 @@ import torch
 
 from mosc.compiler.targets import load_target
 from mosc.space import SearchSpace
+from rpc_helpers import one_core_host_target
 
 SPACE_TOML = """
 name = "small"
@@ -38,16 +39,6 @@ heads = [2, 4]
 cross_heads = [2]
 arbitrary_attn = [1, 2]
 """
-TARGET_TOML = """
-description = "this machine, short protocol (tests)"
-tvm_target = {kind = "llvm", mcpu = "auto", num-cores = 1}
-[protocol]
-batch = 1
-source_len = 8
-decoder_steps = 8
-warmup = 1
-repeats = 3
-"""
 VOCAB = 1000  # what `mosc tune` assumes without --checkpoint (a fresh supernet's)
 
 
@@ -55,9 +46,7 @@ VOCAB = 1000  # what `mosc tune` assumes without --checkpoint (a fresh supernet'
 def env(tmp_path_factory):
     d = tmp_path_factory.mktemp("space")
     (d / "small.toml").write_text(SPACE_TOML)
-    tdir = d / "targets"
-    tdir.mkdir()
-    (tdir / "host.toml").write_text(TARGET_TOML)
+    one_core_host_target(d)
     return d
 
 

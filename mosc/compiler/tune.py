@@ -106,7 +106,7 @@ def check_timing(db_dir: Path, target: Target) -> None:
     cannot take cold-timed candidates: its warm records would always look faster and keep being
     applied. Refused with one line; an empty database gets the marker. GPU databases: no check.
     """
-    if target.tvm_target().kind.name != "llvm":
+    if target.device_type() != "cpu":
         return
     from mosc.fileio import read_json
 
@@ -114,7 +114,7 @@ def check_timing(db_dir: Path, target: Target) -> None:
     have = read_json(path, "tuning database timing marker").get("cpu") if path.is_file() else None
     if have == CPU_TIMING:
         return
-    records = db_dir / "database_tuning_record.json"
+    records = db_dir / DB_FILES[1]
     if have is None and not (records.is_file() and records.stat().st_size > 0):
         atomic_write_json(path, {"cpu": CPU_TIMING})
         return
@@ -412,7 +412,7 @@ def _evaluator_config(target: Target):
     """
     from tvm.s_tir import meta_schedule as ms
 
-    if target.tvm_target().kind.name == "llvm":
+    if target.device_type() == "cpu":
         return ms.runner.EvaluatorConfig(number=1, repeat=COLD_REPEATS, min_repeat_ms=0, enable_cpu_cache_flush=True)
     return ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=MIN_REPEAT_MS, enable_cpu_cache_flush=False)
 
@@ -438,9 +438,9 @@ def commit_default_schedules(tasks: list, target: Target, database, *, builder=N
 
     from mosc.compiler.schedules import default_schedule
 
-    tvm_target = target.tvm_target()
-    if tvm_target.kind.name != "llvm":  # GPU builds get dlight's schedules in tvm.compile, not mosc's
+    if target.device_type() != "cpu":  # GPU builds get dlight's schedules in tvm.compile, not mosc's
         return {}
+    tvm_target = target.tvm_target()
     todo = []
     for task in tasks:
         mod = task.dispatched[0]
@@ -461,8 +461,7 @@ def commit_default_schedules(tasks: list, target: Target, database, *, builder=N
     built = builder.build([ms.builder.BuilderInput(sch.mod, tvm_target) for _, sch in todo])
     args = [ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True) for _, sch in todo]
     ok = [i for i, b in enumerate(built) if b.error_msg is None]
-    device = {"llvm": "cpu"}.get(tvm_target.kind.name, tvm_target.kind.name)  # a device name (cuda, rocm, ...)
-    futures = runner.run([ms.runner.RunnerInput(built[i].artifact_path, device, args[i]) for i in ok])
+    futures = runner.run([ms.runner.RunnerInput(built[i].artifact_path, "cpu", args[i]) for i in ok])
     measured = {}
     for i, fut in zip(ok, futures):
         res = fut.result()
@@ -575,7 +574,6 @@ def tune(
     todo = _new_tasks(mods, target, database, db_dir, report)
     if todo and trials > 0:
         check_timing(db_dir, target)
-    if todo and trials > 0:
         _tune_tasks(todo, target, database, db_dir, report, trials=trials, trials_per_task=trials_per_task,
                     runner=runner if runner is not None else _default_runner(target),
                     progress=sys.stderr.isatty() if progress is None else progress, seed=seed)
