@@ -152,29 +152,17 @@ def ort_runner(export_dir: Path, src: np.ndarray, T: int, threads: int = 1):
 
 
 def tvm_runner(art_dir: Path, src: np.ndarray, T: int):
-    """The artifact's VMs called directly with TVM tensors: caches stay TVM tensors between steps."""
+    """The artifact's compiled greedy loop (its translate function), one VM call per translation,
+    eos disabled: exactly T steps, as the other runners."""
     import tvm
 
     art = load_artifact(art_dir)
-    enc, dec = art.vms["encoder"]["main"], art.vms["decoder_step"]["main"]
-    graphs = art.manifest["graphs"]
+    translate = art.vm[art.function("translate")]
     dev = art.device
-    src_t = tvm.runtime.tensor(src, dev)
-    zeros = [tvm.runtime.tensor(np.zeros(cache_shape(graphs), np.float32), dev)] * (2 * decoder_layers(graphs))
-    pos = [tvm.runtime.tensor(np.array([t], np.int64), dev) for t in range(T)]
-    bos = tvm.runtime.tensor(np.full((src.shape[0],), BOS, np.int64), dev)
+    args = [tvm.runtime.tensor(x, dev) for x in (src, np.array([T], np.int64), np.array([-1], np.int64))]
 
     def run():
-        cross = enc(src_t)
-        caches = zeros
-        tok = bos
-        out = []
-        for t in range(T):
-            logits, *caches = dec(tok, pos[t], *caches, *cross)
-            ids = logits.numpy().argmax(-1).astype(np.int64)
-            tok = tvm.runtime.tensor(ids, dev)
-            out.append(int(ids[0]))
-        return out
+        return translate(*args).numpy()[0, :T].tolist()
 
     return run, art
 
@@ -221,13 +209,11 @@ def profile_tvm(art, run, top: int = 8) -> dict:
             c[1] += now - c[2]
         return 0
 
-    for vm in art.vms.values():
-        vm.set_instrument(instrument)
+    art.vm.set_instrument(instrument)
     t0 = time.perf_counter()
     run()
     total = time.perf_counter() - t0
-    for vm in art.vms.values():
-        vm.set_instrument(lambda *a: 0)
+    art.vm.set_instrument(lambda *a: 0)
     if not calls:
         raise RuntimeError("VM instrumentation saw no call: profile an artifact built with "
                            "mosc.compiler.build.VM_EXEC_MODE = 'bytecode'")

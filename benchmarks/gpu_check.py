@@ -229,30 +229,21 @@ def torch_translation(sub, shapes: dict, dev: torch.device):
 
 
 def tvm_translation(art):
-    """() -> the same translation with the TVM artifact's two graphs on its device."""
+    """() -> the same translation with the TVM artifact's compiled loop (translate: encoder + T
+    greedy steps, eos disabled) on its device."""
     import numpy as np
     import tvm
 
-    from mosc.contract import BOS_ID, DECODER, ENCODER, cache_shape, decoder_layers
+    from mosc.contract import ENCODER, TRANSLATE, cache_shape
 
-    dev = art.device
-    enc_vm, dec_vm = art.vms[ENCODER], art.vms[DECODER]
+    dev, vm, fn = art.device, art.vm, art.function(TRANSLATE)
     B, S = art.manifest["graphs"][ENCODER]["inputs"][0]["shape"]
-    cache, L = cache_shape(art.manifest["graphs"]), decoder_layers(art.manifest["graphs"])
-    src = tvm.runtime.tensor((4 + np.arange(B * S) % 16).reshape(B, S).astype(np.int64), dev)
-    token = tvm.runtime.tensor(np.full((B,), BOS_ID, np.int64), dev)
-    positions = [tvm.runtime.tensor(np.array([p], np.int64), dev) for p in range(cache[1])]
-    zeros = [tvm.runtime.tensor(np.zeros(cache, np.float32), dev)] * (2 * L)
+    T = cache_shape(art.manifest["graphs"])[1]
+    src = (4 + np.arange(B * S) % 16).reshape(B, S).astype(np.int64)
+    vm.set_input(fn, *(tvm.runtime.tensor(x, dev) for x in (src, np.array([T], np.int64), np.array([-1], np.int64))))
 
     def run():
-        enc_vm.set_input("main", src)
-        enc_vm.invoke_stateful("main")
-        cross = tuple(enc_vm.get_outputs("main"))
-        caches = zeros
-        for p in positions:
-            dec_vm.set_input("main", token, p, *caches, *cross)
-            dec_vm.invoke_stateful("main")
-            caches = tuple(dec_vm.get_outputs("main"))[1:]
+        vm.invoke_stateful(fn)
         dev.sync()
 
     return run

@@ -48,6 +48,12 @@ def dec_outputs(layers: int) -> list[str]:
     return ["logits", *(f"new_{n}" for n in cache_names(layers))]
 
 
+# The compiled greedy loop (mosc.compiler.loop), a function of every translation artifact: src [B, S],
+# steps [1] (at most T), eos [1] (-1: never stop early, exactly `steps` steps) -> tokens [B, T] int64
+# (PAD_ID after the last step). Not an ONNX graph: the compiler writes it around the two that are.
+TRANSLATE = "translate"
+TRANSLATE_INPUTS, TRANSLATE_OUTPUTS = ["src", "steps", "eos"], ["tokens"]
+
 EXPORT_JSON = "export.json"  # written by mosc.nn.export next to the .onnx files
 EXPORT_FORMAT = "mosc-export/2"  # /2: per-layer tensors (/1 stacked them)
 
@@ -115,10 +121,11 @@ def check_files(doc: dict, where: str) -> dict[str, str]:
     return files
 
 
-def check_graphs(doc: dict, where: str, suffix: str) -> dict[str, dict]:
+def check_graphs(doc: dict, where: str, suffix: str, *, library: str | None = None) -> dict[str, dict]:
     """doc["graphs"]: name -> {file: "<name><suffix>", inputs: [...], outputs: [...]}, each file
     listed in doc["files"] and every listed file a graph's. Naming a file by its graph makes
-    two swapped files fail their sha256s."""
+    two swapped files fail their sha256s. library: every graph is instead the function of that
+    name in this one file ({file: library, function: name, ...}: an artifact's library)."""
     graphs = field(doc, "graphs", dict, where)
     files = check_files(doc, where)
     if not graphs:
@@ -129,8 +136,11 @@ def check_graphs(doc: dict, where: str, suffix: str) -> dict[str, dict]:
             raise MoscError(f"{gw}: a graph name must match {GRAPH_NAME.pattern[:-2]}")
         if not isinstance(g, dict):
             raise MoscError(f"{gw} must be an object with file, inputs and outputs")
-        if field(g, "file", str, gw) != name + suffix:
-            raise MoscError(f"{gw}: 'file' is {g['file']!r}, expected {name + suffix!r}")
+        want = library or name + suffix
+        if field(g, "file", str, gw) != want:
+            raise MoscError(f"{gw}: 'file' is {g['file']!r}, expected {want!r}")
+        if library and field(g, "function", str, gw) != name:
+            raise MoscError(f"{gw}: 'function' is {g['function']!r}, expected {name!r}")
         if g["file"] not in files:
             raise MoscError(f"{gw}: its file {g['file']} has no sha256 in 'files'")
         for key in ("inputs", "outputs"):
@@ -178,6 +188,21 @@ def check_translation_graphs(graphs: dict, where: str) -> None:
             or caches[0][0] != src[0]:
         raise MoscError(f"{where}: inconsistent shapes: src {src}, token {dec['token']}, self_k_0 {caches[0]} "
                         f"(expected [B, S], [B] and equal [B, T, Q] caches)")
+
+
+def check_translate_graph(graphs: dict, where: str) -> None:
+    """An artifact's compiled greedy loop: the translate function with the contract's signature
+    for its encoder and caches (src [B, S], steps [1], eos [1] -> tokens [B, T])."""
+    if TRANSLATE not in graphs:
+        raise MoscError(f"{where}: has no {TRANSLATE!r} function (the compiled decode loop): recompile it")
+    B, S = graphs[ENCODER]["inputs"][0]["shape"]
+    T = cache_shape(graphs)[1]
+    want = {"inputs": [(TRANSLATE_INPUTS[0], [B, S]), (TRANSLATE_INPUTS[1], [1]), (TRANSLATE_INPUTS[2], [1])],
+            "outputs": [(TRANSLATE_OUTPUTS[0], [B, T])]}
+    for key, specs in want.items():
+        got = [(s["name"], s["shape"]) for s in graphs[TRANSLATE][key]]
+        if got != specs or any(s["dtype"] != "int64" for s in graphs[TRANSLATE][key]):
+            raise MoscError(f"{where}: {TRANSLATE!r} has {key} {got}, the contract says int64 {specs}")
 
 
 def check_classifier_graphs(graphs: dict, where: str) -> None:

@@ -1,5 +1,5 @@
-"""The deployed model run with any backend: the greedy loop over its two graphs (numpy in, numpy out),
-or the one call of an encoder-classifier.
+"""The deployed model run with any backend: greedy decoding (numpy in, numpy out), or the one
+call of an encoder-classifier.
 
 The deployed model is two static graphs (see mosc/nn/subnet.py and mosc/contract.py):
     encoder(src [B, S])                        -> cross: 3 tensors per decoder layer
@@ -7,9 +7,11 @@ The deployed model is two static graphs (see mosc/nn/subnet.py and mosc/contract
 with caches = self_k_i, self_v_i [B, T, Q] for each of the L decoder layers.
 `greedy` runs the encoder once and the decoder step T times (T = the fixed KV-cache
 length), exactly like `Subnet.translate(src, bos, eos, max_len=T)`, so every backend
-(PyTorch, ONNX Runtime, a TVM artifact) must produce the same token ids.
+(PyTorch, ONNX Runtime, a TVM artifact) must produce the same token ids. A TVM artifact
+runs that loop on the device in one call (its `translate` function, mosc.compiler.loop);
+ONNX Runtime runs it here, in Python (`python_greedy`, the reference loop).
 
-`Backend` wraps ONNX Runtime sessions or a loaded TVM artifact behind the same two
+`Backend` wraps ONNX Runtime sessions or a loaded TVM artifact behind the same
 calls; `Classifier` does the same for the one graph of an encoder-classifier
 (classifier(tokens [B, T]) -> logits [B, C], mosc.contract). This module imports neither
 torch nor tvm at module level: it runs on a device
@@ -24,11 +26,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from mosc.contract import (CLASSIFIER, DECODER, ENCODER, ENCODER_CLASSIFIER, TRANSLATION, cache_shape,
+from mosc.contract import (CLASSIFIER, DECODER, ENCODER, ENCODER_CLASSIFIER, TRANSLATE, TRANSLATION, cache_shape,
                            check_translation_graphs, decoder_layers, load_export, require_kind)
 from mosc.errors import MoscError
 
 Fn = Callable[[list[np.ndarray]], list[np.ndarray]]
+Loop = Callable[[np.ndarray, int, int], np.ndarray]  # (src [B, S], steps, eos) -> tokens [B, T]
 
 
 @dataclass
@@ -41,6 +44,7 @@ class Backend:
     source_len: int
     cache_shape: tuple[int, ...]  # [B, T, Q] of every cache tensor
     layers: int  # L decoder layers: 2L cache tensors
+    loop: Loop | None = None  # the whole greedy loop in one call (a TVM artifact's translate)
 
     @property
     def cache_len(self) -> int:
@@ -52,9 +56,9 @@ class Backend:
 
 
 # ----------------------------------------------------------------------------- backends
-def _backend(encode: Fn, step: Fn, graphs: dict) -> Backend:
+def _backend(encode: Fn, step: Fn, graphs: dict, loop: Loop | None = None) -> Backend:
     B, S = graphs[ENCODER]["inputs"][0]["shape"]
-    return Backend(encode, step, B, S, tuple(cache_shape(graphs)), decoder_layers(graphs))
+    return Backend(encode, step, B, S, tuple(cache_shape(graphs)), decoder_layers(graphs), loop)
 
 
 def ort_backend(export_dir, meta: dict | None = None) -> Backend:
@@ -83,9 +87,14 @@ def _ort_session(path: Path, threads: int | None = None):
 
 
 def artifact_backend(art) -> Backend:
-    """A loaded TVM artifact (mosc.compiler.artifact.Artifact) with the encoder and decoder_step graphs."""
+    """A loaded TVM artifact (mosc.compiler.artifact.Artifact) of a translation model: its
+    compiled loop (translate), and its encoder and decoder_step graphs for step-wise use."""
     check_translation_graphs(art.manifest["graphs"], f"artifact {art.dir}")
-    return _backend(lambda xs: art.run(ENCODER, xs), lambda xs: art.run(DECODER, xs), art.manifest["graphs"])
+
+    def loop(src, steps, eos):
+        return art.run(TRANSLATE, [src, np.array([steps], np.int64), np.array([eos], np.int64)])[0]
+
+    return _backend(lambda xs: art.run(ENCODER, xs), lambda xs: art.run(DECODER, xs), art.manifest["graphs"], loop)
 
 
 # ----------------------------------------------------------------------------- encoder-classifier
@@ -162,8 +171,17 @@ def pad_source(rows: Sequence[Sequence[int]], batch: int, source_len: int, pad_i
 def greedy(backend: Backend, src: np.ndarray, bos: int, eos: int) -> list[list[int]]:
     """Greedy decoding with the fixed-size KV cache: src [B, S] int64 -> ids per row (no bos/eos).
 
-    The same loop as Subnet.translate(src, bos, eos, max_len=T): T = the cache length.
-    """
+    The same loop as Subnet.translate(src, bos, eos, max_len=T): T = the cache length. A backend
+    with a compiled loop runs it in one call (its bos is the contract's BOS_ID); others run
+    python_greedy."""
+    if backend.loop is None:
+        return python_greedy(backend, src, bos, eos)
+    rows = backend.loop(src, backend.cache_len, eos).tolist()
+    return [r[: r.index(eos)] if eos in r else r for r in rows]
+
+
+def python_greedy(backend: Backend, src: np.ndarray, bos: int, eos: int) -> list[list[int]]:
+    """The reference loop, in Python: the encoder, then one decoder_step call per token."""
     cross = backend.encode([src])
     B = src.shape[0]
     caches = backend.zero_caches()

@@ -139,7 +139,7 @@ def test_result_kind_is_checked(env, base, tmp_path):
 def test_tampered_library_is_refused(env, art, base, tmp_path):
     bad = tmp_path / "art"
     shutil.copytree(art, bad)
-    with open(bad / "classifier.so", "r+b") as f:
+    with open(bad / "model.so", "r+b") as f:
         f.seek(100)
         f.write(b"\x00\x01\x02")
     one_line_error(mosc(env, "bench", "-t", "host", "--artifact", bad, "-o", tmp_path / "x.json"), "sha256")
@@ -150,12 +150,12 @@ def test_tampered_library_is_refused(env, art, base, tmp_path):
 def test_broken_artifacts_and_translate_are_one_line(env, art, tmp_path):
     gone = tmp_path / "gone"
     shutil.copytree(art, gone)
-    (gone / "classifier.so").unlink()
+    (gone / "model.so").unlink()
     junk = tmp_path / "junk"
     shutil.copytree(art, junk)
     (junk / "manifest.json").write_text('{"format": ')
     (tmp_path / "empty").mkdir()
-    for d, needle in ((gone, "classifier.so is missing"), (junk, "not valid JSON"),
+    for d, needle in ((gone, "model.so is missing"), (junk, "not valid JSON"),
                       (tmp_path / "empty", "not a mosc artifact")):
         one_line_error(mosc(env, "bench", "-t", "host", "--artifact", d, "-o", tmp_path / "x.json"), needle)
     # a classifier is not a translation model: one line whatever jobs.translate checks first

@@ -98,7 +98,7 @@ def test_compiled_artifact_runs_like_onnxruntime(artifact, export_dir):
     from mosc.compiler.artifact import load_artifact, schedule_coverage, verify_artifact
     from mosc.runtime import artifact_classifier, ort_classifier
 
-    m = verify_artifact(artifact.path)  # sha256 of classifier.so checked
+    m = verify_artifact(artifact.path)  # sha256 of model.so checked
     assert list(m["graphs"]) == ["classifier"] and m["model"]["kind"] == "encoder-classifier"
     assert m["model"]["n_classes"] == C and m["model"]["onnx_sha256"] == json.loads(
         (export_dir / "export.json").read_text())["files"]
@@ -123,7 +123,7 @@ def test_other_targets_build_on_the_same_path(export_dir, tmp_path, target, mach
     if tg.cross_compiler and not shutil.which(tg.cross_compiler):
         pytest.skip(f"{tg.cross_compiler} not installed (apt-get install gcc-aarch64-linux-gnu g++-aarch64-linux-gnu)")
     c = compile_export(export_dir, tg, tmp_path / "art", tune=False, tune_db=tmp_path / "db")
-    head = (c.path / "classifier.so").read_bytes()[:20]
+    head = (c.path / "model.so").read_bytes()[:20]
     assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == machine
     assert c.manifest["target"] == target and schedule_coverage(c.manifest)["naive"] == 0
 
@@ -135,7 +135,7 @@ def test_tampered_classifier_library_is_refused(artifact, tmp_path):
 
     bad = tmp_path / "art"
     shutil.copytree(artifact.path, bad)
-    with open(bad / "classifier.so", "r+b") as f:
+    with open(bad / "model.so", "r+b") as f:
         f.seek(100)
         f.write(b"\x00\x01\x02")
     with pytest.raises(MoscError, match="sha256"):
@@ -171,7 +171,7 @@ def test_cli_exports_and_compiles_a_saved_encoder(enc, tmp_path):
     r = runner.invoke(app, ["compile", "-t", "host", "--onnx-dir", str(tmp_path / "onnx"), "-o", str(tmp_path / "art"),
                             "--no-tune", "--tune-db", str(tmp_path / "db")])
     assert r.exit_code == 0, r.output
-    assert "compiled" in r.output and (tmp_path / "art" / "classifier.so").is_file()
+    assert "compiled" in r.output and (tmp_path / "art" / "model.so").is_file()
     r = runner.invoke(app, ["compile", "-t", "host", "--subnet", str(enc_dir), "-o", str(tmp_path / "art1"),
                             "--source-len", "8", "--no-tune", "--tune-db", str(tmp_path / "db")])  # one step
     assert r.exit_code == 0, r.output

@@ -23,7 +23,7 @@ from mosc.compiler.passes import FINISH, PREPARE, import_onnx, signature
 from mosc.compiler.tune import database_id, tune
 from mosc.errors import MoscError
 
-from damage import drop, edited, put, swap_graph_files
+from damage import drop, edited, put
 
 V, D, S, L = 64, 32, 8, 8  # vocab, width, source length, KV cache length
 ATOL = 1e-4
@@ -66,11 +66,11 @@ def _export_models(out: Path) -> dict[str, Path]:
             return self.out(a + c)[:, 0], k_cache, v_cache
 
     torch.manual_seed(0)
-    paths = {"encoder": out / "encoder.onnx", "decoder_step": out / "decoder_step.onnx"}
-    torch.onnx.export(Encoder().eval(), (torch.randint(0, V, (1, S)),), paths["encoder"],
+    paths = {"enc": out / "encoder.onnx", "step": out / "decoder_step.onnx"}
+    torch.onnx.export(Encoder().eval(), (torch.randint(0, V, (1, S)),), paths["enc"],
                       input_names=["src"], output_names=["memory"])
     example = (torch.randint(0, V, (1, 1)), torch.randn(1, L, D), torch.randn(1, L, D), torch.randn(1, S, D))
-    torch.onnx.export(DecoderStep().eval(), example, paths["decoder_step"],
+    torch.onnx.export(DecoderStep().eval(), example, paths["step"],
                       input_names=["token", "k_cache", "v_cache", "memory"],
                       output_names=["logits", "k_out", "v_out"])
     return paths
@@ -128,8 +128,8 @@ def test_pipeline_is_a_named_pass_list():
 
 
 def test_import_onnx_static_shapes(onnx_files):
-    mod = import_onnx(onnx_files["decoder_step"])
-    sig = signature(mod, onnx_files["decoder_step"])
+    mod = import_onnx(onnx_files["step"])
+    sig = signature(mod, onnx_files["step"])
     assert [s["name"] for s in sig["inputs"]] == ["token", "k_cache", "v_cache", "memory"]
     assert sig["outputs"] == [
         {"name": "logits", "shape": [1, V], "dtype": "float32"},
@@ -137,12 +137,12 @@ def test_import_onnx_static_shapes(onnx_files):
         {"name": "v_out", "shape": [1, L, D], "dtype": "float32"},
     ]
     with pytest.raises(MoscError, match="unknown input"):
-        import_onnx(onnx_files["encoder"], {"nope": [1, 2]})
+        import_onnx(onnx_files["enc"], {"nope": [1, 2]})
 
 
 def test_host_artifact_matches_onnxruntime(host_artifact, onnx_files):
     art = load_artifact(host_artifact)
-    assert sorted(art.graphs) == ["decoder_step", "encoder"]
+    assert sorted(art.graphs) == ["enc", "step"]  # not the translation contract's names: no loop added
     for graph, path in onnx_files.items():
         feeds = _inputs(art.manifest["graphs"][graph]["inputs"])
         ref, got = _ort(path, feeds), art.run(graph, feeds)
@@ -150,10 +150,10 @@ def test_host_artifact_matches_onnxruntime(host_artifact, onnx_files):
         for r, g in zip(ref, got):
             np.testing.assert_allclose(g, r, atol=ATOL, rtol=1e-4)
     # positional inputs work too, and a wrong shape is a clear error
-    feeds = _inputs(art.manifest["graphs"]["encoder"]["inputs"])
-    np.testing.assert_array_equal(art.run("encoder", list(feeds.values()))[0], art.run("encoder", feeds)[0])
+    feeds = _inputs(art.manifest["graphs"]["enc"]["inputs"])
+    np.testing.assert_array_equal(art.run("enc", list(feeds.values()))[0], art.run("enc", feeds)[0])
     with pytest.raises(MoscError, match="must be int64"):
-        art.run("encoder", [np.zeros((1, S + 1), np.int64)])
+        art.run("enc", [np.zeros((1, S + 1), np.int64)])
 
 
 def test_manifest(host_artifact):
@@ -164,22 +164,24 @@ def test_manifest(host_artifact):
     assert m["target"] == "host" and m["device"] == "cpu"
     assert m["tvm_version"] == tvm.__version__ and m["tvm_ffi_version"] == tvm_ffi.__version__
     assert m["arch"] == {"d_model": D}  # extra_manifest
-    assert set(m["files"]) == {"encoder.so", "decoder_step.so"}
-    assert m["graphs"]["encoder"]["inputs"] == [{"name": "src", "shape": [1, S], "dtype": "int64"}]
+    assert set(m["files"]) == {"model.so"} and m["format"] == "mosc-artifact/2"
+    assert {g["file"] for g in m["graphs"].values()} == {"model.so"}
+    assert {n: g["function"] for n, g in m["graphs"].items()} == {"enc": "enc", "step": "step"}
+    assert m["graphs"]["enc"]["inputs"] == [{"name": "src", "shape": [1, S], "dtype": "int64"}]
     assert m["tuning"]["tuned"] is False and "database" in m["tuning"]
     assert not list(host_artifact.glob(".*"))  # no temp files left behind
 
 
 def test_tampered_artifact_is_refused(host_artifact, tmp_path):
     bad = shutil.copytree(host_artifact, tmp_path / "bad")
-    with open(bad / "decoder_step.so", "r+b") as f:  # flip one byte in the middle
-        f.seek(os.path.getsize(bad / "decoder_step.so") // 2)
+    with open(bad / "model.so", "r+b") as f:  # flip one byte in the middle
+        f.seek(os.path.getsize(bad / "model.so") // 2)
         b = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([b[0] ^ 0xFF]))
-    with pytest.raises(MoscError, match="decoder_step.so does not match its sha256"):
+    with pytest.raises(MoscError, match="model.so does not match its sha256"):
         load_artifact(bad)
-    (bad / "decoder_step.so").unlink()
+    (bad / "model.so").unlink()
     with pytest.raises(MoscError, match="missing"):
         load_artifact(bad)
     with pytest.raises(MoscError, match="not a mosc artifact"):
@@ -203,7 +205,7 @@ def test_recompiled_artifact_loads_the_new_model(tmp_path):
 
 def test_extra_manifest_cannot_override(onnx_files, tmp_path):
     with pytest.raises(MoscError, match="may not override"):
-        compile_artifact({"encoder": onnx_files["encoder"]}, "host", tmp_path / "a", tune=False,
+        compile_artifact({"enc": onnx_files["enc"]}, "host", tmp_path / "a", tune=False,
                          db_dir=tmp_path / "db", extra_manifest={"files": {}})
 
 
@@ -245,7 +247,7 @@ def test_rpi4_artifact_runs_under_qemu(rpi4_artifact, onnx_files, tmp_path):
     (tmp_path / "run.py").write_text(_QEMU_RUN)
     env = {**os.environ, "PYTHONPATH": str(ARM64_ROOT / "opt/mosc-site"), "TVM_USE_RUNTIME_LIB": "1"}
     manifest = verify_artifact(out)
-    for graph in ["encoder", "decoder_step"]:
+    for graph in ["enc", "step"]:
         feeds = _inputs(manifest["graphs"][graph]["inputs"], seed=1)
         np.savez(tmp_path / "in.npz", **feeds)
         subprocess.run(
@@ -261,7 +263,7 @@ def test_rpi4_artifact_runs_under_qemu(rpi4_artifact, onnx_files, tmp_path):
 
 def test_nvidia_build_without_gpu(onnx_files, tmp_path):
     """CUDA code is generated (dlight schedules) and exported; it runs only where a GPU is."""
-    out = compile_artifact({"encoder": onnx_files["encoder"]}, "nvidia", tmp_path / "nv", tune=False,
+    out = compile_artifact({"enc": onnx_files["enc"]}, "nvidia", tmp_path / "nv", tune=False,
                            db_dir=tmp_path / "db")
     m = verify_artifact(out)
     assert m["device"] == "cuda" and m["cuda_kernels"] == "source"
@@ -331,22 +333,30 @@ def _edit_manifest(src: Path, dst: Path, edit) -> Path:
     return edited(src, dst, "manifest.json", edit)
 
 
+def swap_graph_functions(m):
+    g = m["graphs"]
+    g["enc"]["function"], g["step"]["function"] = g["step"]["function"], g["enc"]["function"]
+    return m
+
+
 MANIFEST_DAMAGE = [
     ("a list", lambda m: [m], "must hold a JSON object, not array"),
     ("no graphs", drop("graphs"), "missing 'graphs'"),
     ("graphs as a list", lambda m: {**m, "graphs": list(m["graphs"].values())}, "'graphs' must be a object"),
     ("no files", drop("files"), "missing 'files'"),
     ("files as a list", lambda m: {**m, "files": list(m["files"])}, "'files' must be a object"),
-    ("edited input shape", put(["graphs", "encoder", "inputs", 0, "shape"], [1, 99]), "was edited after it was written"),
-    ("negative shape", put(["graphs", "encoder", "inputs", 0, "shape"], [1, -1]), "list of positive integers"),
-    ("shape as a string", put(["graphs", "encoder", "inputs", 0, "shape"], "1x8"), "'shape' must be a array"),
-    ("no dtype", lambda m: (m["graphs"]["encoder"]["inputs"][0].pop("dtype"), m)[1], "missing 'dtype'"),
-    ("no inputs", lambda m: (m["graphs"]["encoder"].pop("inputs"), m)[1], "missing 'inputs'"),
-    ("graph not an object", put(["graphs", "encoder"], "encoder.so"), "must be an object with file"),
-    ("graph files swapped", swap_graph_files, "'file' is 'encoder.so', expected 'decoder_step.so'"),
-    ("file without sha256", lambda m: (m["files"].pop("encoder.so"), m)[1], "has no sha256 in 'files'"),
+    ("edited input shape", put(["graphs", "enc", "inputs", 0, "shape"], [1, 99]), "was edited after it was written"),
+    ("negative shape", put(["graphs", "enc", "inputs", 0, "shape"], [1, -1]), "list of positive integers"),
+    ("shape as a string", put(["graphs", "enc", "inputs", 0, "shape"], "1x8"), "'shape' must be a array"),
+    ("no dtype", lambda m: (m["graphs"]["enc"]["inputs"][0].pop("dtype"), m)[1], "missing 'dtype'"),
+    ("no inputs", lambda m: (m["graphs"]["enc"].pop("inputs"), m)[1], "missing 'inputs'"),
+    ("graph not an object", put(["graphs", "enc"], "model.so"), "must be an object with file"),
+    ("graph in another file", put(["graphs", "enc", "file"], "enc.so"), "'file' is 'enc.so', expected 'model.so'"),
+    ("graph functions swapped", swap_graph_functions, "'function' is 'step', expected 'enc'"),
+    ("file without sha256", lambda m: (m["files"].pop("model.so"), m)[1], "has no sha256 in 'files'"),
     ("file outside the folder", lambda m: (m["files"].update({"../x.so": "0" * 64}), m)[1], "not a plain file name"),
-    ("bad sha256", put(["files", "encoder.so"], "abc"), "not a sha256"),
+    ("bad sha256", put(["files", "model.so"], "abc"), "not a sha256"),
+    ("an older format", put(["format"], "mosc-artifact/1"), "'mosc-artifact/1', this mosc runs 'mosc-artifact/2'"),
     ("edited target", put(["target"], "rpi4"), "was edited after it was written"),
     ("edited tvm version", put(["tvm_version"], "0.1"), "was edited after it was written"),
     ("older artifact", drop("manifest_sha256"), "has no manifest_sha256"),
@@ -365,15 +375,6 @@ def test_damaged_manifest_is_one_line(host_artifact, tmp_path, case, edit, needl
         assert "recompile" in str(e.value)
 
 
-def test_swapped_graph_libraries_fail_their_sha256(host_artifact, tmp_path):
-    bad = shutil.copytree(host_artifact, tmp_path / "bad")
-    enc, dec = (bad / "encoder.so").read_bytes(), (bad / "decoder_step.so").read_bytes()
-    (bad / "encoder.so").write_bytes(dec)
-    (bad / "decoder_step.so").write_bytes(enc)
-    with pytest.raises(MoscError, match="does not match its sha256"):
-        load_artifact(bad)
-
-
 def test_manifest_seal_covers_every_field(host_artifact):
     from mosc.contract import canonical_sha256
 
@@ -384,7 +385,7 @@ def test_manifest_seal_covers_every_field(host_artifact):
 
 def test_bad_graph_name_is_refused_before_building(onnx_files, tmp_path):
     with pytest.raises(MoscError, match="graph name '../enc' must match"):
-        compile_artifact({"../enc": onnx_files["encoder"]}, "host", tmp_path / "a", tune=False, db_dir=tmp_path / "db")
+        compile_artifact({"../enc": onnx_files["enc"]}, "host", tmp_path / "a", tune=False, db_dir=tmp_path / "db")
 
 
 # ----------------------------------------------------------------------------- artifact cache key
@@ -403,8 +404,8 @@ def test_artifact_cache_is_keyed_on_trials_and_database_content(tmp_path, monkey
 
     def fake_compile(onnx, target, out, *, trials, tune, tune_db, **kw):
         out.mkdir(parents=True, exist_ok=True)
-        (out / "g.so").write_bytes(os.urandom(32))
-        write_manifest(out, {"g": {"file": "g.so", **sig}}, target=target.name, tvm_target="llvm", device="cpu",
+        (out / "model.so").write_bytes(os.urandom(32))
+        write_manifest(out, {"g": {"file": "model.so", "function": "g", **sig}}, target=target.name, tvm_target="llvm", device="cpu",
                        cuda_kernels=None, tuning={"tuned": tune, "database": database_id(tune_db), "report": None},
                        compile_seconds=0.0, extra={"model": {"arch_hash": arch.hash}})
         builds.append((tune, trials))

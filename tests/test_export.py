@@ -224,12 +224,12 @@ def test_cli_translate_matches_torch(host_artifact, sub, tok, tmp_path):
 
 def test_tampered_artifact_is_refused_by_translate(host_artifact, tmp_path):
     bad = shutil.copytree(host_artifact, tmp_path / "bad")
-    lib = bad / "decoder_step.so"
+    lib = bad / "model.so"
     data = bytearray(lib.read_bytes())
     data[len(data) // 2] ^= 0xFF
     lib.write_bytes(bytes(data))
     one_line_error(runner.invoke(app, ["translate", "--artifact", str(bad), "--text", "hello"]),
-                   "decoder_step.so does not match its sha256")
+                   "model.so does not match its sha256")
     one_line_error(runner.invoke(app, ["translate", "--artifact", str(tmp_path), "--text", "hello"]),
                    "is not a mosc artifact")
 

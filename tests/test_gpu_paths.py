@@ -378,9 +378,9 @@ def test_jetson_orin_cross_compiles(orin_artifact):
 
     m = verify_artifact(orin_artifact)
     assert m["target"] == "jetson-orin" and m["device"] == "cuda" and m["cuda_kernels"] == "source"
-    head = (orin_artifact / "mlp.so").read_bytes()[:20]
+    head = (orin_artifact / "model.so").read_bytes()[:20]
     assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183  # EM_AARCH64
-    assert b"__global__" in (orin_artifact / "mlp.so").read_bytes()
+    assert b"__global__" in (orin_artifact / "model.so").read_bytes()
 
 
 @pytest.mark.skipif(not shutil.which("nvcc"), reason="nvcc not installed")

@@ -1,15 +1,17 @@
 """The artifact folder: what the compiler writes and a device loads and runs.
 
-    <graph>.so      one shared library per graph (its own Relax `main`, its own weights)
+    model.so        one shared library: each graph is the Relax function of its name (with
+                    its weights); a translation model also holds `translate`, the compiled
+                    greedy loop around the other two (mosc.compiler.loop)
     manifest.json   written last, atomically: format, target, TVM versions, tuning, each
-                    graph's signature and file, each file's sha256, and manifest_sha256 (a
-                    sha256 over all the rest, so no field can be edited unnoticed)
+                    graph's signature and function, the library's sha256, and manifest_sha256
+                    (a sha256 over all the rest, so no field can be edited unnoticed)
 
     write_manifest  the compiler's last step: a folder without a manifest is not an artifact
     read_manifest   the manifest, its structure and seal checked (the files are not read)
     verify_artifact read_manifest + every file's sha256; loads no code
-    load_artifact   verify, then load each .so into a Relax VM (here, or over an RPC session)
-    Artifact        the loaded VMs, run with numpy in, numpy out
+    load_artifact   verify, then load the library into a Relax VM (here, or over an RPC session)
+    Artifact        the loaded VM, its functions run with numpy in, numpy out
 
 This module does not know how an artifact is compiled or tuned, nor how it is timed (the
 device world times artifacts through the same VM calls `Artifact.run` uses). It imports
@@ -26,12 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
-from mosc.contract import check_graphs, check_seal, seal
+from mosc.contract import (DECODER, ENCODER, check_graphs, check_seal, check_translate_graph, check_translation_graphs,
+                           seal)
 from mosc.errors import MoscError
 from mosc.fileio import atomic_write_json, field, read_json, sha256_file, verify_files
 
 MANIFEST = "manifest.json"
-ARTIFACT_FORMAT = "mosc-artifact/1"
+LIBRARY = "model.so"  # the one library of an artifact
+# /2: one library, a function per graph, translate (the compiled loop); /1 had a library per graph
+ARTIFACT_FORMAT = "mosc-artifact/2"
 SEAL = "manifest_sha256"
 RECOMPILE = "recompile it (mosc compile; cached artifacts are rebuilt on their own)"
 
@@ -39,10 +44,10 @@ RECOMPILE = "recompile it (mosc compile; cached artifacts are rebuilt on their o
 # ----------------------------------------------------------------------------- manifest
 def write_manifest(art_dir: Path | str, graphs: dict[str, dict], *, target: str, tvm_target: str, device: str,
                    cuda_kernels, tuning: dict, compile_seconds: float, extra: dict | None = None) -> dict:
-    """Write the manifest of the graph libraries already in `art_dir`; returns it.
+    """Write the manifest of the library already in `art_dir`; returns it.
 
-    graphs: graph name -> {"file": "<graph>.so", "inputs": [...], "outputs": [...]}. The
-    files' sha256s and the TVM versions are added here; `extra` sections (e.g. "model")
+    graphs: graph name -> {"file": LIBRARY, "function": name, "inputs": [...], "outputs": [...]}.
+    The library's sha256 and the TVM versions are added here; `extra` sections (e.g. "model")
     may not override any of these.
     """
     import tvm
@@ -95,14 +100,18 @@ def describe_coverage(cov: dict, device: str = "cpu") -> str:
 def check_manifest(manifest: dict, where: str) -> dict:
     """The structure a loader relies on: format, target, device, tuning, graphs and files."""
     if field(manifest, "format", str, where) != ARTIFACT_FORMAT:
-        raise MoscError(f"{where}: format {manifest['format']!r}, expected {ARTIFACT_FORMAT!r}")
+        raise MoscError(f"{where}: format {manifest['format']!r}, this mosc runs {ARTIFACT_FORMAT!r} "
+                        f"(one library with the compiled decode loop): {RECOMPILE}")
     for key in ("target", "tvm_target", "device"):
         if not field(manifest, key, str, where):
             raise MoscError(f"{where}: {key!r} is empty")
     tuning = field(manifest, "tuning", dict, where)
     field(tuning, "tuned", bool, f"{where} tuning")
     field(tuning, "database", dict, f"{where} tuning")
-    check_graphs(manifest, where, ".so")
+    graphs = check_graphs(manifest, where, ".so", library=LIBRARY)
+    if {ENCODER, DECODER} & set(graphs):  # a translation model: its graphs and its compiled loop
+        check_translation_graphs(graphs, where)
+        check_translate_graph(graphs, where)
     return manifest
 
 
@@ -127,20 +136,26 @@ def verify_artifact(art_dir: Path | str) -> dict:
 
 # ----------------------------------------------------------------------------- loading
 class Artifact:
-    """A loaded artifact: one Relax VM per graph, run with numpy in, numpy out.
+    """A loaded artifact: its library in one Relax VM, each graph a function, run with numpy in,
+    numpy out.
 
     Calls go through vm.set_input / invoke_stateful / get_outputs, which also work over
     RPC (a remote VM's direct call returns an object that cannot be indexed).
     """
 
-    def __init__(self, art_dir: Path, manifest: dict, vms: dict, device):
-        self.dir, self.manifest, self.vms, self.device = art_dir, manifest, vms, device
+    def __init__(self, art_dir: Path, manifest: dict, vm, device):
+        self.dir, self.manifest, self.vm, self.device = art_dir, manifest, vm, device
 
     @property
     def graphs(self) -> list[str]:
         return list(self.manifest["graphs"])
 
-    def _tensors(self, graph: str, inputs):
+    def function(self, graph: str) -> str:
+        """The VM function of a graph."""
+        return self.manifest["graphs"][graph]["function"]
+
+    def tensors(self, graph: str, inputs) -> list:
+        """Inputs (list in signature order, or dict by name) checked and copied to the device."""
         import tvm
 
         spec = self.manifest["graphs"][graph]["inputs"]
@@ -161,23 +176,23 @@ class Artifact:
 
     def set_inputs(self, graph: str, inputs) -> None:
         """Copy inputs to the device (untimed part of a measurement)."""
-        self.vms[graph].set_input("main", *self._tensors(graph, inputs))
+        self.vm.set_input(self.function(graph), *self.tensors(graph, inputs))
 
     def run(self, graph: str, inputs) -> list[np.ndarray]:
         """Run one graph; inputs: list in signature order or dict by name. Returns numpy outputs."""
-        vm = self.vms[graph]
+        fn = self.function(graph)
         self.set_inputs(graph, inputs)
-        vm.invoke_stateful("main")
-        out = vm.get_outputs("main")
+        self.vm.invoke_stateful(fn)
+        out = self.vm.get_outputs(fn)
         outs = list(out) if not hasattr(out, "numpy") else [out]
         return [o.numpy() for o in outs]
 
 
 def load_artifact(art_dir: Path | str, device: str = "cpu", session=None) -> Artifact:
-    """Verify an artifact's sha256s, then load every graph into a VM.
+    """Verify an artifact's sha256s, then load its library into a VM.
 
     device: "cpu" or "cuda" (device 0). session: an RPC session (tvm.rpc.connect...):
-    the libraries are verified here, uploaded, and loaded on the remote side.
+    the library is verified here, uploaded, and loaded on the remote side.
     Works with the runtime-only TVM (`tvm.runtime`, no `tvm.relax` import).
 
     What is loaded is a verified private copy (or, over RPC, the verified bytes) under a
@@ -192,21 +207,19 @@ def load_artifact(art_dir: Path | str, device: str = "cpu", session=None) -> Art
     from tvm.runtime.vm import VirtualMachine
 
     dev = session.device(device) if session is not None else tvm.device(device)
-    vms = {}
     # mkdtemp: mode 0700, so no other user can swap a copy between its check and its load
     private = Path(tempfile.mkdtemp(prefix="mosc-artifact-")) if session is None else None
     try:
-        for graph, entry in manifest["graphs"].items():
-            file, digest = entry["file"], manifest["files"][entry["file"]]
-            if session is None:
-                lib = _load_local(art_dir, file, digest, private, manifest.get("target"))
-            else:
-                lib = _load_remote(session, art_dir, file, digest)
-            vms[graph] = VirtualMachine(lib, dev)
+        digest = manifest["files"][LIBRARY]
+        if session is None:
+            lib = _load_local(art_dir, LIBRARY, digest, private, manifest.get("target"))
+        else:
+            lib = _load_remote(session, art_dir, LIBRARY, digest)
+        vm = VirtualMachine(lib, dev)
     finally:
         if private is not None:  # a loaded library stays mapped without its file
             shutil.rmtree(private, ignore_errors=True)
-    return Artifact(art_dir, manifest, vms, dev)
+    return Artifact(art_dir, manifest, vm, dev)
 
 
 def _private_name(file: str, digest: str) -> str:

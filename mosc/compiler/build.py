@@ -2,7 +2,7 @@
 
     build             PREPARE + the target's tuning database + FINISH + tvm.compile -> Executable
     export            Executable -> .so (cross-compiled where the target says so)
-    compile_artifact  ONNX files of a model -> tuned, built, exported graphs + manifest
+    compile_artifact  ONNX files of a model -> one tuned, built library (+ the decode loop) + manifest
 
 This module does not know about torch, the model, or how latency is measured, and leaves
 the artifact's format to artifact.py. It imports tvm only inside functions.
@@ -15,13 +15,14 @@ import shutil
 import time
 from pathlib import Path
 
-from mosc.compiler.artifact import MANIFEST, write_manifest
+from mosc.compiler.artifact import LIBRARY, MANIFEST, write_manifest
+from mosc.compiler.loop import add_greedy_loop, loop_signature, merge_graphs
 from mosc.compiler.passes import FINISH, PREPARE, drop_known_tvm_noise, import_onnx, run_passes, signature
 from mosc.compiler.schedules import unscheduled_functions
 from mosc.compiler.targets import Target, as_target
 from mosc.compiler.tune import DEFAULT_TRIALS, check_tracker, database_id, default_db_dir, open_database
 from mosc.compiler.tune import tune as _tune  # compile_artifact's `tune` flag shadows the name there
-from mosc.contract import GRAPH_NAME
+from mosc.contract import DECODER, ENCODER, GRAPH_NAME, TRANSLATE, check_translation_graphs
 from mosc.errors import MoscError
 
 
@@ -149,18 +150,19 @@ def compile_artifact(
     extra_manifest: dict | None = None,
     progress: bool | None = None,
 ) -> Path:
-    """Compile every graph of a model into `out_dir`: <graph>.so each + manifest.json.
+    """Compile every graph of a model into `out_dir`: model.so + manifest.json.
 
     onnx_files: graph name -> ONNX path, e.g. {"encoder": ..., "decoder_step": ...}.
     tune=False runs no trials but still applies whatever the database already holds.
-    One .so per graph: each graph is its own Relax `main` with its own weights, the
-    device world times graphs separately, and a graph can be rebuilt or loaded alone.
-    (A combined module would only save one dlopen; weights would not be shared anyway.)
+    One library: each graph is the Relax function of its name, and a translation model
+    (graphs encoder + decoder_step, mosc.contract) also gets `translate`, the greedy loop
+    compiled around them (mosc.compiler.loop), so a translation is one call on the device.
+    Tuning still sees each graph as its own module: the workloads are the same.
     The manifest is written last and atomically: a folder without one is not an artifact.
     """
     target = as_target(target)
     bad = [g for g in onnx_files if not GRAPH_NAME.match(g)]
-    if bad:  # a graph's name is its library's file name
+    if bad:  # a graph's name is its function's name
         raise MoscError(f"graph name {bad[0]!r} must match {GRAPH_NAME.pattern[:-2]}")
     require_cross_compiler(target)  # fail now, not after minutes of tuning
     if tune and trials > 0 and target.needs_rpc:
@@ -170,39 +172,44 @@ def compile_artifact(
     t0 = time.perf_counter()
 
     mods = {g: import_onnx(p, (shape_dicts or {}).get(g)) for g, p in onnx_files.items()}
+    graphs = {g: {"file": LIBRARY, "function": g, **signature(mod, onnx_files[g])} for g, mod in mods.items()}
+    translation = {ENCODER, DECODER} <= set(graphs)
+    if translation:  # the loop relies on the contract's names and shapes
+        check_translation_graphs(graphs, "the ONNX graphs")
     tune_report = None
     if tune:
         report = _tune(list(mods.values()), target, db_dir, trials, progress=progress)
         tune_report = {k: v for k, v in report.__dict__.items() if k != "task_names"}
 
+    mod = merge_graphs(mods)
+    if translation:
+        mod = add_greedy_loop(mod, graphs)
+        graphs[TRANSLATE] = {"file": LIBRARY, "function": TRANSLATE, **loop_signature(graphs)}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)  # invalidate an older artifact first
-    graphs, cuda, coverage = {}, set(), {}
-    for graph, mod in mods.items():
-        sig = signature(mod, onnx_files[graph])
-        lib, kernels, coverage[graph] = _build_graph(graph, mod, target, db_dir, out_dir)
-        graphs[graph] = {"file": lib, **sig}
-        cuda.add(kernels)
+    for old in [p for p in out_dir.glob("*.so") if p.name != LIBRARY]:
+        old.unlink()  # an older format's per-graph libraries
+    kernels, coverage = _build_library(mod, target, db_dir, out_dir)
 
     write_manifest(
         out_dir, graphs, target=target.name, tvm_target=str(target.tvm_target()), device=target.device_type(),
-        cuda_kernels=next(iter(cuda)) if len(cuda) == 1 else sorted(map(str, cuda)),
-        tuning={"tuned": tune, "database": database_id(db_dir), "report": tune_report, "coverage": coverage},
+        cuda_kernels=kernels,
+        tuning={"tuned": tune, "database": database_id(db_dir), "report": tune_report,
+                "coverage": {LIBRARY: coverage}},
         compile_seconds=time.perf_counter() - t0, extra=extra_manifest,
     )
     return out_dir
 
 
-def _build_graph(graph: str, mod, target: Target, db_dir: Path, out_dir: Path) -> tuple[str, str | None, dict]:
-    """Build one graph into out_dir/<graph>.so, replaced atomically; returns (file name,
-    cuda_kernels, coverage: how many of its functions came from the database)."""
+def _build_library(mod, target: Target, db_dir: Path, out_dir: Path) -> tuple[str | None, dict]:
+    """Build the merged module into out_dir/model.so, replaced atomically; returns (cuda_kernels,
+    coverage: how many of its functions came from the database)."""
     coverage: dict = {}
     ex = build(mod, target, db_dir, coverage=coverage)  # whatever the database holds, tuned just now or before
-    lib = f"{graph}.so"
-    tmp = out_dir / f".{lib}.{os.getpid()}.tmp.so"  # export_library picks the linker by the suffix
+    tmp = out_dir / f".{LIBRARY}.{os.getpid()}.tmp.so"  # export_library picks the linker by the suffix
     try:
         export(ex, tmp, target)
-        os.replace(tmp, out_dir / lib)
+        os.replace(tmp, out_dir / LIBRARY)
     finally:
         tmp.unlink(missing_ok=True)
-    return lib, cuda_kernels(ex), coverage
+    return cuda_kernels(ex), coverage

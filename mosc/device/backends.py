@@ -9,17 +9,17 @@
     Prepared                                 what a backend needs for one arch
     classify_timers(...) + side_by_side(...) one encoder-classifier call per backend, interleaved, medians
 
-Timing method (TVM): every graph call of a run is timed on the device's own clock with
-`vm.time_evaluator("invoke_stateful", dev, number=1, repeat=1)("main")` after `set_input`,
-and its outputs are read back with `get_outputs` (remote handles over RPC: the caches never
-leave the device). Why not a host-side loop of invoke_stateful around perf_counter: over
-RPC each call costs a network round trip (~0.1 ms on 127.0.0.1, ~1 ms on a LAN), which
-would be measured as model time; the device clock excludes it, and the same code runs
-locally (tvm.cpu) and remotely. Cost: TVM's evaluator makes one untimed call before the
-timed one, so the device does each graph call twice (the timed call runs with warm
-caches, like the steps of a real decoding loop). The token fed to every step is fixed:
-static graphs do the same work for every token value. ORT and torch run in this process
-and are timed with time.perf_counter around each call (same loop, same statistics).
+Timing method (TVM, a translation model): one run is one call of the artifact's `translate`
+function (the encoder and the compiled greedy loop, eos disabled so exactly decoder_steps
+steps run), timed on the device's own clock with `vm.time_evaluator("invoke_stateful", dev,
+number=1, repeat=1)` after `set_input`: what a user of the artifact waits for. Beside it,
+the kernel time: the encoder call and one decoder_step call, each timed alone with its inputs
+preset, as encoder + decoder_steps x step (a static step does the same work at any position).
+Why the device clock: over RPC each call costs a network round trip (~0.1 ms on 127.0.0.1,
+~1 ms on a LAN), which would be measured as model time; the same code runs locally (tvm.cpu)
+and remotely. TVM's evaluator makes one untimed call before the timed one, so every timed call
+runs with warm caches. ORT and torch run in this process, in the Python loop, and are timed
+with time.perf_counter around each graph call (protocol GRAPH_CALLS).
 
 An encoder-classifier artifact goes through the same protocol with one run = one call of its
 classifier graph (no decoder: every run's decoder time is 0, its total is the classifier's
@@ -41,9 +41,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from mosc.contract import (BOS_ID, CLASSIFIER, DECODER, ENCODER, ENCODER_CLASSIFIER, cache_shape, decoder_layers,
-                           graph_kind, require_kind)
-from mosc.device.protocol import Measurement, run_protocol
+from mosc.contract import (BOS_ID, CLASSIFIER, DECODER, ENCODER, ENCODER_CLASSIFIER, TRANSLATE, cache_shape,
+                           decoder_layers, graph_kind, require_kind)
+from mosc.device.protocol import TRANSLATE_CALL, Measurement, run_protocol
 from mosc.errors import MoscError
 from mosc.rpc import connect, device_info, machine_info
 
@@ -86,38 +86,48 @@ def _shapes(batch: int, source_len: int, steps: int) -> dict[str, int]:
 # ----------------------------------------------------------------------------- TVM
 def measure_tvm(art, protocol: Protocol) -> Measurement:
     """Time a loaded mosc.compiler.artifact.Artifact (local or over RPC) with HAT's protocol: a
-    translation model, or an encoder-classifier (measure_tvm_classifier), told apart by its graphs."""
+    translation model (one run = one call of its translate function, exactly decoder_steps steps;
+    kernel time beside it), or an encoder-classifier (measure_tvm_classifier), told apart by its graphs."""
     import tvm
 
     if graph_kind(art.manifest["graphs"], f"artifact {art.dir}") == ENCODER_CLASSIFIER:
         return measure_tvm_classifier(art, protocol)
-    dev = art.device
-    enc_vm, dec_vm = art.vms[ENCODER], art.vms[DECODER]
-    src_spec = art.manifest["graphs"][ENCODER]["inputs"][0]
-    B, S = src_spec["shape"]
+    dev, vm = art.device, art.vm
     graphs = art.manifest["graphs"]
+    B, S = graphs[ENCODER]["inputs"][0]["shape"]
     shape, L = cache_shape(graphs), decoder_layers(graphs)
     T = shape[1]
+    fn = {g: art.function(g) for g in (TRANSLATE, ENCODER, DECODER)}
     src = tvm.runtime.tensor(_source(B, S), dev)
-    token = tvm.runtime.tensor(np.full((B,), BOS_ID, np.int64), dev)
-    positions = [tvm.runtime.tensor(np.array([p], np.int64), dev) for p in range(T)]
+    # eos -1 never matches: exactly T steps, whatever the tokens (comparable timings)
+    vm.set_input(fn[TRANSLATE], src, *(tvm.runtime.tensor(np.array([v], np.int64), dev) for v in (T, -1)))
+    vm.set_input(fn[ENCODER], src)
+    vm.invoke_stateful(fn[ENCODER])
+    cross = tuple(vm.get_outputs(fn[ENCODER]))  # remote handles over RPC: they stay on the device
     zeros = [tvm.runtime.tensor(np.zeros(shape, np.float32), dev) for _ in range(2 * L)]
-    t_enc = enc_vm.time_evaluator("invoke_stateful", dev, number=1, repeat=1)
-    t_dec = dec_vm.time_evaluator("invoke_stateful", dev, number=1, repeat=1)
+    token = tvm.runtime.tensor(np.full((B,), BOS_ID, np.int64), dev)
+    # a static step does the same work at every position
+    vm.set_input(fn[DECODER], token, tvm.runtime.tensor(np.array([T // 2], np.int64), dev), *zeros, *cross)
+    timed = vm.time_evaluator("invoke_stateful", dev, number=1, repeat=1)
+    total, enc, dec, kernel = [], [], [], []
+    for i in range(protocol.warmup + protocol.repeats):
+        t_call = timed(fn[TRANSLATE]).mean * 1e3
+        t_enc = timed(fn[ENCODER]).mean * 1e3
+        t_step = timed(fn[DECODER]).mean * 1e3
+        if i >= protocol.warmup:
+            total.append(t_call)
+            enc.append(t_enc)
+            dec.append(max(t_call - t_enc, 0.0))
+            kernel.append(t_enc + T * t_step)
+    return Measurement(total, enc, dec, protocol.warmup, protocol.trim, _shapes(B, S, T), TVM_TRANSLATE,
+                       protocol=TRANSLATE_CALL, kernel_ms=kernel)
 
-    def encode():
-        enc_vm.set_input("main", src)
-        seconds = t_enc("main").mean
-        return seconds, tuple(enc_vm.get_outputs("main"))
 
-    def step(pos, caches, cross):
-        dec_vm.set_input("main", token, positions[pos], *caches, *cross)
-        seconds = t_dec("main").mean
-        return seconds, tuple(dec_vm.get_outputs("main"))[1:]
-
-    enc, dec = run_protocol(encode, step, lambda: zeros, T, protocol.warmup, protocol.repeats)
-    return Measurement.of_runs(enc, dec, protocol.warmup, protocol.trim, _shapes(B, S, T),
-                               "tvm time_evaluator(invoke_stateful, number=1, repeat=1) per graph call, device clock")
+# how measure_tvm times a translation model
+TVM_TRANSLATE = ("tvm time_evaluator(invoke_stateful, number=1, repeat=1), device clock: per run one translate call "
+                 "(encoder + compiled greedy loop, eos disabled: exactly decoder_steps steps); kernel time beside it "
+                 "= the encoder call + decoder_steps x one decoder_step call, each timed alone with inputs preset; "
+                 "encoder_ms = the encoder call, decoder_ms = translate - encoder")
 
 
 def measure_tvm_classifier(art, protocol: Protocol) -> Measurement:
@@ -308,10 +318,10 @@ def tvm_classify_timer(art) -> Callable[[], float]:
 
     require_kind(art.manifest["graphs"], ENCODER_CLASSIFIER, f"artifact {art.dir}")
     B, T = art.manifest["graphs"][CLASSIFIER]["inputs"][0]["shape"]
-    vm = art.vms[CLASSIFIER]
-    vm.set_input("main", tvm.runtime.tensor(classify_tokens(B, T), art.device))
+    vm, fn = art.vm, art.function(CLASSIFIER)
+    vm.set_input(fn, tvm.runtime.tensor(classify_tokens(B, T), art.device))
     timed = vm.time_evaluator("invoke_stateful", art.device, number=1, repeat=1)
-    return lambda: timed("main").mean
+    return lambda: timed(fn).mean
 
 
 def ort_classify_timer(export_dir: str | Path, threads: int | None = 1) -> Callable[[], float]:

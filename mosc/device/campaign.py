@@ -184,8 +184,9 @@ class Campaign:
     def _report(self, where: str, m: Measurement, seconds: float, noise: str | None) -> None:
         s = m.stats
         tag = " [emulated: timings check function, not speed]" if self.emulated else ""
+        kernel = f", kernels alone {s['kernel_ms']:.2f}" if "kernel_ms" in s else ""
         self.log(f"{where}: {s['trimmed_mean_ms']:.2f} ms trimmed mean "
-                 f"(encoder {s['encoder_ms']:.2f} + decoder {s['decoder_ms']:.2f}; median {s['median_ms']:.2f}, "
+                 f"(encoder {s['encoder_ms']:.2f} + decoder {s['decoder_ms']:.2f}{kernel}; median {s['median_ms']:.2f}, "
                  f"p90 {s['p90_ms']:.2f}, std {s['std_ms']:.2f}; {len(m.total_ms)} runs, {seconds:.1f} s){tag}")
         if noise:
             self.log(f"  warning: noisy measurement ({noise}); is something else running? "
@@ -198,6 +199,8 @@ class Campaign:
 
             tvm_version = f"apache-tvm {version('apache-tvm')}, apache-tvm-ffi {version('apache-tvm-ffi')}"
         host = {"client": machine_info()}
+        kernel = {} if m.kernel_ms is None else {"kernel_ms": round(m.stats["kernel_ms"], 6),
+                                                 "kernel_samples": [round(x, 6) for x in m.kernel_ms]}
         if self.remote is not None:
             host["device"] = self.device
         return {
@@ -207,6 +210,6 @@ class Campaign:
             "runs": len(m.total_ms), "warmup": m.warmup, "trim": m.trim,
             "samples": [round(x, 6) for x in m.total_ms], "artifact_sha256": sha, "tvm_version": tvm_version,
             "host": host, "source": self.source,
-            "extra": {"method": m.method, "encoder_samples": [round(x, 6) for x in m.encoder_ms],
-                      "decoder_samples": [round(x, 6) for x in m.decoder_ms], **prep.notes},
+            "extra": {"method": m.method, "protocol": m.protocol, "encoder_samples": [round(x, 6) for x in m.encoder_ms],
+                      "decoder_samples": [round(x, 6) for x in m.decoder_ms], **kernel, **prep.notes},
         }

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mosc.device.protocol import TRANSLATE_CALL
 from mosc.errors import MoscError
 from mosc.fileio import parse_json, read_csv, read_text, sha256_file
 from mosc.space import HAT_FEATURE_NAMES, Arch
@@ -104,6 +105,14 @@ COLUMNS: dict[str, str] = {
     "extra": "TEXT",  # JSON: anything else (timing method, tuning, weights)
 }
 REQUIRED = ("target", "backend", "device_key", "features", "latency_ms")
+
+
+def _protocol(r: sqlite3.Row) -> str | None:
+    """What one timed run of a row was (mosc.device.protocol; None: not recorded, an older mosc)."""
+    try:
+        return (json.loads(r["extra"] or "{}") or {}).get("protocol")
+    except (TypeError, ValueError, AttributeError):
+        return None
 
 
 def _now() -> str:
@@ -504,10 +513,14 @@ class LatencyDB:
 
     def has(self, arch_hash: str, target: str, backend: str, device_key: str, emulated: bool = False,
             protocol: dict | None = None) -> bool:
-        """True when this arch already has a measurement for target/backend/device (and protocol shapes)."""
+        """True when this arch already has a measurement for target/backend/device (and protocol shapes);
+        for tvm, one of the artifact's translate call (a row of an older protocol does not count)."""
         sql = ("SELECT 1 FROM measurements WHERE arch_hash = ? AND target = ? AND backend = ? AND device_key = ? "
                "AND emulated = ?")
         args: list[Any] = [arch_hash, target, backend, device_key, int(bool(emulated))]
+        if backend == "tvm":
+            sql += " AND json_extract(extra, '$.protocol') = ?"
+            args.append(TRANSLATE_CALL)
         for k in ("batch", "source_len", "decoder_steps"):
             if protocol and protocol.get(k) is not None:
                 sql += f" AND {k} = ?"
@@ -545,9 +558,21 @@ class LatencyDB:
         """The predictor's training data for a target: features (+ arch when known) -> latency_ms.
 
         Real measurements only, unless include_emulated=True (emulated timings are not speeds).
+        tvm rows timed before artifacts compiled their decode loop (per graph call: kernel time,
+        not what a user waits for) are left out where the same arch has a new row, and refused
+        (MoscError) where it has none: a fit must not mix the two.
         """
-        out = []
-        for r in self.query(target, backend=backend, device_key=device_key, include_emulated=include_emulated):
+        out, rows = [], self.query(target, backend=backend, device_key=device_key, include_emulated=include_emulated)
+        current = {(r["arch_hash"], r["device_key"]) for r in rows if _protocol(r) == TRANSLATE_CALL}
+        old = [r for r in rows if r["backend"] == "tvm" and _protocol(r) != TRANSLATE_CALL]
+        stale = [r for r in old if (r["arch_hash"], r["device_key"]) not in current]
+        if stale:
+            raise MoscError(f"latency database {self.path}: {len(stale)} tvm row(s) of target {target!r} were timed per "
+                            "graph call by an older mosc (kernel time, not the compiled translate call): re-measure "
+                            f"them (mosc measure --target {target} ...; those archs are measured again on their own)")
+        for r in rows:
+            if r["backend"] == "tvm" and _protocol(r) != TRANSLATE_CALL:
+                continue
             out.append(LatencyRow(
                 features=self._features(r),
                 arch=Arch.from_json(r["arch_json"]) if r["arch_json"] else None,

@@ -27,6 +27,14 @@ import numpy as np
 
 from mosc.errors import MoscError
 
+# What one timed run is, recorded with every measurement (latency rows' extra.protocol, bench results):
+# TRANSLATE_CALL: one call of a TVM artifact's translate function (encoder + the compiled greedy loop,
+# exactly decoder_steps steps), on the device clock: what a user of the artifact waits for.
+# GRAPH_CALLS: the encoder call plus decoder_steps decoder_step calls, each timed alone with its
+# inputs preset, summed: kernel time without the loop (ort/torch, and tvm rows before the compiled loop).
+TRANSLATE_CALL = "translate-call/1"
+GRAPH_CALLS = "graph-calls/1"
+
 NOISY_STD = 0.15  # std above this fraction of the median: the runs did not agree
 NOISY_SKEW = 0.05  # trimmed mean this far from the median: two modes (load came and went)
 
@@ -40,9 +48,9 @@ def _trimmed(xs, trim: float) -> np.ndarray:
     return xs[..., k: n - k] if n - 2 * k > 0 else xs
 
 
-def summarize(total_ms, trim: float, enc_ms=None, dec_ms=None) -> dict[str, float]:
+def summarize(total_ms, trim: float, enc_ms=None, dec_ms=None, kernel_ms=None) -> dict[str, float]:
     """Statistics of per-run latencies (ms). trimmed_mean/median/p90 use the trimmed runs;
-    mean/std/min/max use all runs. Encoder/decoder parts: trimmed means and stds."""
+    mean/std/min/max use all runs. Encoder/decoder/kernel parts: trimmed means and stds."""
     x = np.asarray(total_ms, np.float64)
     if x.size == 0:
         raise MoscError("no timed runs (repeats must be >= 1)")
@@ -52,7 +60,7 @@ def summarize(total_ms, trim: float, enc_ms=None, dec_ms=None) -> dict[str, floa
         "p90_ms": float(np.percentile(t, 90)), "std_ms": float(x.std(ddof=1)) if x.size > 1 else 0.0,
         "min_ms": float(x.min()), "max_ms": float(x.max()),
     }
-    for name, part in (("encoder", enc_ms), ("decoder", dec_ms)):
+    for name, part in (("encoder", enc_ms), ("decoder", dec_ms), ("kernel", kernel_ms)):
         if part is not None:
             p = np.asarray(part, np.float64)
             out[f"{name}_ms"] = float(_trimmed(p, trim).mean())
@@ -88,10 +96,14 @@ class Measurement:
     trim: float
     shapes: dict[str, int]  # batch, source_len, decoder_steps of the graphs measured
     method: str  # how calls were timed
+    protocol: str = GRAPH_CALLS  # what one run is (TRANSLATE_CALL or GRAPH_CALLS)
+    # TRANSLATE_CALL only: per run, encoder + decoder_steps x one decoder_step call, each timed alone
+    # (the kernel time; total - kernel is what the loop itself costs)
+    kernel_ms: list[float] | None = None
     stats: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
-        self.stats = summarize(self.total_ms, self.trim, self.encoder_ms, self.decoder_ms)
+        self.stats = summarize(self.total_ms, self.trim, self.encoder_ms, self.decoder_ms, self.kernel_ms)
 
     @classmethod
     def of_runs(cls, enc: list[float], dec: list[float], warmup: int, trim: float, shapes: dict[str, int],

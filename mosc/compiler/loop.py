@@ -1,0 +1,150 @@
+"""One IRModule per model: each graph a named Relax function, and for a translation model the
+greedy decode loop itself, so a translation is one VM call with no Python between steps.
+
+    merge_graphs(mods)            {graph: imported IRModule} -> one IRModule, `main` of each renamed to its graph
+    add_greedy_loop(mod, graphs)  + decode_loop (recursive, R.If) and translate (encoder, then the loop)
+    loop_signature(graphs)        the translate function's inputs and outputs (mosc.contract.TRANSLATE)
+
+The loop (TVM 0.27's Relax has no while op; a recursive function with R.If runs in both VM
+exec modes), per step t while t < steps and some row has not emitted eos:
+    logits, *caches = decoder_step(token, [t], *caches, *cross)
+    token = argmax(logits)        [B] int64
+    tokens[:, t] = token          a one-hot blend, as the caches are written
+    done |= token == eos
+`steps` and `eos` are inputs: eos = -1 never matches, which forces exactly `steps` steps (the
+timing protocol); the tokens after the last step stay PAD_ID. Caches, cross-attention tensors
+and tokens never leave the device between steps.
+
+The loop is written as TVMScript text with the shapes filled in, parsed, and the graphs'
+stub declarations replaced by the imported functions (TVMScript needs a callee's signature
+to parse a call to it). This module knows the contract's names and shapes, not torch, the
+model's layers or how the result is scheduled and built. It imports tvm only inside functions.
+"""
+
+from __future__ import annotations
+
+from mosc.contract import (BOS_ID, DECODER, ENCODER, PAD_ID, TRANSLATE, TRANSLATE_INPUTS, TRANSLATE_OUTPUTS,
+                           cache_shape, decoder_layers)
+from mosc.errors import MoscError
+
+LOOP = "decode_loop"  # the recursive function: one decoder step, then itself
+
+
+def merge_graphs(mods: dict):
+    """{graph name: IRModule with a Relax `main`} -> one IRModule where each `main` is the Relax
+    function named after its graph. The other functions (TIR the importer made) keep their names;
+    two graphs with a same-named one cannot be merged (MoscError; never seen from mosc's exports)."""
+    import tvm
+
+    funcs, names = {}, set()
+    for graph, mod in mods.items():
+        for gv, func in mod.functions_items():
+            name = graph if gv.name_hint == "main" else gv.name_hint
+            if name in names:
+                raise MoscError(f"cannot merge the graphs into one library: two functions named {name!r}")
+            names.add(name)
+            if gv.name_hint == "main":
+                gv, func = tvm.ir.GlobalVar(name), func.with_attr("global_symbol", name)
+            funcs[gv] = func
+    return tvm.IRModule(funcs)
+
+
+def _ty(spec: dict) -> str:
+    shape = ", ".join(str(d) for d in spec["shape"]) + ("," if len(spec["shape"]) == 1 else "")
+    return f'R.Tensor(({shape}), dtype="{spec["dtype"]}")'
+
+
+def _params(names: list[str], specs: list[dict]) -> str:
+    return ", ".join(f"{n}: {_ty(s)}" for n, s in zip(names, specs))
+
+
+def loop_signature(graphs: dict) -> dict[str, list[dict]]:
+    """The translate function's signature: src [B, S] int64, steps [1] int64, eos [1] int64 ->
+    tokens [B, T] int64 (graphs: the encoder's and decoder_step's signatures)."""
+    src = graphs[ENCODER]["inputs"][0]
+    B, T = src["shape"][0], cache_shape(graphs)[1]
+    one = {"shape": [1], "dtype": "int64"}
+    ins = [dict(src, name=TRANSLATE_INPUTS[0]), dict(one, name=TRANSLATE_INPUTS[1]), dict(one, name=TRANSLATE_INPUTS[2])]
+    return {"inputs": ins, "outputs": [{"name": TRANSLATE_OUTPUTS[0], "shape": [B, T], "dtype": "int64"}]}
+
+
+def _loop_script(graphs: dict) -> str:
+    """TVMScript of stubs for encoder/decoder_step (replaced after parsing), decode_loop, translate."""
+    enc, dec = graphs[ENCODER], graphs[DECODER]
+    B, S = enc["inputs"][0]["shape"]
+    _, T, Q = cache_shape(graphs)
+    L = decoder_layers(graphs)
+    cache = {"shape": [B, T, Q], "dtype": "float32"}
+    caches, cross = [f"c{i}" for i in range(2 * L)], [f"x{i}" for i in range(3 * L)]
+    cross_specs = enc["outputs"]
+    enc_ret = f"R.Tuple({', '.join(_ty(s) for s in cross_specs)})"
+    dec_ret = f"R.Tuple({', '.join(_ty(s) for s in dec['outputs'])})"
+    i64 = lambda *shape: _ty({"shape": list(shape), "dtype": "int64"})  # noqa: E731
+    state = f"{_params(caches, [cache] * len(caches))}, {_params(cross, cross_specs)}"
+    return f"""
+@I.ir_module
+class Module:
+    @R.function
+    def {ENCODER}(src: {i64(B, S)}) -> {enc_ret}:
+        return R.call_pure_packed("mosc.stub", src, ty_args={enc_ret})
+
+    @R.function
+    def {DECODER}(token: {i64(B)}, pos: {i64(1)}, {state}) -> {dec_ret}:
+        return R.call_pure_packed("mosc.stub", token, ty_args={dec_ret})
+
+    @R.function
+    def {LOOP}(t: {i64(1)}, steps: {i64(1)}, eos: {i64(1)}, token: {i64(B)}, done: {_ty({"shape": [B], "dtype": "bool"})},
+               tokens: {i64(B, T)}, {state}) -> {i64(B, T)}:
+        cls = Module
+        live = R.logical_and(R.squeeze(R.less(t, steps)),
+                             R.less(R.sum(R.astype(done, "int32")), R.const({B}, "int32")))
+        if live:
+            r = cls.{DECODER}(token, t, {", ".join(caches)}, {", ".join(cross)})
+            with R.dataflow():
+                nxt = R.argmax(r[0], axis=-1)
+                hot = R.expand_dims(R.equal(R.arange(0, {T}, 1, "int64"), t), 0)
+                tokens2 = R.where(hot, R.expand_dims(nxt, 1), tokens)
+                done2 = R.logical_or(done, R.equal(nxt, eos))
+                t2 = R.add(t, R.const(1, "int64"))
+                R.output(nxt, tokens2, done2, t2)
+            out = cls.{LOOP}(t2, steps, eos, nxt, done2, tokens2, {", ".join(f"r[{i + 1}]" for i in range(2 * L))},
+                             {", ".join(cross)})
+        else:
+            out = tokens
+        return out
+
+    @R.function
+    def {TRANSLATE}(src: {i64(B, S)}, steps: {i64(1)}, eos: {i64(1)}) -> {i64(B, T)}:
+        cls = Module
+        x = cls.{ENCODER}(src)
+        with R.dataflow():
+            zero = R.zeros(R.shape([{B}, {T}, {Q}]), "float32")
+            t0 = R.zeros(R.shape([1]), "int64")
+            bos = R.full(R.shape([{B}]), R.const({BOS_ID}, "int64"), "int64")
+            done = R.zeros(R.shape([{B}]), "bool")
+            tokens = R.full(R.shape([{B}, {T}]), R.const({PAD_ID}, "int64"), "int64")
+            R.output(zero, t0, bos, done, tokens)
+        out = cls.{LOOP}(t0, steps, eos, bos, done, tokens, {", ".join(["zero"] * len(caches))},
+                         {", ".join(f"x[{i}]" for i in range(len(cross)))})
+        return out
+"""
+
+
+def add_greedy_loop(mod, graphs: dict):
+    """The merged translation module (merge_graphs) + decode_loop and translate.
+
+    graphs: the encoder's and decoder_step's signatures (mosc.compiler.passes.signature)."""
+    import tvm
+    from tvm import relax
+    from tvm.script import ir as I
+    from tvm.script import relax as R
+
+    script = tvm.script.from_source(_loop_script(graphs), extra_vars={"I": I, "R": R})
+    funcs = {gv: f for gv, f in mod.functions_items() if gv.name_hint not in (ENCODER, DECODER)}
+    for gv, func in script.functions_items():
+        name = gv.name_hint
+        funcs[gv] = mod[name].with_attr("global_symbol", name) if name in (ENCODER, DECODER) else func
+    try:
+        return relax.transform.Normalize()(tvm.IRModule(funcs))
+    except Exception as e:  # a signature that disagrees with the stubs
+        raise MoscError(f"the greedy loop does not fit the graphs: {str(e).strip().splitlines()[0]}") from e
