@@ -16,6 +16,7 @@ from rpc_helpers import hold_write_lock
 
 from mosc.cli import app
 from mosc.device.db import HAT_BACKEND, LatencyDB
+from mosc.device.protocol import GRAPH_CALLS, TRANSLATE_CALL
 from mosc.errors import MoscError
 from mosc.space import HAT_FEATURE_NAMES, SearchSpace
 
@@ -26,7 +27,26 @@ HAT_PI = HAT_DIR / "wmt14ende_cpu_raspberrypi_all.csv"
 def _record(arch, latency=1.0, **kw):
     return {"target": "host", "backend": "tvm", "device_key": "local:test", "arch_hash": arch.hash,
             "arch_json": arch.to_json(), "features": arch.hat_features(), "latency_ms": latency,
-            "samples": [latency] * 3, "runs": 3, "batch": 1, "source_len": 30, "decoder_steps": 30, **kw}
+            "samples": [latency] * 3, "runs": 3, "batch": 1, "source_len": 30, "decoder_steps": 30,
+            "extra": {"protocol": TRANSLATE_CALL}, **kw}
+
+
+def test_old_protocol_tvm_rows_are_refused_for_refits(tmp_path):
+    """tvm rows timed per graph call (before artifacts compiled their loop) never feed a fit: refused in
+    one line while an arch has only such a row, left out once it was measured again; has() does not
+    count them, so `mosc measure` re-measures those archs on its own."""
+    a, b = _archs(2)
+    with LatencyDB(tmp_path / "lat.db") as db:
+        db.insert(_record(a, 2.0, extra={"method": "per graph call"}))  # what an older mosc wrote
+        db.insert(_record(b, 3.0))
+        assert not db.has(a.hash, "host", "tvm", "local:test") and db.has(b.hash, "host", "tvm", "local:test")
+        with pytest.raises(MoscError, match=r"1 tvm row\(s\) of target 'host' were timed per graph call") as e:
+            db.rows("host")
+        assert "\n" not in str(e.value) and "re-measure" in str(e.value)
+        db.insert(_record(a, 2.5))
+        assert sorted(r.latency_ms for r in db.rows("host")) == [2.5, 3.0]
+        db.insert({**_record(a, 9.0), "backend": "ort", "extra": {"protocol": GRAPH_CALLS}})  # not tvm: kept
+        assert sorted(r.latency_ms for r in db.rows("host")) == [2.5, 3.0, 9.0]
 
 
 def _archs(n, seed=0):
