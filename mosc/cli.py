@@ -15,6 +15,7 @@ import enum
 import functools
 import json
 import random
+import statistics
 import sys
 from pathlib import Path
 from typing import Optional
@@ -725,7 +726,7 @@ def measure_cmd(
 ):
     """Measure latency with HAT's protocol, on this machine or on a device over TVM RPC, into the latency database.
 
-    One run is the encoder plus N incremental decoder steps, after warm-up runs; the trimmed mean of the timed runs is stored. Every arch's row is committed at once, and a re-run skips archs already measured.
+    One run is one translation: with the tvm backend, one call of the artifact's compiled translate function (encoder plus exactly N greedy decoder steps, on the device clock), with the kernel time (encoder + N x one step call) beside it; with ort/torch, the encoder plus N decoder-step calls. The trimmed mean of the timed runs is stored. Every arch's row is committed at once, and a re-run skips archs already measured.
     """
     from mosc.jobs.artifacts import sample_archs
     from mosc.jobs.measure import measure_into_db, remote_for
@@ -744,11 +745,13 @@ def measure_cmd(
                         announce=True, log=log)
     t = Table(title=f"{tg.name} / {backend} / {m.device_key}{' (emulated)' if m.emulated else ''}: latency in ms")
     t.add_column("arch", no_wrap=True)
-    for c in ("trimmed mean", "encoder", "decoder", "median", "p90", "std", "runs"):
+    for c in ("trimmed mean", "kernels alone", "encoder", "decoder", "median", "p90", "std", "runs"):
         t.add_column(c, justify="right")
     for r in m.new:
-        t.add_row(r["arch_hash"], f"{r['trimmed_mean_ms']:.3f}", f"{r['encoder_ms']:.3f}", f"{r['decoder_ms']:.3f}",
-                  f"{r['median_ms']:.3f}", f"{r['p90_ms']:.3f}", f"{r['std_ms']:.3f}", str(r["runs"]))
+        kernel = r["extra"].get("kernel_ms")
+        t.add_row(r["arch_hash"], f"{r['trimmed_mean_ms']:.3f}", "-" if kernel is None else f"{kernel:.3f}",
+                  f"{r['encoder_ms']:.3f}", f"{r['decoder_ms']:.3f}", f"{r['median_ms']:.3f}", f"{r['p90_ms']:.3f}",
+                  f"{r['std_ms']:.3f}", str(r["runs"]))
     if m.new:
         console.print(t)
     console.print(f"[green]measured[/] {len(m.new)}, skipped {len(m.skipped)} already in {_db_path(db)}")
@@ -914,9 +917,10 @@ def _bench(target, artifact, arch_file, checkpoint, space, seed, tune, trials, t
 def _bench_line(r: dict) -> str:
     s = r["stats"]
     kind = f" ({r['kind']})" if r.get("kind", "translation") != "translation" else ""
+    kernel = f", kernels alone {statistics.median(r['kernel_ms']):.3f} ms" if r.get("kernel_ms") else ""
     return (f"{r['target']} / arch {r['arch']['hash']}{kind}: median {s['median_ms']:.3f} ms, p90 {s['p90_ms']:.3f} ms, "
-            f"trimmed mean {s['trimmed_mean_ms']:.3f} ms, std {s['std_ms']:.3f} ms over {len(r['samples_ms'])} runs "
-            f"({r['wall_s']:.1f} s)")
+            f"trimmed mean {s['trimmed_mean_ms']:.3f} ms, std {s['std_ms']:.3f} ms over {len(r['samples_ms'])} runs"
+            f"{kernel} ({r['wall_s']:.1f} s)")
 
 
 @command(app, "bench")

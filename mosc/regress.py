@@ -8,7 +8,8 @@
     junit_xml(report) / print-free       CI outputs (the CLI prints the table)
 
 A *result* (JSON, format "mosc-bench/1") holds the raw per-run total latencies (ms) of
-one measurement with the target's [protocol], the protocol, the target, the arch (hash +
+one measurement with the target's [protocol], what one run was (`timing`: one call of the
+artifact's compiled translate function; results written before it: per graph call), the protocol, the target, the arch (hash +
 JSON), the artifact's manifest sha256 and the environment. A *baseline* is a result that
 was accepted earlier (`mosc check --update-baseline`).
 
@@ -48,7 +49,7 @@ from typing import Callable
 import numpy as np
 
 from mosc.contract import ENCODER_CLASSIFIER, KIND_GRAPHS, TRANSLATION
-from mosc.device.protocol import _trimmed, summarize
+from mosc.device.protocol import GRAPH_CALLS, _trimmed, summarize
 from mosc.errors import MoscError
 from mosc.rpc import cpu_model  # noqa: F401  (re-exported: the CPU model recorded with a result)
 
@@ -124,6 +125,12 @@ def run_protocol_of(protocol, kind: str) -> dict:
     return {**p, "decoder_steps": 0} if kind == ENCODER_CLASSIFIER else p
 
 
+def timing_of(r: dict) -> str:
+    """What one run of a result was (mosc.device.protocol): results written before the compiled loop
+    timed a translation per graph call."""
+    return r.get("timing", GRAPH_CALLS)
+
+
 def kind_of(r: dict) -> str:
     """The model kind a result was measured on (results written before kinds existed: translation)."""
     return r.get("kind", TRANSLATION)
@@ -189,8 +196,9 @@ def _result(target, protocol, artifact: Path, manifest: dict, arch, m, remote, d
                      "tvm_version": manifest.get("tvm_version"), "tvm_ffi_version": manifest.get("tvm_ffi_version")},
         "environment": environment(),
         "device": {"where": "local" if remote is None else f"rpc {remote.key}@{remote.addr}", **(dev or {})},
-        "method": m.method,
+        "method": m.method, "timing": m.protocol,
         "samples_ms": [round(x, 6) for x in m.total_ms],
+        **({} if m.kernel_ms is None else {"kernel_ms": [round(x, 6) for x in m.kernel_ms]}),
         "encoder_ms": [round(x, 6) for x in m.encoder_ms], "decoder_ms": [round(x, 6) for x in m.decoder_ms],
         "stats": summarize(m.total_ms, protocol.trim),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "wall_s": round(wall, 3),
@@ -261,6 +269,10 @@ def compatible(baseline: dict, result: dict) -> None:
     if bk != rk:  # first: a classifier call and a whole translation share nothing to compare
         raise MoscError(f"baseline was measured on a model of kind {bk!r}, result on one of kind {rk!r}: "
                         "not comparable (keep one baseline per model)")
+    bm, rm = timing_of(baseline), timing_of(result)
+    if bm != rm:
+        raise MoscError(f"baseline runs were timed as {bm!r}, result runs as {rm!r} (one translate call since the decode "
+                        "loop is compiled): not comparable (re-baseline with --update-baseline --force)")
     bt, rt = baseline.get("target"), result.get("target")
     if bt != rt:
         raise MoscError(f"baseline is for target {bt!r}, result for {rt!r}: not comparable (use the {rt} baseline)")

@@ -207,6 +207,25 @@ def test_tvm_artifact_greedy_matches_torch(host_artifact, sub, tok):
     assert got == torch_greedy(sub, rows)
 
 
+def test_compiled_loop_matches_the_python_loop(host_artifact, tok):
+    """The artifact's translate function (one call: encoder + the greedy loop on the device) against
+    Python stepping the same artifact's graphs: exactly `steps` steps with eos = -1, an early stop at
+    eos (the slots after it PAD), and fewer steps than the cache holds."""
+    from mosc.compiler.artifact import load_artifact
+    from mosc.runtime import artifact_backend, greedy, pad_source, python_greedy
+
+    be = artifact_backend(load_artifact(host_artifact))
+    src, _ = pad_source(random_sources(1, tok.vocab_size, seed=7), 1, S, PAD)
+    full = be.loop(src, T, -1)[0].tolist()  # eos never matches: all T steps
+    assert len(full) == T and full == python_greedy(be, src, BOS, -1)[0]
+    stop = next(t for t in full[3:] if t != PAD)  # a token the model emits after a few steps
+    k = full.index(stop)
+    got = be.loop(src, T, stop)[0].tolist()
+    assert got[: k + 1] == full[: k + 1] and got[k + 1:] == [PAD] * (T - k - 1)
+    assert greedy(be, src, BOS, stop) == python_greedy(be, src, BOS, stop) == [full[:k]]
+    assert be.loop(src, 7, -1)[0].tolist() == full[:7] + [PAD] * (T - 7)
+
+
 def test_cli_translate_matches_torch(host_artifact, sub, tok, tmp_path):
     text = "the small dog sees a red house"
     r = invoke("translate", "--artifact", host_artifact, "--text", text, "--ids")
@@ -293,19 +312,25 @@ def test_compile_one_step_from_subnet(subnet_dir, sub, tok, work):
     from mosc.runtime import artifact_backend, pad_source
 
     out = work / "art-one-step"
-    r = invoke("compile", "-t", "host", "--subnet", subnet_dir, "--source-len", 12, "--cache-len", 8, "--no-tune",
-               "--tune-db", work / "db1", "-o", out)
+    r = invoke("compile", "-t", "host", "--subnet", subnet_dir, "--source-len", 12, "--cache-len", 8, "--batch", 2,
+               "--no-tune", "--tune-db", work / "db1", "-o", out)
     assert "greedy: onnxruntime vs torch" in r.output and "compiled" in r.output
     m = json.loads((out / "manifest.json").read_text())
-    assert m["model"]["shapes"] == {"batch": 1, "source_len": 12, "cache_len": 8}
+    assert m["model"]["shapes"] == {"batch": 2, "source_len": 12, "cache_len": 8}
     assert m["graphs"]["decoder_step"]["inputs"][2]["shape"][1] == 8
-    rows = [r[:12] for r in random_sources(2, tok.vocab_size, seed=9)]
-    from mosc.runtime import greedy
+    assert m["graphs"]["translate"]["outputs"] == [{"name": "tokens", "shape": [2, 8], "dtype": "int64"}]
+    rows = [r[:12] for r in random_sources(4, tok.vocab_size, seed=9)]
+    from mosc.runtime import greedy, python_greedy
 
     backend = artifact_backend(load_artifact(out))
-    for ids in rows:
-        src = pad_source([ids], 1, 12, PAD)[0]
-        assert greedy(backend, src, BOS, EOS) == sub.translate(torch.from_numpy(src), BOS, EOS, max_len=8)
+    for i in range(0, len(rows), 2):
+        src = pad_source(rows[i:i + 2], 2, 12, PAD)[0]
+        want = sub.translate(torch.from_numpy(src), BOS, EOS, max_len=8)
+        assert greedy(backend, src, BOS, EOS) == want
+        # a batch whose rows stop at different steps: one row's eos does not stop the other
+        full = backend.loop(src, 8, -1).tolist()
+        stop = full[0][2]  # row 0 emits it at step 3 (or earlier); as eos, row 0 is cut there
+        assert greedy(backend, src, BOS, stop) == python_greedy(backend, src, BOS, stop)
 
 
 # ----------------------------------------------------------------------------- damaged records

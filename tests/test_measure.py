@@ -349,7 +349,11 @@ def test_measure_local_records_everything(env, archs, tmp_path):
     assert (row["source_len"], row["decoder_steps"], row["batch"]) == (8, 4, 1)
     assert 0 < row["min_ms"] <= row["median_ms"] <= row["p90_ms"] <= row["max_ms"]
     assert row["encoder_ms"] > 0 and row["decoder_ms"] > 0 and row["artifact_sha256"] and "apache-tvm 0.27" in row["tvm_version"]
-    assert "device clock" in json.loads(row["extra"])["method"]
+    extra = json.loads(row["extra"])
+    assert "device clock" in extra["method"] and extra["protocol"] == "translate-call/1"
+    # one translate call per run; the kernels alone (encoder + 4 x one step call) beside it
+    assert len(extra["kernel_samples"]) == PROTOCOL["repeats"] and extra["kernel_ms"] > 0
+    assert "kernels alone" in r.stdout
     # same command again: nothing to do; --force measures again
     r = inproc(env, "measure", "-t", "host", "--arch", tmp_path / "a.json", "--no-tune", "--db", db)
     assert r.returncode == 0 and "measured 0, skipped 1" in r.stdout, r.stdout + r.stderr

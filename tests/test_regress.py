@@ -137,6 +137,7 @@ def test_bench_result_records_everything(built, baseline):
     assert r["artifact"]["sha256"] == sha256_file(built.art / "manifest.json")
     assert r["environment"]["tvm_version"] and r["environment"]["tvm_ffi_version"]
     assert r["stats"]["median_ms"] > 0 and r["device"]["where"] == "local"
+    assert r["timing"] == "translate-call/1" and len(r["kernel_ms"]) == PROTOCOL["repeats"]
 
 
 def test_aa_resampled_noise_does_not_flag(baseline):
@@ -196,6 +197,7 @@ def test_injected_slowdown_is_flagged(built):
     (lambda r: r["environment"].update(tvm_ffi_version="0.0.1"), "tvm-ffi"),
     (lambda r: r["protocol"].update(decoder_steps=30), "protocol"),
     (lambda r: r["environment"].update(tvm_num_threads="7"), "TVM_NUM_THREADS"),
+    (lambda r: r.pop("timing"), "timed as 'graph-calls/1'"),  # a result from before the compiled loop
 ])
 def test_mismatches_are_refused(baseline, change, needle):
     from mosc.regress import compare

@@ -41,7 +41,8 @@ def build(mod, target: Target | str, db_dir: Path | str | None = None, *, use_da
     "from_database", "default_scheduled", "naive", "tuned"} counts of this graph's TIR functions
     (naive: CPU functions no default rule matched; 0 is what every known graph gets; tuned: of
     from_database, those whose record is a tuned candidate rather than the default schedule's
-    trace, which the tuner records as the yardstick a candidate must beat).
+    trace, which the tuner records as the yardstick a candidate must beat). Hand-written kernels
+    (the decode loop's, mosc.compiler.loop) count as default_scheduled: their loops are their schedule.
     """
     import tvm
 
@@ -49,12 +50,13 @@ def build(mod, target: Target | str, db_dir: Path | str | None = None, *, use_da
     db_dir = Path(db_dir) if db_dir is not None else default_db_dir(target)
     mod = run_passes(mod, target, PREPARE)
     total = _prim_funcs(mod)
+    hand = len(_hand_written(mod))
     has_db = use_database and (db_dir / "database_tuning_record.json").is_file()
     if has_db:
         with open_database(db_dir):
             mod = run_passes(mod, target, FINISH[:1])
-    from_db = total - len(unscheduled_functions(mod))
-    tuned = sum(1 for _, f in mod.functions_items() if _is_tuned(f))
+    from_db = total - len(unscheduled_functions(mod)) - hand
+    tuned = sum(1 for _, f in mod.functions_items() if _is_tuned(f)) - hand
     cut = 1 + next(i for i, (name, _) in enumerate(FINISH) if name == "default_schedules")
     mod = run_passes(mod, target, FINISH[1:cut])
     # CPU: what no default rule matched runs as a naive loop nest; counted before the last
@@ -83,6 +85,15 @@ def _is_tuned(func) -> bool:
 
     return (isinstance(func, tirx.PrimFunc) and func.attrs is not None and bool(func.attrs.get(SCHEDULED_ATTR, False))
             and default_rule_of(func) is None)
+
+
+def _hand_written(mod) -> list[str]:
+    from tvm import tirx
+
+    from mosc.compiler.loop import HAND
+
+    return [gv.name_hint for gv, f in mod.functions_items()
+            if isinstance(f, tirx.PrimFunc) and f.attrs is not None and bool(f.attrs.get(HAND, False))]
 
 
 def _prim_funcs(mod) -> int:
@@ -183,7 +194,7 @@ def compile_artifact(
 
     mod = merge_graphs(mods)
     if translation:
-        mod = add_greedy_loop(mod, graphs)
+        mod = add_greedy_loop(mod, graphs, gpu=target.device_type() != "cpu")
         graphs[TRANSLATE] = {"file": LIBRARY, "function": TRANSLATE, **loop_signature(graphs)}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)  # invalidate an older artifact first

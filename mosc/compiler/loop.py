@@ -8,9 +8,10 @@ greedy decode loop itself, so a translation is one VM call with no Python betwee
 The loop (TVM 0.27's Relax has no while op; a recursive function with R.If runs in both VM
 exec modes), per step t while t < steps and some row has not emitted eos:
     logits, *caches = decoder_step(token, [t], *caches, *cross)
-    token = argmax(logits)        [B] int64
-    tokens[:, t] = token          a one-hot blend, as the caches are written
-    done |= token == eos
+    token = argmax(logits)        [B] int64      \
+    tokens[:, t] = token                          | one hand-written TIR kernel (greedy_pick): a
+    done |= token == eos                          | step's bookkeeping as ~15 small Relax ops cost
+    live = t + 1 < steps and not all(done)       /  ~8 us of calls; one kernel costs ~1 us
 `steps` and `eos` are inputs: eos = -1 never matches, which forces exactly `steps` steps (the
 timing protocol); the tokens after the last step stay PAD_ID. Caches, cross-attention tensors
 and tokens never leave the device between steps.
@@ -28,6 +29,9 @@ from mosc.contract import (BOS_ID, DECODER, ENCODER, PAD_ID, TRANSLATE, TRANSLAT
 from mosc.errors import MoscError
 
 LOOP = "decode_loop"  # the recursive function: one decoder step, then itself
+PICK = "greedy_pick"  # the loop's one kernel per step besides the decoder step (argmax and bookkeeping)
+SCHEDULED = "tirx.is_scheduled"  # = mosc.compiler.schedules.SCHEDULED_ATTR: no rule touches PICK
+HAND = "mosc.hand_written"  # PICK's mark: its loops are its schedule (counted apart in build coverage)
 
 
 def merge_graphs(mods: dict):
@@ -68,11 +72,13 @@ def loop_signature(graphs: dict) -> dict[str, list[dict]]:
     return {"inputs": ins, "outputs": [{"name": TRANSLATE_OUTPUTS[0], "shape": [B, T], "dtype": "int64"}]}
 
 
-def _loop_script(graphs: dict) -> str:
-    """TVMScript of stubs for encoder/decoder_step (replaced after parsing), decode_loop, translate."""
+def _loop_script(graphs: dict, gpu: bool) -> str:
+    """TVMScript of stubs for encoder/decoder_step (replaced after parsing), the per-step kernel,
+    decode_loop and translate. gpu: the kernel runs as one GPU thread (it is serial work on [B, V])."""
     enc, dec = graphs[ENCODER], graphs[DECODER]
     B, S = enc["inputs"][0]["shape"]
     _, T, Q = cache_shape(graphs)
+    V = dec["outputs"][0]["shape"][1]
     L = decoder_layers(graphs)
     cache = {"shape": [B, T, Q], "dtype": "float32"}
     caches, cross = [f"c{i}" for i in range(2 * L)], [f"x{i}" for i in range(3 * L)]
@@ -80,7 +86,11 @@ def _loop_script(graphs: dict) -> str:
     enc_ret = f"R.Tuple({', '.join(_ty(s) for s in cross_specs)})"
     dec_ret = f"R.Tuple({', '.join(_ty(s) for s in dec['outputs'])})"
     i64 = lambda *shape: _ty({"shape": list(shape), "dtype": "int64"})  # noqa: E731
+    flags, flag = _ty({"shape": [B], "dtype": "bool"}), 'R.Tensor((), dtype="bool")'
     state = f"{_params(caches, [cache] * len(caches))}, {_params(cross, cross_specs)}"
+    launch = ('\n        bx = T.launch_thread("blockIdx.x", 1)\n        tx = T.launch_thread("threadIdx.x", 1)'
+              if gpu else "")
+    scope = ', scope="local"' if gpu else ""
     return f"""
 @I.ir_module
 class Module:
@@ -92,22 +102,41 @@ class Module:
     def {DECODER}(token: {i64(B)}, pos: {i64(1)}, {state}) -> {dec_ret}:
         return R.call_pure_packed("mosc.stub", token, ty_args={dec_ret})
 
+    @T.prim_func(private=True)
+    def {PICK}(logits: T.Buffer(({B}, {V}), "float32"), t: T.Buffer((1,), "int64"), steps: T.Buffer((1,), "int64"),
+               eos: T.Buffer((1,), "int64"), done: T.Buffer(({B},), "bool"), tokens: T.Buffer(({B}, {T}), "int64"),
+               nxt: T.Buffer(({B},), "int64"), tokens2: T.Buffer(({B}, {T}), "int64"), done2: T.Buffer(({B},), "bool"),
+               t2: T.Buffer((1,), "int64"), live: T.Buffer((), "bool")):
+        T.func_attr({{"tirx.noalias": True, "{SCHEDULED}": True, "{HAND}": True}}){launch}
+        best = T.decl_buffer((1,), "float32"{scope})
+        arg = T.decl_buffer((1,), "int64"{scope})
+        left = T.decl_buffer((1,), "int32"{scope})
+        left[0] = 0
+        for b in range({B}):
+            best[0] = logits[b, 0]  # argmax: the first index of the largest logit (numpy's and torch's rule)
+            arg[0] = T.int64(0)
+            for v in range(1, {V}):
+                if logits[b, v] > best[0]:
+                    best[0] = logits[b, v]
+                    arg[0] = T.int64(v)
+            nxt[b] = arg[0]
+            done2[b] = done[b] or arg[0] == eos[0]
+            if not done2[b]:
+                left[0] = left[0] + 1
+            for j in range({T}):
+                tokens2[b, j] = T.if_then_else(T.int64(j) == t[0], arg[0], tokens[b, j])
+        t2[0] = t[0] + T.int64(1)
+        live[()] = t2[0] < steps[0] and left[0] > 0
+
     @R.function
-    def {LOOP}(t: {i64(1)}, steps: {i64(1)}, eos: {i64(1)}, token: {i64(B)}, done: {_ty({"shape": [B], "dtype": "bool"})},
-               tokens: {i64(B, T)}, {state}) -> {i64(B, T)}:
+    def {LOOP}(t: {i64(1)}, steps: {i64(1)}, eos: {i64(1)}, token: {i64(B)}, done: {flags}, tokens: {i64(B, T)},
+               live: {flag}, {state}) -> {i64(B, T)}:
         cls = Module
-        live = R.logical_and(R.squeeze(R.less(t, steps)),
-                             R.less(R.sum(R.astype(done, "int32")), R.const({B}, "int32")))
         if live:
             r = cls.{DECODER}(token, t, {", ".join(caches)}, {", ".join(cross)})
-            with R.dataflow():
-                nxt = R.argmax(r[0], axis=-1)
-                hot = R.expand_dims(R.equal(R.arange(0, {T}, 1, "int64"), t), 0)
-                tokens2 = R.where(hot, R.expand_dims(nxt, 1), tokens)
-                done2 = R.logical_or(done, R.equal(nxt, eos))
-                t2 = R.add(t, R.const(1, "int64"))
-                R.output(nxt, tokens2, done2, t2)
-            out = cls.{LOOP}(t2, steps, eos, nxt, done2, tokens2, {", ".join(f"r[{i + 1}]" for i in range(2 * L))},
+            p = R.call_tir(cls.{PICK}, (r[0], t, steps, eos, done, tokens),
+                           out_ty=[{i64(B)}, {i64(B, T)}, {flags}, {i64(1)}, {flag}])
+            out = cls.{LOOP}(p[3], steps, eos, p[0], p[2], p[1], p[4], {", ".join(f"r[{i + 1}]" for i in range(2 * L))},
                              {", ".join(cross)})
         else:
             out = tokens
@@ -123,23 +152,26 @@ class Module:
             bos = R.full(R.shape([{B}]), R.const({BOS_ID}, "int64"), "int64")
             done = R.zeros(R.shape([{B}]), "bool")
             tokens = R.full(R.shape([{B}, {T}]), R.const({PAD_ID}, "int64"), "int64")
-            R.output(zero, t0, bos, done, tokens)
-        out = cls.{LOOP}(t0, steps, eos, bos, done, tokens, {", ".join(["zero"] * len(caches))},
+            live = R.squeeze(R.less(t0, steps))
+            R.output(zero, t0, bos, done, tokens, live)
+        out = cls.{LOOP}(t0, steps, eos, bos, done, tokens, live, {", ".join(["zero"] * len(caches))},
                          {", ".join(f"x[{i}]" for i in range(len(cross)))})
         return out
 """
 
 
-def add_greedy_loop(mod, graphs: dict):
-    """The merged translation module (merge_graphs) + decode_loop and translate.
+def add_greedy_loop(mod, graphs: dict, gpu: bool = False):
+    """The merged translation module (merge_graphs) + greedy_pick, decode_loop and translate.
 
-    graphs: the encoder's and decoder_step's signatures (mosc.compiler.passes.signature)."""
+    graphs: the encoder's and decoder_step's signatures (mosc.compiler.passes.signature).
+    gpu: for a GPU target (greedy_pick bound to one GPU thread)."""
     import tvm
     from tvm import relax
     from tvm.script import ir as I
     from tvm.script import relax as R
+    from tvm.script import tirx as T
 
-    script = tvm.script.from_source(_loop_script(graphs), extra_vars={"I": I, "R": R})
+    script = tvm.script.from_source(_loop_script(graphs, gpu), extra_vars={"I": I, "R": R, "T": T})
     funcs = {gv: f for gv, f in mod.functions_items() if gv.name_hint not in (ENCODER, DECODER)}
     for gv, func in script.functions_items():
         name = gv.name_hint
