@@ -1,8 +1,9 @@
 """Devices and precisions: device resolution and its errors, bf16 autocast training on the CPU,
 checkpoints that hold only CPU tensors (so a GPU run resumes on a CPU-only machine), fp16
 refused on the CPU, evaluation and the search fitness on a chosen device, the gpu_check dry
-run, and the Jetson Orin target (cross-compiled here; its CUDA kernels compiled for sm_87
-when nvcc is installed). Tests marked `cuda` run only where torch sees a GPU."""
+run, the Jetson Orin target (cross-compiled here), and GPU artifacts whose kernels are a cubin
+compiled here for the target's SM (nvcc; source without it), checked against the GPU at load.
+Tests marked `cuda` run only where torch sees a GPU."""
 
 import json
 import os
@@ -23,6 +24,8 @@ from mosc.nn.train import TrainConfig, load_trained, train
 
 REPO = Path(__file__).resolve().parent.parent
 HAS_CUDA = torch.cuda.is_available()
+HAS_NVCC = shutil.which("nvcc") is not None
+KERNELS = "binary" if HAS_NVCC else "source"  # what a GPU artifact built here carries
 cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 SMALL = SyntheticConfig(n_train=300, n_val=30, n_test=30)
 
@@ -323,7 +326,7 @@ def test_gpu_check_dry_run_writes_its_json(tmp_path):
     assert d["collapse_max_abs_diff"] <= 1e-5
     assert d["gpu_name"] == d["tvm_over_torch_cuda"] == "skipped (no GPU)"
     assert d["checkpoint"]["tensor_devices"] == {"model.safetensors": ["cpu"], "optim.safetensors": ["cpu"]}
-    assert d["compile"]["cuda_kernels"] == "source" and '"arch":"sm_90a"' in d["compile"]["tvm_target"]
+    assert d["compile"]["cuda_kernels"] == KERNELS and '"arch":"sm_90a"' in d["compile"]["tvm_target"]
     assert (results.read_bytes() if results.exists() else None) == before  # the real results stay as they were
 
 
@@ -372,15 +375,17 @@ def orin_artifact(tmp_path_factory):
 
 
 def test_jetson_orin_cross_compiles(orin_artifact):
-    """aarch64 host code (the VM's driver loop) with the kernels' CUDA source inside: no GPU
-    and no driver are needed to build; the Jetson's TVM runtime compiles the source at load."""
+    """aarch64 host code (the VM's driver loop) with the kernels inside: an sm_87 cubin where
+    nvcc is installed, else their CUDA source (the Jetson's TVM runtime compiles it at load).
+    No GPU and no driver are needed to build."""
     from mosc.compiler.artifact import verify_artifact
 
     m = verify_artifact(orin_artifact)
-    assert m["target"] == "jetson-orin" and m["device"] == "cuda" and m["cuda_kernels"] == "source"
-    head = (orin_artifact / "model.so").read_bytes()[:20]
-    assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183  # EM_AARCH64
-    assert b"__global__" in (orin_artifact / "model.so").read_bytes()
+    assert m["target"] == "jetson-orin" and m["device"] == "cuda" and m["cuda_kernels"] == KERNELS
+    assert m["cuda_arch"] == ("sm_87" if HAS_NVCC else None)
+    lib = (orin_artifact / "model.so").read_bytes()
+    assert lib[:4] == b"\x7fELF" and int.from_bytes(lib[18:20], "little") == 183  # EM_AARCH64
+    assert (b"__global__" in lib) == (not HAS_NVCC)
 
 
 @pytest.mark.skipif(not shutil.which("nvcc"), reason="nvcc not installed")
@@ -405,3 +410,206 @@ def test_jetson_orin_kernels_compile_for_sm87(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (tmp_path / "k.cubin").read_bytes()[:4] == b"\x7fELF"
+
+
+# ---------------------------------------------------------------- GPU kernels compiled ahead of time
+
+
+EM_CUDA = 190  # e_machine of a cubin (an ELF file)
+
+
+def _mlp_onnx(d: Path) -> Path:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)).eval()
+    torch.onnx.export(model, (torch.randn(2, 16),), d / "mlp.onnx", input_names=["x"], output_names=["y"])
+    return d / "mlp.onnx"
+
+
+@pytest.fixture(scope="module")
+def nvidia_artifact(tmp_path_factory):
+    from mosc.compiler.build import compile_artifact
+
+    d = tmp_path_factory.mktemp("nvidia")
+    return compile_artifact({"mlp": _mlp_onnx(d)}, "nvidia", d / "art", tune=False, db_dir=d / "db")
+
+
+def _cuda_payload(library: Path) -> bytes:
+    """What the GPU host's "ffi.Module.load_from_bytes.cuda" would be given when the library is
+    loaded: captured here by a stand-in loader (this machine has no CUDA runtime to register one)."""
+    import tvm
+    import tvm_ffi
+
+    name = "ffi.Module.load_from_bytes.cuda"
+    if tvm_ffi.get_global_func(name, allow_missing=True) is not None:
+        pytest.skip("a CUDA runtime is loaded here: its loader would take the library")
+    got = []
+
+    def loader(data):
+        got.append(bytes(data))
+        return tvm_ffi.get_global_func("runtime.SourceModuleCreate")("", "cuda")
+
+    tvm_ffi.register_global_func(name, loader)
+    try:
+        tvm.runtime.load_module(str(library))
+    finally:
+        tvm_ffi.remove_global_func(name)
+    assert len(got) == 1
+    return got[0]
+
+
+def _fields(payload: bytes) -> tuple[bytes, bytes]:
+    """A "cuda" payload's fmt and code (<fmt: str> <function table> <code: str>): the code is the
+    last str, found from its length, the first u64 after fmt that spans the payload's tail exactly
+    (the function table's small counts and names never do)."""
+    import struct
+
+    (n,) = struct.unpack_from("<Q", payload)
+    fmt = payload[8:8 + n]
+    for start in range(8 + n, len(payload) - 8):
+        (k,) = struct.unpack_from("<Q", payload, start)
+        if start + 8 + k == len(payload):
+            return fmt, payload[start + 8:]
+    return fmt, b""
+
+
+@pytest.mark.skipif(not HAS_NVCC, reason="nvcc not installed (the CUDA toolkit): kernels stay CUDA source")
+def test_nvidia_artifact_carries_a_cubin_for_sm90a(nvidia_artifact):
+    """Built on this CPU machine: the library holds an sm_90 cubin, not CUDA source, and its
+    loader on the GPU host gets fmt "cubin" (cuModuleLoadData, no compiler there)."""
+    import struct
+
+    from mosc.compiler.artifact import verify_artifact
+
+    m = verify_artifact(nvidia_artifact)
+    assert (m["device"], m["cuda_kernels"], m["cuda_arch"], m["cuda_note"]) == ("cuda", "binary", "sm_90a", None)
+    assert b"__global__" not in (nvidia_artifact / "model.so").read_bytes()
+    fmt, cubin = _fields(_cuda_payload(nvidia_artifact / "model.so"))
+    assert fmt == b"cubin" and cubin[:4] == b"\x7fELF"
+    assert struct.unpack_from("<H", cubin, 18)[0] == EM_CUDA
+    if cubin[8] == 8:  # CUDA ELF ABI v8 (CUDA 12.8+): the SM in e_flags bits 8-15
+        assert (struct.unpack_from("<I", cubin, 48)[0] >> 8) & 0xFF == 90
+
+
+def test_without_nvcc_kernels_stay_source_with_a_note(tmp_path, monkeypatch):
+    """No nvcc: the build still succeeds, the library keeps the CUDA source (compiled by the GPU
+    host's TVM at load) and the manifest says so and why; no arch is claimed, none is checked."""
+    import mosc.compiler.cuda as C
+    from mosc.compiler.artifact import verify_artifact
+    from mosc.compiler.build import compile_artifact
+
+    monkeypatch.setattr(C, "NVCC", "nvcc-not-installed-here")
+    out = compile_artifact({"mlp": _mlp_onnx(tmp_path)}, "nvidia", tmp_path / "art", tune=False, db_dir=tmp_path / "db")
+    m = verify_artifact(out)
+    assert (m["cuda_kernels"], m["cuda_arch"]) == ("source", None)
+    assert "nvcc was not on PATH" in m["cuda_note"] and "install the CUDA toolkit" in m["cuda_note"]
+    assert b"__global__" in (out / "model.so").read_bytes()
+    fmt, code = _fields(_cuda_payload(out / "model.so"))
+    assert fmt == b"cuda" and b"__global__" in code
+
+
+def test_cpu_artifact_has_no_cuda_fields(tmp_path):
+    from mosc.compiler.build import compile_artifact
+
+    m = json.loads((compile_artifact({"mlp": _mlp_onnx(tmp_path)}, "host", tmp_path / "art", tune=False,
+                                     db_dir=tmp_path / "db") / "manifest.json").read_text())
+    assert (m["cuda_kernels"], m["cuda_arch"], m["cuda_note"]) == (None, None, None)
+
+
+@pytest.mark.parametrize("arch, compute", [("sm_90a", "9.0"), ("sm_90", "9.0"), ("sm_87", "8.7"), ("sm_86", "8.9"),
+                                           ("sm_100f", "10.3"), ("sm_120", "12.0")])
+def test_gpu_arch_check_accepts_a_gpu_that_runs_the_cubin(arch, compute):
+    from mosc.compiler.cuda import check_gpu_arch
+
+    check_gpu_arch(arch, compute, "artifact a")
+
+
+@pytest.mark.parametrize("arch, compute, says", [
+    ("sm_90a", "8.6", "artifact a holds CUDA kernels for sm_90a, this GPU is sm_86 (compute capability 8.6): "
+                      "compile it for this GPU's target"),
+    ("sm_90a", "10.0", "this GPU is sm_100"),  # arch-specific: that GPU only
+    ("sm_90", "12.0", "this GPU is sm_120"),  # another major: no binary compatibility
+    ("sm_89", "8.6", "this GPU is sm_86"),  # an older minor cannot run a newer one's cubin
+    ("sm_87", None, "artifact a holds CUDA kernels compiled for sm_87, but no CUDA GPU is visible here"),
+    ("sm90", "9.0", "artifact a: its manifest's cuda_arch 'sm90' is not an SM architecture"),
+    (None, "9.0", "cuda_arch None is not an SM architecture"),
+    ("sm_90a", "nine", "the GPU reports compute capability 'nine'"),
+])
+def test_gpu_arch_check_refuses_in_one_line(arch, compute, says):
+    from mosc.compiler.cuda import check_gpu_arch
+
+    with pytest.raises(MoscError) as e:
+        check_gpu_arch(arch, compute, "artifact a")
+    assert says in one_line(e)
+
+
+def test_loading_a_cubin_on_the_wrong_gpu_is_refused_before_loading(nvidia_artifact, monkeypatch):
+    """load_artifact asks the GPU for its compute capability and refuses a mismatch in one line,
+    before the library is copied or loaded (here: a pretended sm_86 GPU, then no GPU at all)."""
+    import mosc.compiler.artifact as A
+    import mosc.compiler.cuda as C
+
+    if A.read_manifest(nvidia_artifact)["cuda_kernels"] != "binary":
+        pytest.skip("nvcc not installed: the artifact holds CUDA source, which has no arch to check")
+    monkeypatch.setattr(A, "_load_local", lambda *a: pytest.fail("loaded the library before checking the GPU"))
+    monkeypatch.setattr(C, "compute_version", lambda dev: "8.6")
+    with pytest.raises(MoscError) as e:
+        A.load_artifact(nvidia_artifact, "cuda")
+    assert one_line(e) == (f"artifact {nvidia_artifact} holds CUDA kernels for sm_90a, this GPU is sm_86 "
+                           "(compute capability 8.6): compile it for this GPU's target")
+    monkeypatch.setattr(C, "compute_version", lambda dev: None)
+    with pytest.raises(MoscError, match="no CUDA GPU is visible here"):
+        A.load_artifact(nvidia_artifact, "cuda")
+
+
+def test_compute_version_without_a_cuda_runtime_is_none():
+    import tvm
+
+    from mosc.compiler.cuda import compute_version
+
+    if tvm.cuda(0).exist:
+        assert compute_version(tvm.cuda(0)) == tvm.cuda(0).compute_version
+    else:
+        assert compute_version(tvm.cuda(0)) is None  # tvm.cuda(0).compute_version itself raises here
+
+
+def test_swap_kernels_replaces_the_source_and_refuses_what_it_does_not_know():
+    """The blob surgery on bytes: only a "cuda" payload of fmt "cuda" ending in the compiled
+    source is changed; anything else is a one-line MoscError, never a guess."""
+    import struct
+
+    from mosc.compiler.cuda import swap_kernels
+
+    def s(b):
+        return struct.pack("<Q", len(b)) + b
+
+    def vec(v):
+        return struct.pack("<Q", len(v)) + b"".join(struct.pack("<Q", x) for x in v)
+
+    def blob(*mods):
+        body = vec([0, 1, 2, 2]) + vec([1, 2]) + b"".join(mods)
+        return struct.pack("<Q", len(body)) + body
+
+    src, table = "__global__ void k() {}", b"\x01\x02table"
+    vm = s(b"relax.VMExecutable") + s(b"vm bytes")
+    before = blob(vm, s(b"_lib"), s(b"cuda") + s(s(b"cuda") + table + s(src.encode())))
+    after = swap_kernels(before, [(src, b"\x7fELFcubin")])
+    assert after == blob(vm, s(b"_lib"), s(b"cuda") + s(s(b"cubin") + table + s(b"\x7fELFcubin")))
+    for bad, says in [(swap_kernels(before, [(src, b"x")]), "not CUDA source"),
+                      (before.replace(b"__global__", b"__device__"), "not the one compiled"),
+                      (before[:-3], "module blob says"),
+                      (before + b"junk", "module blob says")]:
+        with pytest.raises(MoscError) as e:
+            swap_kernels(bad, [(src, b"\x7fELFcubin")])
+        assert says in one_line(e)
+
+
+@pytest.mark.skipif(not HAS_NVCC, reason="nvcc not installed")
+def test_nvcc_failure_is_one_line():
+    import tvm
+
+    from mosc.compiler.cuda import nvcc_cubin
+
+    target = tvm.target.Target("nvidia/nvidia-h100", host={"kind": "llvm"})
+    with pytest.raises(MoscError) as e:
+        nvcc_cubin("__global__ void k( {", target, "nvidia")
+    assert one_line(e).startswith("target nvidia: nvcc could not compile the CUDA kernels for sm_90a: ")

@@ -43,10 +43,14 @@ RECOMPILE = "recompile it (mosc compile; cached artifacts are rebuilt on their o
 
 # ----------------------------------------------------------------------------- manifest
 def write_manifest(art_dir: Path | str, graphs: dict[str, dict], *, target: str, tvm_target: str, device: str,
-                   cuda_kernels, tuning: dict, compile_seconds: float, extra: dict | None = None) -> dict:
+                   cuda_kernels, tuning: dict, compile_seconds: float, extra: dict | None = None,
+                   cuda_arch: str | None = None, cuda_note: str | None = None) -> dict:
     """Write the manifest of the library already in `art_dir`; returns it.
 
     graphs: graph name -> {"file": LIBRARY, "function": name, "inputs": [...], "outputs": [...]}.
+    cuda_kernels: None (no CUDA), "binary" (a cubin for the SM `cuda_arch`, e.g. "sm_90a", which
+    load_artifact checks against the GPU) or "source" (compiled by the GPU host's TVM at load;
+    cuda_note says why). See mosc.compiler.cuda.
     The library's sha256 and the TVM versions are added here; `extra` sections (e.g. "model")
     may not override any of these.
     """
@@ -60,6 +64,8 @@ def write_manifest(art_dir: Path | str, graphs: dict[str, dict], *, target: str,
         "tvm_target": tvm_target,
         "device": device,
         "cuda_kernels": cuda_kernels,
+        "cuda_arch": cuda_arch,
+        "cuda_note": cuda_note,
         "tvm_version": tvm.__version__,
         "tvm_ffi_version": tvm_ffi.__version__,
         "tuning": tuning,
@@ -207,6 +213,7 @@ def load_artifact(art_dir: Path | str, device: str = "cpu", session=None) -> Art
     from tvm.runtime.vm import VirtualMachine
 
     dev = session.device(device) if session is not None else tvm.device(device)
+    _check_gpu(art_dir, manifest, session)  # a cubin for another GPU: one line now, not a CUDA error at a call
     # mkdtemp: mode 0700, so no other user can swap a copy between its check and its load
     private = Path(tempfile.mkdtemp(prefix="mosc-artifact-")) if session is None else None
     try:
@@ -220,6 +227,19 @@ def load_artifact(art_dir: Path | str, device: str = "cpu", session=None) -> Art
         if private is not None:  # a loaded library stays mapped without its file
             shutil.rmtree(private, ignore_errors=True)
     return Artifact(art_dir, manifest, vm, dev)
+
+
+def _check_gpu(art_dir: Path, manifest: dict, session) -> None:
+    """An artifact whose kernels are a cubin needs a GPU that can run it (CUDA device 0 here, or
+    on the RPC session's side): MoscError in one line otherwise (mosc.compiler.cuda.check_gpu_arch)."""
+    if manifest.get("cuda_kernels") != "binary":
+        return  # no CUDA, or source that the GPU host's TVM compiles for its own GPU
+    import tvm
+
+    from mosc.compiler.cuda import check_gpu_arch, compute_version
+
+    gpu = session.device("cuda") if session is not None else tvm.cuda(0)
+    check_gpu_arch(manifest.get("cuda_arch"), compute_version(gpu), f"artifact {art_dir}")
 
 
 def _private_name(file: str, digest: str) -> str:

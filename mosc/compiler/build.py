@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from mosc.compiler.artifact import LIBRARY, MANIFEST, write_manifest
+from mosc.compiler.cuda import compile_kernels, cuda_modules, pack_imports, source_kernels
 from mosc.compiler.loop import add_greedy_loop, loop_signature, merge_graphs
 from mosc.compiler.passes import FINISH, PREPARE, drop_known_tvm_noise, import_onnx, run_passes, signature
 from mosc.compiler.schedules import unscheduled_functions
@@ -103,21 +104,20 @@ def _prim_funcs(mod) -> int:
 
 
 def cuda_kernels(ex) -> str | None:
-    """How an executable ships its CUDA kernels: "source", "binary", or None (no CUDA).
+    """How an executable holds its CUDA kernels: "source", "binary", or None (no CUDA).
 
-    TVM 0.27's tvm.compile keeps CUDA *source* in the library, even where nvcc exists and
-    TVM_CUDA_COMPILE_MODE=nvcc is set (checked here: the build never calls the
-    `tvm_callback_cuda_compile` hook). The TVM runtime on the GPU host compiles it when
-    the library is loaded (NVRTC), so the first load there is slower.
+    TVM 0.27's tvm.compile keeps CUDA *source* (a fallback module, not runnable) where no GPU
+    driver is loaded, and always inside mosc.compiler.cuda.source_kernels(), which
+    compile_artifact uses; with a driver it compiles them at build time for the build machine's
+    own GPU (a runnable module). compile_artifact then compiles the source to a cubin for the
+    target's SM with nvcc and exports the library with the cubin in its place, so such an
+    artifact's manifest says "binary" even though this executable says "source"; without nvcc
+    the library keeps the source, which the GPU host's TVM compiles when it loads it.
     """
-    stack = [ex.mod]
-    while stack:
-        m = stack.pop()
-        if m.kind == "cuda":
-            src = m.inspect_source("")
-            return "source" if "__global__" in src else "binary"
-        stack.extend(m.imports)
-    return None
+    mods = cuda_modules(ex.mod)
+    if not mods:
+        return None
+    return "binary" if all(m.is_runnable() for m in mods) else "source"
 
 
 # apt packages that provide a cross compiler named in a target file
@@ -135,8 +135,10 @@ def require_cross_compiler(target: Target | str) -> None:
         raise MoscError(f"cross compiler {cc_name!r} for target {target.name} not found on PATH ({hint})")
 
 
-def export(ex, path: Path | str, target: Target | str) -> Path:
-    """Executable -> shared library at `path` (cross-compiled where the target says so)."""
+def export(ex, path: Path | str, target: Target | str, *, cubins=()) -> Path:
+    """Executable -> shared library at `path` (cross-compiled where the target says so).
+    cubins: (CUDA source, cubin) pairs (mosc.compiler.cuda.compile_kernels) put in the
+    library in place of the executable's CUDA source."""
     from tvm.support import cc
 
     target = as_target(target)
@@ -145,6 +147,8 @@ def export(ex, path: Path | str, target: Target | str) -> Path:
     if target.cross_compiler:
         require_cross_compiler(target)
         kwargs["fcompile"] = cc.cross_compiler(target.cross_compiler)
+    if cubins:
+        kwargs["fpack_imports"] = pack_imports(cubins)
     ex.export_library(str(path), **kwargs)
     return path
 
@@ -200,11 +204,11 @@ def compile_artifact(
     (out_dir / MANIFEST).unlink(missing_ok=True)  # invalidate an older artifact first
     for old in [p for p in out_dir.glob("*.so") if p.name != LIBRARY]:
         old.unlink()  # an older format's per-graph libraries
-    kernels, coverage = _build_library(mod, target, db_dir, out_dir)
+    kernels, coverage = _build_library(mod, target, db_dir, out_dir)  # kernels: the manifest's cuda_* fields
 
     write_manifest(
         out_dir, graphs, target=target.name, tvm_target=str(target.tvm_target()), device=target.device_type(),
-        cuda_kernels=kernels,
+        **kernels,
         tuning={"tuned": tune, "database": database_id(db_dir), "report": tune_report,
                 "coverage": {LIBRARY: coverage}},
         compile_seconds=time.perf_counter() - t0, extra=extra_manifest,
@@ -212,15 +216,19 @@ def compile_artifact(
     return out_dir
 
 
-def _build_library(mod, target: Target, db_dir: Path, out_dir: Path) -> tuple[str | None, dict]:
-    """Build the merged module into out_dir/model.so, replaced atomically; returns (cuda_kernels,
-    coverage: how many of its functions came from the database)."""
+def _build_library(mod, target: Target, db_dir: Path, out_dir: Path) -> tuple[dict, dict]:
+    """Build the merged module into out_dir/model.so, replaced atomically; returns (the manifest's
+    cuda_kernels / cuda_arch / cuda_note, coverage: how many of its functions came from the database).
+    GPU targets: the kernels are compiled to a cubin for the target's SM here (nvcc), else kept as
+    source with a note (mosc.compiler.cuda)."""
     coverage: dict = {}
-    ex = build(mod, target, db_dir, coverage=coverage)  # whatever the database holds, tuned just now or before
+    with source_kernels():  # GPU: the CUDA source, never kernels JIT-compiled for this machine's own GPU
+        ex = build(mod, target, db_dir, coverage=coverage)  # whatever the database holds, tuned just now or before
+    kernels = compile_kernels(ex, target.tvm_target(), target.name)
     tmp = out_dir / f".{LIBRARY}.{os.getpid()}.tmp.so"  # export_library picks the linker by the suffix
     try:
-        export(ex, tmp, target)
+        export(ex, tmp, target, cubins=kernels.cubins)
         os.replace(tmp, out_dir / LIBRARY)
     finally:
         tmp.unlink(missing_ok=True)
-    return cuda_kernels(ex), coverage
+    return kernels.manifest(), coverage
