@@ -31,6 +31,7 @@ from mosc.errors import MoscError
 LOOP = "decode_loop"  # the recursive function: one decoder step, then itself
 PICK = "greedy_pick"  # the loop's one kernel per step besides the decoder step (argmax and bookkeeping)
 SCHEDULED = "tirx.is_scheduled"  # = mosc.compiler.schedules.SCHEDULED_ATTR: no rule touches PICK
+ARGMAX_LANES = 8  # fp32 lanes the argmax keeps (AVX2; NEON's 4 take two registers)
 HAND = "mosc.hand_written"  # PICK's mark: its loops are its schedule (counted apart in build coverage)
 
 
@@ -79,6 +80,7 @@ def _loop_script(graphs: dict, gpu: bool) -> str:
     B, S = enc["inputs"][0]["shape"]
     _, T, Q = cache_shape(graphs)
     V = dec["outputs"][0]["shape"][1]
+    W = ARGMAX_LANES if V >= ARGMAX_LANES else 1  # a vocabulary smaller than the lanes: one lane
     L = decoder_layers(graphs)
     cache = {"shape": [B, T, Q], "dtype": "float32"}
     caches, cross = [f"c{i}" for i in range(2 * L)], [f"x{i}" for i in range(3 * L)]
@@ -111,11 +113,26 @@ class Module:
         best = T.decl_buffer((1,), "float32"{scope})
         arg = T.decl_buffer((1,), "int64"{scope})
         left = T.decl_buffer((1,), "int32"{scope})
+        lane_max = T.decl_buffer(({W},), "float32"{scope})
+        lane_arg = T.decl_buffer(({W},), "int64"{scope})
         left[0] = 0
         for b in range({B}):
-            best[0] = logits[b, 0]  # argmax: the first index of the largest logit (numpy's and torch's rule)
-            arg[0] = T.int64(0)
-            for v in range(1, {V}):
+            # argmax: the first index of the largest logit (numpy's and torch's rule). {W} lanes each keep
+            # the max of their column of logits and its first index (vectorised), then the lanes merge
+            for w in T.vectorized({W}):
+                lane_max[w] = logits[b, w]
+                lane_arg[w] = T.int64(w)
+            for v in range(1, {V // W}):
+                for w in T.vectorized({W}):
+                    lane_arg[w] = T.Select(logits[b, v * {W} + w] > lane_max[w], T.int64(v * {W} + w), lane_arg[w])
+                    lane_max[w] = T.max(lane_max[w], logits[b, v * {W} + w])
+            best[0] = lane_max[0]
+            arg[0] = lane_arg[0]
+            for w in range(1, {W}):
+                if lane_max[w] > best[0] or (lane_max[w] == best[0] and lane_arg[w] < arg[0]):
+                    best[0] = lane_max[w]
+                    arg[0] = lane_arg[w]
+            for v in range({V // W * W}, {V}):  # the tail: later indices win only when strictly larger
                 if logits[b, v] > best[0]:
                     best[0] = logits[b, v]
                     arg[0] = T.int64(v)
