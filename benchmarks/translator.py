@@ -28,7 +28,9 @@ What it measures (issue 23):
      kernels alone) / T: what the loop costs beyond its kernels, from each side's fastest run, since
      this shared machine's load moves medians by more than that; the medians' difference is kept
      beside it), measure_over_e2e in [0.9, 1.1] (what `mosc measure` stores over the user's
-     wall-clock call, medians; min and max over the models).
+     wall-clock call, medians; min and max over the models). Beside them, the loop's own kernel per
+     step timed alone (greedy_pick: argmax over the vocabulary and the bookkeeping), the structural
+     part of the loop's cost that the differencing above cannot resolve on a noisy machine.
 
 The CPU (lscpu's model name and LLVM's name for it) is recorded: ratios move between CPUs.
 Results: a table on stdout and JSON in benchmarks/results/translator.json (translator_quick.json
@@ -184,6 +186,30 @@ def tvm_child(art_dir: Path, rounds: int) -> dict:
             "step_ms": step, "protocol": m.protocol}
 
 
+def pick_us(vocab: int, llvm_cpu: str) -> float:
+    """The loop's own kernel per step (greedy_pick: argmax over the vocabulary + bookkeeping), timed
+    alone over 1000 calls (best of 5): the structural part of what the loop adds to each step."""
+    import tvm
+    from tvm.script import ir as I
+    from tvm.script import relax as R
+    from tvm.script import tirx as Tx
+
+    from mosc.compiler.loop import PICK, _loop_script
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_loop import _graphs
+
+    mod = tvm.script.from_source(_loop_script(_graphs(1, vocab, T=T), gpu=False), extra_vars={"I": I, "R": R, "T": Tx})
+    lib = tvm.compile(tvm.IRModule({"main": mod[PICK].with_attr("global_symbol", "main")}),
+                      target=tvm.target.Target({"kind": "llvm", "mcpu": llvm_cpu}))
+    dev = tvm.cpu()
+    args = [np.random.default_rng(0).random((1, vocab), np.float32), np.array([3]), np.array([T]), np.array([-1]),
+            np.zeros(1, bool), np.zeros((1, T), np.int64), np.zeros((1,), np.int64), np.zeros((1, T), np.int64),
+            np.zeros((1,), bool), np.zeros((1,), np.int64), np.zeros((), bool)]
+    timer = lib.mod.time_evaluator("main", dev, number=1000, repeat=5)
+    return min(timer(*(tvm.runtime.tensor(x, dev) for x in args)).results) * 1e6
+
+
 def run_child(kind: str, path: Path, rounds: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         subprocess.run([sys.executable, __file__, "--child", kind, "--path", str(path), "--rounds", str(rounds),
@@ -305,6 +331,10 @@ def main(argv=None) -> int:
                       f"{row['functions']}  tokens {'ok' if row['tokens_equal'] else 'DIFFER'}", highlight=False)
     ratios = [r["e2e_tvm_over_ort"] for r in rows]
     moe = [r["measure_over_e2e"] for r in rows]
+    from compile_latency import VOCAB
+
+    pick = pick_us(VOCAB, cpu["llvm_cpu"])
+    console.print(f"greedy_pick alone (vocabulary {VOCAB}): {pick:.2f} us per step")
     keys = {
         "e2e_geomean_tvm_over_ort": geomean(ratios), "e2e_worst_tvm_over_ort": max(ratios),
         "host_overhead_us_per_step": max(r["host_overhead_us_per_step"] for r in rows),
@@ -328,7 +358,8 @@ def main(argv=None) -> int:
         console.print(f"  {k}: {v if isinstance(v, list) else round(v, 3)}  goal {GOALS[k]}  "
                       f"{'met' if met[k] else 'NOT met'}", highlight=False)
     out = {"what": __doc__.split("\n\n")[0], "cpu": cpu, "target": spec, "threads": 1, "steps": T, "source_len": S,
-           "rounds_per_child": rounds, "children_per_runtime": 2, "goals": GOALS, "met": met, **keys, "models": rows,
+           "rounds_per_child": rounds, "children_per_runtime": 2, "goals": GOALS, "met": met, **keys,
+           "greedy_pick_us_per_step": pick, "models": rows,
            "date": time.strftime("%Y-%m-%d"), "python": platform.python_version()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / ("translator_quick.json" if args.quick else "translator.json")
