@@ -80,7 +80,8 @@ def _loop_script(graphs: dict, gpu: bool) -> str:
     B, S = enc["inputs"][0]["shape"]
     _, T, Q = cache_shape(graphs)
     V = dec["outputs"][0]["shape"][1]
-    W = ARGMAX_LANES if V >= ARGMAX_LANES else 1  # a vocabulary smaller than the lanes: one lane
+    # one lane for a vocabulary smaller than the lanes, and on GPUs (CUDA has no 8-wide int64 vector)
+    W = ARGMAX_LANES if V >= ARGMAX_LANES and not gpu else 1
     L = decoder_layers(graphs)
     cache = {"shape": [B, T, Q], "dtype": "float32"}
     caches, cross = [f"c{i}" for i in range(2 * L)], [f"x{i}" for i in range(3 * L)]
