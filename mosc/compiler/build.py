@@ -42,21 +42,22 @@ def build(mod, target: Target | str, db_dir: Path | str | None = None, *, use_da
     "from_database", "default_scheduled", "naive", "tuned"} counts of this graph's TIR functions
     (naive: CPU functions no default rule matched; 0 is what every known graph gets; tuned: of
     from_database, those whose record is a tuned candidate rather than the default schedule's
-    trace, which the tuner records as the yardstick a candidate must beat). Hand-written kernels
-    (the decode loop's, mosc.compiler.loop) count as default_scheduled: their loops are their schedule.
+    trace, which the tuner records as the yardstick a candidate must beat), and "loop_kernels":
+    hand-written kernels (the decode loop's, mosc.compiler.loop), which are not among the graph's
+    functions: their loops are their schedule and no tuning database holds them.
     """
     import tvm
 
     target = as_target(target)
     db_dir = Path(db_dir) if db_dir is not None else default_db_dir(target)
     mod = run_passes(mod, target, PREPARE)
-    total = _prim_funcs(mod)
     hand = len(_hand_written(mod))
+    total = _prim_funcs(mod) - hand
     has_db = use_database and (db_dir / "database_tuning_record.json").is_file()
     if has_db:
         with open_database(db_dir):
             mod = run_passes(mod, target, FINISH[:1])
-    from_db = total - len(unscheduled_functions(mod)) - hand
+    from_db = _prim_funcs(mod) - len(unscheduled_functions(mod)) - hand  # hand-written ones count as scheduled
     tuned = sum(1 for _, f in mod.functions_items() if _is_tuned(f)) - hand
     cut = 1 + next(i for i, (name, _) in enumerate(FINISH) if name == "default_schedules")
     mod = run_passes(mod, target, FINISH[1:cut])
@@ -67,7 +68,7 @@ def build(mod, target: Target | str, db_dir: Path | str | None = None, *, use_da
     mod = run_passes(mod, target, FINISH[cut:])
     if coverage is not None:
         coverage.update(functions=total, from_database=from_db, default_scheduled=total - from_db - naive,
-                        naive=naive, tuned=tuned)
+                        naive=naive, tuned=tuned, loop_kernels=hand)
     try:
         with drop_known_tvm_noise():
             if target.device_type() == "cpu":  # the VM's functions as machine code, not bytecode

@@ -12,8 +12,8 @@ exec modes), per step t while t < steps and some row has not emitted eos:
     tokens[:, t] = token                          | one hand-written TIR kernel (greedy_pick): a
     done |= token == eos                          | step's bookkeeping as ~15 small Relax ops cost
     live = t + 1 < steps and not all(done)       /  ~8 us of calls; one kernel costs ~1 us
-`steps` and `eos` are inputs: eos = -1 never matches, which forces exactly `steps` steps (the
-timing protocol); the tokens after the last step stay PAD_ID. Caches, cross-attention tensors
+`steps` (1..T: the first step always runs) and `eos` are inputs: eos = -1 never matches, which
+forces exactly `steps` steps (the timing protocol); the tokens after the last step stay PAD_ID. Caches, cross-attention tensors
 and tokens never leave the device between steps.
 
 The loop is written as TVMScript text with the shapes filled in, parsed, and the graphs'
@@ -170,9 +170,8 @@ class Module:
             bos = R.full(R.shape([{B}]), R.const({BOS_ID}, "int64"), "int64")
             done = R.zeros(R.shape([{B}]), "bool")
             tokens = R.full(R.shape([{B}, {T}]), R.const({PAD_ID}, "int64"), "int64")
-            live = R.squeeze(R.less(t0, steps))
-            R.output(zero, t0, bos, done, tokens, live)
-        out = cls.{LOOP}(t0, steps, eos, bos, done, tokens, live, {", ".join(["zero"] * len(caches))},
+            R.output(zero, t0, bos, done, tokens)
+        out = cls.{LOOP}(t0, steps, eos, bos, done, tokens, R.const(True, "bool"), {", ".join(["zero"] * len(caches))},
                          {", ".join(f"x[{i}]" for i in range(len(cross)))})
         return out
 """
