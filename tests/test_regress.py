@@ -160,8 +160,14 @@ def test_aa_measured_twice_does_not_flag_regression(built, baseline):
     so the check here uses a 25% tolerance: it tests the real path end to end, not the machine."""
     from mosc.regress import bench, compare
 
-    again = bench(built.target, built.art, built.arch)
-    rep = compare(baseline, again, tolerances={"p50_tol": 0.25, "p90_tol": 0.25})
+    # A translation of this model is ~0.2 ms (one compiled call): a burst of load on the shared
+    # machine moves a whole measurement by 40% (seen in CI). A real regression fails every try;
+    # a burst seldom lasts through three fresh measurements.
+    for _ in range(3):
+        again = bench(built.target, built.art, built.arch)
+        rep = compare(baseline, again, tolerances={"p50_tol": 0.25, "p90_tol": 0.25})
+        if rep["verdict"] != "regression":
+            break
     assert rep["verdict"] != "regression", rep["metrics"]
 
 
