@@ -17,8 +17,6 @@ match wins:
                fast case; inner-reduction B ([N, K]) is vectorised along K (rfactor).
     reduction  softmax / layer_norm shaped functions (reductions and elementwise blocks over the
                same leading rows): every block under the row loop, inner loops vectorised.
-    row_reduce a reduction to one value per row (argmax, sum), and at most a row-wise epilogue:
-               loops kept, the reduction unrolled by a vector's worth
     spatial    injective functions (elementwise, transpose, take, concatenate, pad):
                intermediate blocks inlined; elementwise nests fused and vectorised, others
                vectorised along their innermost loop; transposes (strided reads) keep their
@@ -579,35 +577,6 @@ def _reduction_rule(sch, target) -> bool:
     return True
 
 
-def _row_reduce_rule(sch, target) -> bool:
-    """A reduction to one value per row (argmax over the vocabulary, a sum of a few flags: what the
-    compiled decode loop computes per step), with or without a row-wise epilogue: the loops as
-    legalize wrote them, the reduction unrolled by a vector's worth (an argmax's (index, value)
-    pair does not vectorise). Runs after the softmax/layer_norm rule, which these do not match."""
-    from tvm import tirx
-
-    blocks = _root_blocks(sch)
-    if not blocks or len(blocks) > 2:
-        return False
-    kinds = []
-    for b in blocks:
-        stmt = sch.get(b)
-        if len(sch.get_loops(b)) != len(stmt.iter_vars):
-            return False
-        kinds.append("".join("S" if iv.iter_type == tirx.IterVar.DataPar else
-                             "R" if iv.iter_type == tirx.IterVar.CommReduce else "O" for iv in stmt.iter_vars))
-    if "R" not in kinds[0] or set(kinds[0].lstrip("S")) != {"R"} or any("R" in k or "O" in k for k in kinds[1:]):
-        return False
-    lanes = _lanes(target)
-    inner = sch.get_loops(blocks[0])[-1]
-    ext = _extent(sch, inner)
-    if ext is not None and ext > lanes:
-        _, r = sch.split(inner, [None, lanes])
-        sch.annotate(r, "pragma_auto_unroll_max_step", lanes)
-        sch.annotate(r, "pragma_unroll_explicit", 1)
-    return True
-
-
 def _matmul_rule(sch, target) -> bool:
     found = _find_matmul(sch)
     if found is None:
@@ -616,8 +585,7 @@ def _matmul_rule(sch, target) -> bool:
     return True
 
 
-RULES = [("matmul", _matmul_rule), ("reduction", _reduction_rule), ("row_reduce", _row_reduce_rule),
-         ("spatial", _spatial_rule)]
+RULES = [("matmul", _matmul_rule), ("reduction", _reduction_rule), ("spatial", _spatial_rule)]
 
 
 def default_schedule(func_or_mod, target) -> tuple[Any, str | None]:
